@@ -1,0 +1,1 @@
+"""Prefect flows that chain the stages, the ``quantpipe`` CLI and deployment definitions."""

@@ -1,0 +1,1 @@
+"""Settings, artifact store, cache keys and service launchers: the layer every stage stands on."""

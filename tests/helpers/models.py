@@ -1,0 +1,68 @@
+"""Tiny random Llama checkpoints built from a config (no hub): real HF dirs that transformers loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. "
+    "Quantization maps weights to a small grid of levels. "
+    "The capital of France is Paris. Hessians guide the rounding of each column. "
+)
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained in memory on a small corpus (deterministic)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def build_tiny_llama(
+    out_dir: Path,
+    *,
+    num_layers: int = 2,
+    hidden: int = 64,
+    intermediate: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    seed: int = 0,
+    tie_embeddings: bool = True,
+) -> Path:
+    """Save a random LlamaForCausalLM + tokenizer to ``out_dir`` (idempotent)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file():
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out_dir)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
