@@ -11,7 +11,6 @@ winner's complete artifact.
 from __future__ import annotations
 
 import builtins
-
 import shutil
 import tempfile
 import uuid

@@ -1,0 +1,223 @@
+"""The ``quantize-model`` flow: calibration → hessians → quantize → pack → evaluate → register.
+
+Each stage is a Prefect task whose result is a small :class:`StageResult` (a ref, never tensors); per-layer
+quantization fans out through the flow's task runner. Every stage is an MLflow run nested under one parent run,
+and every output is a content-addressed artifact, so a rerun recomputes only what its changed settings touch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel
+
+from infra.errors import ConfigError
+from infra.settings import Settings, get_settings
+from tasks.recipe import Recipe
+from tasks.stage import StageContext, StageResult
+
+__all__ = ["QuantizeOutcome", "quantize_model", "run_quantize_pipeline"]
+
+
+class QuantizeOutcome(BaseModel):
+    flow_run_id: str | None
+    mlflow_run_id: str | None
+    model_name: str | None
+    model_version: str | None
+    stages: dict[str, dict[str, Any]]
+    metrics: dict[str, float]
+    aliases: list[str] = []
+
+
+def _progress(ctx: StageContext) -> Any:
+    from flows.progress import StageProgress
+
+    return StageProgress(enabled=ctx.progress)
+
+
+@task(name="model", cache_policy=NO_CACHE)
+def model_task(ctx: StageContext, source: str) -> tuple[Any, StageResult]:
+    from tasks.calibration import run_model
+    from tasks.models import resolve_model
+
+    model = resolve_model(source, ctx.settings, progress=ctx.progress)
+    return model, run_model(ctx, model)
+
+
+@task(name="calibration", cache_policy=NO_CACHE)
+def calibration_task(ctx: StageContext, model: Any, model_ref: str, recipe: Recipe) -> StageResult:
+    from tasks.calibration import run_calibration
+
+    return run_calibration(ctx, model, model_ref, recipe.calibration)
+
+
+@task(name="hessians", cache_policy=NO_CACHE)
+def hessians_task(ctx: StageContext, model: Any, model_ref: str, cal_ref: str, recipe: Recipe) -> StageResult:
+    from tasks.hessians import run_hessians
+
+    with _progress(ctx).track("hessians: blocks", _n_blocks(model.path)) as advance:
+        return run_hessians(ctx, model.path, model_ref, cal_ref, recipe.hessians, progress=advance)
+
+
+@task(name="quantize-layer", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=1)
+def quantize_layer_task(ctx: StageContext, model_path: Path, model_ref: str, job: Any, recipe: Recipe) -> str:
+    from tasks.quantize import quantize_layer
+
+    return quantize_layer(ctx, model_path, model_ref, job, recipe.quantize)
+
+
+@task(name="pack", cache_policy=NO_CACHE)
+def pack_task(ctx: StageContext, model: Any, model_ref: str, quant_ref: str, recipe: Recipe) -> StageResult:
+    from tasks.pack import run_pack
+
+    return run_pack(ctx, model.path, model_ref, quant_ref, recipe.quantize, recipe.pack)
+
+
+@task(name="eval-fp", cache_policy=NO_CACHE)
+def eval_fp_task(ctx: StageContext, model: Any, model_ref: str, recipe: Recipe) -> StageResult:
+    from tasks.evaluate import run_eval_fp
+
+    with _progress(ctx).track("eval fp: windows", recipe.eval.n_windows or 0) as advance:
+        return run_eval_fp(ctx, model.path, model_ref, recipe.eval, progress=advance)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(
+    ctx: StageContext, model: Any, pack_ref: str, quant_ref: str, fp_ref: str, recipe: Recipe
+) -> StageResult:
+    from tasks.evaluate import run_evaluate
+
+    with _progress(ctx).track("evaluate: windows", recipe.eval.n_windows or 0) as advance:
+        return run_evaluate(
+            ctx, model.path, pack_ref, quant_ref, fp_ref, recipe.eval, title=recipe.name, progress=advance
+        )
+
+
+@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def register_task(
+    ctx: StageContext, model: Any, recipe: Recipe, refs: dict[str, str], metrics: dict[str, float]
+) -> StageResult:
+    from tasks.register import run_register
+
+    return run_register(ctx, model_name=model.name, revision=model.revision, recipe=recipe, refs=refs, metrics=metrics)
+
+
+def _n_blocks(model_path: Path) -> int:
+    import json
+
+    return int(json.loads((Path(model_path) / "config.json").read_text()).get("num_hidden_layers", 0))
+
+
+def validate_recipe_for_model(recipe: Recipe, model_path: Path) -> None:
+    """Fail before any work when the recipe cannot apply to this model (e.g. a group wider than a layer)."""
+    import json
+
+    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    widths = [cfg.get("hidden_size", 0), cfg.get("intermediate_size", 0)]
+    narrowest = min(w for w in widths if w)
+    if recipe.quantize.group_size > narrowest:
+        raise ConfigError(
+            f"recipe {recipe.name}: quantize.group_size={recipe.quantize.group_size} is larger than "
+            f"the narrowest layer input ({narrowest} columns)"
+        )
+
+
+def _configure_threads(settings: Settings, workers: int) -> None:
+    import torch
+
+    cores = settings.num_threads or os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // max(1, workers)))
+
+
+def run_quantize_pipeline(ctx: StageContext, model_source: str, recipe: Recipe) -> QuantizeOutcome:
+    """The flow body; also callable without Prefect (``flow.fn``) for unit tests."""
+    from prefect.runtime import flow_run
+
+    from registry.tracking import flow_run as mlflow_flow_run
+
+    ctx.flow_run_id = flow_run.get_id()
+    stages: dict[str, StageResult] = {}
+    with mlflow_flow_run(
+        f"quantize:{recipe.name}",
+        params={"model": model_source, "recipe": recipe.model_dump(mode="json")},
+        tags={"recipe": recipe.name, "recipe_digest": recipe.digest(), "prefect_flow_run_id": ctx.flow_run_id or ""},
+        settings=ctx.settings,
+    ) as parent:
+        ctx.parent_run_id = parent
+        model, stages["model"] = model_task(ctx, model_source)
+        validate_recipe_for_model(recipe, model.path)
+        model_ref = stages["model"].ref
+        stages["calibration"] = calibration_task(ctx, model, model_ref, recipe)
+        cal_ref = stages["calibration"].ref
+        qcfg = recipe.quantize
+        if qcfg.mode == "parallel":
+            stages["hessians"] = hessians_task(ctx, model, model_ref, cal_ref, recipe)
+        stages["quantize"] = _quantize_stage(ctx, model, model_ref, cal_ref, stages.get("hessians"), recipe)
+        quant_ref = stages["quantize"].ref
+        stages["pack"] = pack_task(ctx, model, model_ref, quant_ref, recipe)
+        stages["eval-fp"] = eval_fp_task(ctx, model, model_ref, recipe)
+        stages["evaluate"] = evaluate_task(ctx, model, stages["pack"].ref, quant_ref, stages["eval-fp"].ref, recipe)
+        metrics = {k: float(v) for k, v in stages["evaluate"].metadata.items()}
+        refs = {name: s.ref for name, s in stages.items()}
+        if recipe.register.enabled:
+            stages["register"] = register_task(ctx, model, recipe, refs, metrics)
+    reg = stages.get("register")
+    return QuantizeOutcome(
+        flow_run_id=ctx.flow_run_id,
+        mlflow_run_id=ctx.parent_run_id,
+        model_name=reg.metadata["name"] if reg else None,
+        model_version=reg.metadata["version"] if reg else None,
+        aliases=reg.metadata["aliases"] if reg else [],
+        stages={n: {"key": s.ref, "cache_hit": s.cache_hit, "seconds": s.seconds} for n, s in stages.items()},
+        metrics=metrics,
+    )
+
+
+def _quantize_stage(
+    ctx: StageContext, model: Any, model_ref: str, cal_ref: str, hessians: StageResult | None, recipe: Recipe
+) -> StageResult:
+    from tasks.quantize import LayerJob, run_quantize
+
+    qcfg = recipe.quantize
+    _configure_threads(ctx.settings, qcfg.workers if qcfg.mode == "parallel" else 1)
+    progress = _progress(ctx)
+
+    def map_layers(jobs: list[LayerJob]) -> list[str]:
+        with progress.track("quantize: layers", len(jobs)) as advance:
+            futures = [quantize_layer_task.submit(ctx, model.path, model_ref, job, recipe) for job in jobs]
+            refs = []
+            for i, fut in enumerate(futures):
+                refs.append(fut.result())
+                advance(i)
+            return refs
+
+    started = time.perf_counter()
+    with progress.track("quantize: blocks", _n_blocks(model.path) if qcfg.mode == "sequential" else 0) as adv:
+        result = run_quantize(
+            ctx,
+            model.path,
+            model_ref,
+            qcfg,
+            hessians_ref=hessians.ref if hessians else None,
+            cal_ref=cal_ref,
+            block_refs=hessians.metadata["blocks"] if hessians else None,
+            map_layers=map_layers,
+            progress=adv,
+        )
+    del started
+    return result
+
+
+@flow(name="quantize-model", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True, validate_parameters=True)
+def quantize_model(model: str, recipe: Recipe, store_url: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """Quantize ``model`` (local HF dir, demo model name or hub id) with ``recipe``; returns the outcome dict."""
+    settings = get_settings()
+    ctx = StageContext(settings=settings, store_url=store_url or settings.effective_store_url, progress=progress)
+    ctx.store.check()
+    return run_quantize_pipeline(ctx, model, recipe).model_dump()

@@ -1,0 +1,121 @@
+"""Reference fast Walsh–Hadamard transform (FWHT) along the last dim, normalised: y = x @ H_n / sqrt(n).
+
+Sizes: n = 2^k (Sylvester H_{2^k} = H_2 ⊗ ... ⊗ H_2, natural order), and n = m·2^k with m ∈ {12, 20, 28}:
+H_n = H_m ⊗ H_{2^k}, where the small H_m are built in code by Paley's constructions (no tables):
+
+  Paley I  (q ≡ 3 mod 4 prime, order q+1):  H = I + S,  S = [[0, 1ᵀ], [−1, Q]]
+  Paley II (q ≡ 1 mod 4 prime, order 2(q+1)): C = [[0, 1ᵀ], [1, Q]],
+           H = C ⊗ [[1, 1], [1, −1]] + I ⊗ [[1, −1], [−1, −1]]
+  with the Jacobsthal matrix Q[i, j] = χ(j − i), χ the Legendre symbol mod q.
+  12 = 11+1 (Paley I), 20 = 19+1 (Paley I), 28 = 2·(13+1) (Paley II).
+
+Sylvester H_{2^k} is symmetric, the Paley H_m are not, so the convention matters: the transform applied is
+y[..., i] = Σ_j H[i, j] x[..., j] / sqrt(n), i.e. y = x Hᵀ / sqrt(n); it is orthonormal, the inverse is y H / sqrt(n).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "PALEY_SIZES",
+    "fwht_ref",
+    "hadamard_matrix",
+    "paley_hadamard",
+    "split_hadamard_size",
+]
+
+PALEY_SIZES = (12, 20, 28)
+_PALEY_RECIPE = {12: ("I", 11), 20: ("I", 19), 28: ("II", 13)}
+
+
+def _legendre(a: int, q: int) -> int:
+    a %= q
+    if a == 0:
+        return 0
+    return 1 if pow(a, (q - 1) // 2, q) == 1 else -1
+
+
+def _jacobsthal(q: int) -> Tensor:
+    return torch.tensor([[_legendre(j - i, q) for j in range(q)] for i in range(q)], dtype=torch.float64)
+
+
+@functools.cache
+def _paley(m: int) -> Tensor:
+    kind, q = _PALEY_RECIPE[m]
+    Q = _jacobsthal(q)
+    ones = torch.ones(q, dtype=torch.float64)
+    top = torch.cat([torch.zeros(1, dtype=torch.float64), ones])
+    if kind == "I":
+        S = torch.cat([top[None, :], torch.cat([-ones[:, None], Q], dim=1)], dim=0)
+        H = torch.eye(q + 1, dtype=torch.float64) + S
+    else:
+        C = torch.cat([top[None, :], torch.cat([ones[:, None], Q], dim=1)], dim=0)
+        a = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+        b = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+        H = torch.kron(C, a) + torch.kron(torch.eye(q + 1, dtype=torch.float64), b)
+    if not torch.equal(H @ H.t(), m * torch.eye(m, dtype=torch.float64)):  # construction check, cheap
+        raise AssertionError(f"Paley construction for {m} is not Hadamard")
+    return H
+
+
+def paley_hadamard(m: int) -> Tensor:
+    """Unnormalised ±1 Hadamard matrix of order m ∈ {12, 20, 28} (fp64), via Paley I/II."""
+    if m not in _PALEY_RECIPE:
+        raise ValueError(f"no Paley construction here for order {m}; supported: {PALEY_SIZES}")
+    return _paley(m).clone()
+
+
+def split_hadamard_size(n: int) -> tuple[int, int]:
+    """n = m · 2^k with m ∈ {1, 12, 20, 28}; returns (m, 2^k). Raises a helpful ValueError otherwise."""
+    for m in (1, *PALEY_SIZES):
+        if n >= m and n % m == 0:
+            p = n // m
+            if p & (p - 1) == 0:
+                return m, p
+    raise ValueError(
+        f"unsupported Hadamard size {n}: need 2^k or m·2^k with m in {PALEY_SIZES} "
+        "(e.g. 12·2^k covers 3072, 20·2^k covers 5120, 28·2^k covers 14336)"
+    )
+
+
+def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64, normalize: bool = True) -> Tensor:
+    """Dense H_n = H_m ⊗ H_{2^k} (Sylvester for the 2^k part), optionally divided by sqrt(n)."""
+    m, p = split_hadamard_size(n)
+    H = torch.ones(1, 1, dtype=torch.float64)
+    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    for _ in range(p.bit_length() - 1):
+        H = torch.kron(H, h2)
+    if m > 1:
+        H = torch.kron(_paley(m), H)
+    if normalize:
+        H = H / math.sqrt(n)
+    return H.to(dtype)
+
+
+def _fwht_pow2(x: Tensor) -> Tensor:
+    """Unnormalised butterfly over the last dim (size 2^k), O(n log n); x is float32/float64."""
+    n = x.shape[-1]
+    lead = x.shape[:-1]
+    h = 1
+    while h < n:
+        y = x.reshape(*lead, n // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, n)
+        h *= 2
+    return x
+
+
+def fwht_ref(x: Tensor) -> Tensor:
+    """y = x @ H_nᵀ / sqrt(n) over the last dim (n = 2^k or m·2^k), computed in fp32 (fp64 stays fp64)."""
+    n = x.shape[-1]
+    m, p = split_hadamard_size(n)
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    z = _fwht_pow2(x.to(work).reshape(*x.shape[:-1], m, p))  # [..., m, p]
+    if m > 1:
+        z = torch.matmul(_paley(m).to(work), z)  # H_m along the m axis
+    return (z.reshape(x.shape) / math.sqrt(n)).to(x.dtype)

@@ -1,0 +1,238 @@
+"""Launcher for the weight-only GEMM: validate, pick a config, launch; plus the ``quantpipe::wgemm`` op.
+
+    y = wgemm(x, qweight, scales, zeros, g_idx, bits, group_size, in_features, bias=None)
+      x [..., K] fp16/bf16/fp32 (CUDA, or CPU under TRITON_INTERPRET=1) -> y [..., N] in x's dtype
+      qweight int32 [ceil(K/P), N], scales/zeros fp16 [G, N], g_idx int32 [K] or None (``kernels.packing``)
+
+Supported: bits 2/3/4/8; sym/asym (zeros are data); any group size, including a ragged last group and
+act-order g_idx (scales gathered per column, no reordering); any M (tuned for M <= 256). Config: explicit
+``config`` > ``tuned`` table entry for this GPU/shape > ``default_config`` heuristic.
+Importing this module does not import triton; it registers the ``quantpipe::wgemm`` custom op (+ fake impl).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kernels._triton_util import device_sm_count, is_interpreted, triton_available
+from kernels.packing import SUPPORTED_BITS, codes_per_word, num_groups, packed_rows
+from kernels.wgemm.configs import TunedConfigs, WGemmConfig, candidate_configs, default_config
+
+__all__ = ["SUPPORTED_DTYPES", "kernel_unsupported_reason", "tune", "wgemm", "wgemm_op"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _kernel():
+    from kernels.wgemm.triton import wgemm_kernel
+
+    return wgemm_kernel
+
+
+def kernel_unsupported_reason(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    g_idx: Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> str | None:
+    """None if the Triton kernel can run this call, else a short reason (used for fallbacks/warnings)."""
+    if not triton_available():
+        return "triton is not installed"
+    if bits not in SUPPORTED_BITS:
+        return f"{bits}-bit weights"
+    if x.dtype not in SUPPORTED_DTYPES:
+        return f"activation dtype {x.dtype}"
+    if scales.dtype not in SUPPORTED_DTYPES or zeros.dtype not in SUPPORTED_DTYPES:
+        return f"scale/zero dtype {scales.dtype}/{zeros.dtype}"
+    devices = {t.device for t in (x, qweight, scales, zeros) + ((g_idx,) if g_idx is not None else ())}
+    if len(devices) != 1:
+        return f"tensors on several devices {sorted(map(str, devices))}"
+    if x.device.type != "cuda" and not is_interpreted(_kernel()):
+        return f"device {x.device.type} (needs CUDA, or TRITON_INTERPRET=1 when kernels.wgemm.triton is imported)"
+    return None
+
+
+def _validate(x, qweight, scales, zeros, g_idx, bits, group_size, in_features, bias) -> int:
+    K = in_features
+    if x.shape[-1] != K:
+        raise ValueError(f"x last dim {x.shape[-1]} != in_features {K}")
+    if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[0] != packed_rows(K, bits):
+        raise ValueError(
+            f"qweight must be int32 [ceil(K/{codes_per_word(bits)})={packed_rows(K, bits)}, N], "
+            f"got {qweight.dtype} {tuple(qweight.shape)}"
+        )
+    N = qweight.shape[1]
+    G = num_groups(K, group_size)
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if tuple(t.shape) != (G, N):
+            raise ValueError(f"{name} must be [G={G}, N={N}], got {tuple(t.shape)}")
+    if g_idx is not None and (tuple(g_idx.shape) != (K,) or g_idx.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"g_idx must be int32 [{K}], got {g_idx.dtype} {tuple(g_idx.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
+    return N
+
+
+def _gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
+
+
+def wgemm(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    g_idx: Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    bias: Tensor | None = None,
+    *,
+    config: WGemmConfig | None = None,
+    tuned: TunedConfigs | None = None,
+) -> Tensor:
+    """y [..., N] = x [..., K] @ W_hat.T (+ bias) with the Triton kernel (see module docstring)."""
+    reason = kernel_unsupported_reason(x, qweight, scales, zeros, g_idx, bits, group_size, in_features)
+    if reason is not None:
+        raise RuntimeError(f"wgemm Triton kernel unsupported: {reason}")
+    group_size = in_features if group_size <= 0 else group_size
+    N = _validate(x, qweight, scales, zeros, g_idx, bits, group_size, in_features, bias)
+    K = in_features
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if M == 0:
+        return x.new_zeros(*x.shape[:-1], N)
+    cfg = config
+    if cfg is None and tuned is not None:
+        cfg = tuned.get(_gpu_name(x.device), M, N, K, group_size, bits)
+    if cfg is None:
+        cfg = default_config(M, N, K, group_size, bits, device_sm_count(x.device))
+    bk = cfg.block_k
+    k_per_split = _cdiv(_cdiv(K, cfg.split_k), bk) * bk  # K range of one split, a multiple of BLOCK_K
+    split = _cdiv(K, k_per_split)
+    if split == 1:
+        out = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    else:
+        out = torch.empty(split, M, N, device=x.device, dtype=torch.float32)
+    stride_os = out.stride(0) if split > 1 else 0
+    om, on = (out.stride(1), out.stride(2)) if split > 1 else (out.stride(0), out.stride(1))
+    fuse_bias = bias is not None and split == 1
+    grid = (_cdiv(M, cfg.block_m), _cdiv(N, cfg.block_n), split)
+    kernel = _kernel()
+    kernel[grid](
+        x2,
+        qweight,
+        scales,
+        zeros,
+        g_idx if g_idx is not None else qweight,  # dummy pointer when unused
+        bias if fuse_bias else qweight,
+        out,
+        M,
+        N,
+        K,
+        group_size,
+        k_per_split,
+        x2.stride(0),
+        x2.stride(1),
+        qweight.stride(0),
+        qweight.stride(1),
+        scales.stride(0),
+        scales.stride(1),
+        stride_os,
+        om,
+        on,
+        BITS=bits,
+        PACK=codes_per_word(bits),
+        HAS_GIDX=g_idx is not None,
+        GROUP_PER_TILE=g_idx is None and group_size % bk == 0,
+        HAS_BIAS=fuse_bias,
+        USE_DOT=cfg.use_dot,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        DOT_FP32=x.dtype == torch.bfloat16 and is_interpreted(kernel),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=bk,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    if split > 1:
+        y = out.sum(0)
+        if bias is not None:
+            y = y + bias.to(torch.float32)
+        out = y.to(x.dtype)
+    return out.view(*x.shape[:-1], N)
+
+
+def tune(
+    M: int,
+    N: int,
+    K: int,
+    bits: int,
+    group_size: int,
+    *,
+    act_order: bool = False,
+    dtype: torch.dtype = torch.float16,
+    device: str = "cuda",
+    table: TunedConfigs | None = None,
+) -> TunedConfigs:
+    """Time ``candidate_configs`` on random packed data (CUDA only) and record the fastest in ``table``."""
+    from triton.testing import do_bench
+
+    dev = torch.device(device)
+    G = num_groups(K, group_size)
+    qweight = torch.randint(-(2**31), 2**31 - 1, (packed_rows(K, bits), N), dtype=torch.int32, device=dev)
+    scales = torch.rand(G, N, device=dev, dtype=torch.float16) * 0.01
+    zeros = torch.full((G, N), float(1 << (bits - 1)), device=dev, dtype=torch.float16)
+    g_idx = (torch.arange(K, device=dev) // group_size).to(torch.int32) if act_order else None
+    x = torch.randn(M, K, device=dev, dtype=dtype)
+    best: tuple[float, WGemmConfig] | None = None
+    for cfg in candidate_configs(M, N, K, group_size, bits, device_sm_count(dev)):
+        ms = do_bench(lambda c=cfg: wgemm(x, qweight, scales, zeros, g_idx, bits, group_size, K, config=c))
+        if best is None or ms < best[0]:
+            best = (ms, cfg)
+    table = table if table is not None else TunedConfigs({})
+    if best is not None:
+        from kernels.wgemm.configs import tune_key
+
+        table.table[tune_key(_gpu_name(dev), M, N, K, group_size, bits)] = best[1]
+    return table
+
+
+@torch.library.custom_op(
+    "quantpipe::wgemm",
+    mutates_args=(),
+    schema="(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? g_idx, Tensor? bias, "
+    "int bits, int group_size, int in_features) -> Tensor",
+)
+def wgemm_op(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    g_idx: Tensor | None,
+    bias: Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> Tensor:
+    """``torch.ops.quantpipe.wgemm``: the kernel when supported, else the reference (opaque to compile)."""
+    args = (x, qweight, scales, zeros, g_idx, bits, group_size, in_features)
+    if kernel_unsupported_reason(*args) is None:
+        return wgemm(*args, bias=bias)
+    from kernels.wgemm.ref import wgemm_ref
+
+    return wgemm_ref(*args, bias=bias)
+
+
+@wgemm_op.register_fake
+def _wgemm_fake(x, qweight, scales, zeros, g_idx, bias, bits, group_size, in_features):
+    return x.new_empty(*x.shape[:-1], qweight.shape[1])

@@ -1,0 +1,110 @@
+"""Triton kernel for the weight-only GEMM (``@triton.jit`` code only; see ``launch.py`` for the launcher).
+
+Requires triton (imported at module level): import this module lazily. Whether it runs in the interpreter
+is decided when this module is imported (``TRITON_INTERPRET=1`` is read by ``triton.jit`` at decoration time).
+
+Program (pid_m, pid_n, pid_k) computes a [BLOCK_M, BLOCK_N] tile of y over its K range (split-K slice):
+  for each K-tile: load x [BLOCK_M, BLOCK_K]; load int32 words qweight[k // P, n] (each word feeds P rows, the
+  repeats hit cache); codes = (word >> (k % P) * BITS) & mask; w = (codes - zero) * scale in fp32 (exact),
+  cast to x's dtype; acc += x @ w (``tl.dot`` if BLOCK_M >= 16, else multiply + reduce).
+  Scales/zeros: one [BLOCK_N] row per K-tile when BLOCK_K | group_size and no g_idx (GROUP_PER_TILE),
+  else a per-column gather scales[grp(k), n] with grp from g_idx (act-order, no runtime reordering) or k // g
+  (this also covers group sizes that are not a multiple of BLOCK_K and a ragged last group).
+  SPLIT_K > 1 writes fp32 partials [SPLIT_K, M, N]; the launcher reduces them (deterministic).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["wgemm_kernel"]
+
+
+@triton.jit
+def wgemm_kernel(
+    x_ptr,
+    qw_ptr,
+    s_ptr,
+    z_ptr,
+    gidx_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    group_size,
+    k_per_split,
+    stride_xm,
+    stride_xk,
+    stride_qk,
+    stride_qn,
+    stride_sg,
+    stride_sn,
+    stride_os,
+    stride_om,
+    stride_on,
+    BITS: tl.constexpr,
+    PACK: tl.constexpr,
+    HAS_GIDX: tl.constexpr,
+    GROUP_PER_TILE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    MASK: tl.constexpr = (1 << BITS) - 1
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        words = tl.load(
+            qw_ptr + (offs_k // PACK)[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0,
+        )
+        codes = (words >> ((offs_k % PACK) * BITS)[:, None]) & MASK
+        if GROUP_PER_TILE:
+            g = k0 // group_size
+            s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
+            z = tl.load(z_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
+        else:
+            if HAS_GIDX:
+                grp = tl.load(gidx_ptr + offs_k, mask=mask_k, other=0)
+            else:
+                grp = offs_k // group_size
+            sz_off = grp[:, None] * stride_sg + offs_n[None, :] * stride_sn
+            sz_mask = mask_k[:, None] & mask_n[None, :]
+            s = tl.load(s_ptr + sz_off, mask=sz_mask, other=0.0)
+            z = tl.load(z_ptr + sz_off, mask=sz_mask, other=0.0)
+        w = ((codes.to(tl.float32) - z.to(tl.float32)) * s.to(tl.float32)).to(x.dtype)  # [BLOCK_K, BLOCK_N]
+        if USE_DOT:
+            if DOT_FP32:  # interpreter only: its tl.dot multiplies bf16 storage as uint16 (triton 3.9)
+                acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
+            else:
+                acc += tl.dot(x, w, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

@@ -1,0 +1,11 @@
+"""Architecture knowledge as data: one mapping per model family (STYLE.md item 6).
+
+The layer driver, the Hessian collector and the rotation code read these mappings; no library code branches on
+a model type. Adding a Llama-like family means adding a mapping, not an ``if``.
+"""
+
+from __future__ import annotations
+
+from quant.arch.mapping import LLAMA_FAMILY, ArchMapping, LinearGroup, mapping_for
+
+__all__ = ["LLAMA_FAMILY", "ArchMapping", "LinearGroup", "mapping_for"]

@@ -1,0 +1,19 @@
+"""Errors raised by the registry package.
+
+They extend :class:`infra.errors.QuantpipeError` so the CLI prints them as one line without a traceback, and
+they never wrap MLflow's own exception text verbatim (that text is often multi-line and mentions internals).
+"""
+
+from __future__ import annotations
+
+from infra.errors import QuantpipeError
+
+__all__ = ["RegistryError", "RegistryNotFoundError"]
+
+
+class RegistryError(QuantpipeError):
+    """The tracking server or model registry refused an operation."""
+
+
+class RegistryNotFoundError(RegistryError, LookupError):
+    """A registered model, version, alias or run that was named explicitly does not exist."""

@@ -1,0 +1,154 @@
+"""Stages ``model`` (the lineage root) and ``calibration`` (token windows + provenance).
+
+Text is read through ``datasets`` for every source (``text``/``json`` builders for local files, the hub
+``wikitext`` dataset when no local copy is configured) so local and hub sources share one code path. Windows are
+drawn GPTQ-repo style: ``random.seed(seed)``, then ``n_samples`` random start positions in the token stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from infra.errors import ConfigError
+from infra.settings import Settings
+from tasks.models import ResolvedModel
+from tasks.recipe import CalibrationConfig
+from tasks.stage import StageContext, StageResult, run_stage
+
+__all__ = ["MODEL_VERSION", "STAGE_VERSION", "load_texts", "run_calibration", "run_model", "tokenizer_digest"]
+
+MODEL_VERSION = 1
+STAGE_VERSION = 1
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
+
+
+def tokenizer_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for name in _TOKENIZER_FILES:
+        f = path / name
+        if f.is_file():
+            digest.update(name.encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:32]
+
+
+def run_model(ctx: StageContext, model: ResolvedModel) -> StageResult:
+    """A small artifact naming the model (identity, revision, config): the root of every lineage."""
+    config = {**model.key_config(), "tokenizer": tokenizer_digest(model.path)}
+
+    def produce(w: Any, _run: Any) -> None:
+        w.add_file("config.json", model.path / "config.json")
+        w.metadata.update({"source": model.source, "path": str(model.path)})
+
+    return run_stage(ctx, "model", MODEL_VERSION, config, {}, produce)
+
+
+_WIKITEXT_FILES = {"validation": "wiki.valid.raw", "test": "wiki.test.raw"}
+
+
+def _source_files(dataset: str, settings: Settings, split: str) -> tuple[str, list[Path]]:
+    """(builder, files) for a local source; builder '' means the hub dataset."""
+    if dataset == "wikitext2":
+        if settings.wikitext_dir is None:
+            return "", []
+        f = settings.wikitext_dir / _WIKITEXT_FILES[split]
+        if not f.is_file():
+            raise ConfigError(f"{f} not found; set QUANTPIPE_WIKITEXT_DIR to a dir with wiki.valid.raw/wiki.test.raw")
+        return "text", [f]
+    path = Path(dataset).expanduser()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if not path.exists() or not files:
+        raise ConfigError(f"calibration dataset {dataset!r} is neither 'wikitext2' nor an existing file/directory")
+    suffixes = {p.suffix for p in files}
+    if suffixes <= {".jsonl", ".json"}:
+        return "json", files
+    if suffixes <= {".txt", ".raw", ".text", ""}:
+        return "text", files
+    raise ConfigError(f"calibration files must be .txt/.raw or .jsonl, got {sorted(suffixes)} in {dataset!r}")
+
+
+def load_texts(
+    dataset: str, settings: Settings, *, split: str = "validation", text_field: str = "text"
+) -> tuple[str, dict[str, Any]]:
+    """The source text joined GPTQ-style (lines, whitespace-only → "", joined by blank lines) + provenance."""
+    import datasets
+
+    builder, files = _source_files(dataset, settings, split)
+    cache = str(settings.effective_cache_dir / "datasets")
+    try:
+        if builder == "":
+            ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split, cache_dir=cache)
+            provenance: dict[str, Any] = {"source": "hf:wikitext/wikitext-2-raw-v1", "split": split}
+        else:
+            kwargs: dict[str, Any] = {"keep_linebreaks": False} if builder == "text" else {}
+            ds = datasets.load_dataset(
+                builder, data_files=[str(f) for f in files], split="train", cache_dir=cache, **kwargs
+            )
+            provenance = {
+                "source": [str(f) for f in files],
+                "sha256": {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files},
+            }
+    except UnicodeDecodeError:
+        raise ConfigError(f"calibration text {dataset!r} is not UTF-8") from None
+    except (FileNotFoundError, ConnectionError) as exc:
+        raise ConfigError(
+            f"cannot load calibration dataset {dataset!r} ({type(exc).__name__}); offline? set "
+            "QUANTPIPE_WIKITEXT_DIR or use local files"
+        ) from None
+    except datasets.exceptions.DatasetGenerationError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, UnicodeDecodeError):
+            raise ConfigError(f"calibration text {dataset!r} is not UTF-8") from None
+        raise ConfigError(f"cannot read calibration dataset {dataset!r}: {cause or exc}") from None
+    if text_field not in ds.column_names:
+        raise ConfigError(f"calibration dataset {dataset!r} has no field {text_field!r} (has {ds.column_names})")
+    lines = ["" if not (t or "").strip() else t for t in ds[text_field]]
+    text = "\n\n".join(lines)
+    if not text.strip():
+        raise ConfigError(f"calibration text {dataset!r} is empty")
+    return text, provenance
+
+
+def _sample_windows(ids: list[int], cfg: CalibrationConfig) -> list[list[int]]:
+    if len(ids) <= cfg.seq_len + 1:
+        raise ConfigError(f"calibration text has {len(ids)} tokens, fewer than seq_len={cfg.seq_len}+1")
+    rng = random.Random(cfg.seed)
+    windows = []
+    for _ in range(cfg.n_samples):
+        start = rng.randint(0, len(ids) - cfg.seq_len - 1)
+        windows.append(ids[start : start + cfg.seq_len])
+    return windows
+
+
+def run_calibration(ctx: StageContext, model: ResolvedModel, model_ref: str, cfg: CalibrationConfig) -> StageResult:
+    import torch
+    from safetensors.torch import save
+
+    from tasks.models import load_tokenizer
+
+    config = {**cfg.model_dump(mode="json"), "tokenizer": tokenizer_digest(model.path)}
+
+    def produce(w: Any, run: Any) -> None:
+        tokenizer = load_tokenizer(model.path)
+        model_cfg = json.loads((model.path / "config.json").read_text())
+        if len(tokenizer) > int(model_cfg.get("vocab_size", 0)):
+            raise ConfigError(
+                f"tokenizer of {model.name} has {len(tokenizer)} tokens but the model's vocab_size is "
+                f"{model_cfg.get('vocab_size')}; tokenizer/model mismatch"
+            )
+        text, provenance = load_texts(cfg.dataset, ctx.settings, text_field=cfg.text_field)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        windows = torch.tensor(_sample_windows(ids, cfg), dtype=torch.int64)
+        w.add_bytes("tokens.safetensors", save({"input_ids": windows}))
+        w.metadata.update({"provenance": provenance, "source_tokens": len(ids), "shape": list(windows.shape)})
+
+    def after(ref: Any, run: Any, hit: bool) -> dict[str, Any]:
+        meta = ctx.store.manifest(ref).metadata
+        if run is not None:
+            run.log_metrics({"source_tokens": float(meta["source_tokens"])})
+        return {"shape": meta["shape"]}
+
+    return run_stage(ctx, "calibration", STAGE_VERSION, config, {"model": model_ref}, produce, after=after)

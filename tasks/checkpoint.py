@@ -1,0 +1,93 @@
+"""The quantpipe-native packed checkpoint: write it from ``qlayer`` artifacts, load it into a HF model.
+
+Layout of ``native/``: the base model's ``config.json`` plus a ``quantization_config`` block
+(``quant_method: quantpipe``), tokenizer files, and ``model.safetensors`` holding every full-precision tensor
+(embeddings, norms, lm_head, …) and, per quantized linear ``<name>``, the packed tensors
+``<name>.qweight/.scales/.zeros/.qmeta[/.g_idx]`` of :mod:`kernels.packing`. Loading builds the model skeleton from
+the config and swaps those linears for :class:`kernels.quant_linear.QuantLinear`, so evaluation runs on the
+packed weights, not on in-memory fake-quantized copies.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from infra.errors import CorruptArtifactError
+
+__all__ = ["QUANT_METHOD", "load_packed_model", "packed_modules"]
+
+QUANT_METHOD = "quantpipe"
+_PACKED_SUFFIXES = ("qweight", "scales", "zeros", "qmeta", "g_idx")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def packed_modules(config: dict[str, Any]) -> list[str]:
+    qc = config.get("quantization_config") or {}
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise CorruptArtifactError("checkpoint config has no quantpipe quantization_config")
+    return list(qc["modules"])
+
+
+def load_packed_model(path: Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
+    """A HF causal LM whose quantized linears are ``QuantLinear`` modules reading the packed tensors."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kernels.quant_linear import replace_linears
+
+    config_dict = json.loads((path / "config.json").read_text())
+    modules = packed_modules(config_dict)
+    config_dict.pop("quantization_config")
+    config = AutoConfig.for_model(**config_dict)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = load_file(str(path / "model.safetensors"))
+    packed: dict[str, dict[str, torch.Tensor]] = {m: {} for m in modules}
+    plain: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        mod, _, suffix = name.rpartition(".")
+        if mod in packed and suffix in _PACKED_SUFFIXES:
+            packed[mod][suffix] = tensor
+        else:
+            plain[name] = tensor
+    # QuantLinear replaces the meta Linear; its own buffers come from the packed tensors.
+    model.to_empty(device=device)
+    replace_linears(model, packed)
+    missing, unexpected = model.load_state_dict(plain, strict=False)
+    missing = [m for m in missing if m.rpartition(".")[0] not in packed and "rotary_emb" not in m]
+    if config.tie_word_embeddings:
+        model.tie_weights()
+        missing = [m for m in missing if m != "lm_head.weight"]
+    if missing or unexpected:
+        raise CorruptArtifactError(
+            f"packed checkpoint {path} does not match its config: missing={missing[:5]} unexpected={unexpected[:5]}"
+        )
+    _reset_rotary(model, device)
+    return model.to(dtype=dtype).eval()
+
+
+def _reset_rotary(model: Any, device: str) -> None:
+    """Non-persistent rotary buffers were left uninitialised by ``to_empty``: rebuild them from the config."""
+    for name, mod in model.named_modules():
+        if name.endswith("rotary_emb"):
+            fresh = type(mod)(config=model.config).to(device)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, fresh)

@@ -1,0 +1,173 @@
+"""Stages ``eval-fp`` and ``evaluate``: WikiText-2 perplexity by the GPTQ protocol (BENCHMARKS.md).
+
+Protocol: lines of ``wiki.test.raw`` (whitespace-only → ""), joined by blank lines, tokenized once without special
+tokens; non-overlapping windows of ``seq_len`` (tail dropped), each scored alone; ppl = exp(ΣNLL / #predicted).
+The fp baseline is its own artifact keyed by (model, protocol), computed once. The quantized model is evaluated
+from the packed checkpoint (``QuantLinear`` modules), never from in-memory fake-quantized weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks.recipe import EvalConfig
+from tasks.stage import StageContext, StageResult, run_stage
+
+__all__ = ["FP_VERSION", "STAGE_VERSION", "eval_windows", "perplexity", "run_eval_fp", "run_evaluate"]
+
+STAGE_VERSION = 1
+FP_VERSION = 1
+
+
+def eval_windows(model_path: Path, cfg: EvalConfig, ctx: StageContext) -> torch.Tensor:
+    from tasks.calibration import load_texts
+    from tasks.models import load_tokenizer
+
+    text, _ = load_texts(cfg.dataset, ctx.settings, split="test")
+    ids = load_tokenizer(model_path)(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    n = ids.numel() // cfg.seq_len
+    if cfg.n_windows:
+        n = min(n, cfg.n_windows)
+    if n == 0:
+        from infra.errors import ConfigError
+
+        raise ConfigError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {cfg.seq_len}")
+    return ids[: n * cfg.seq_len].reshape(n, cfg.seq_len)
+
+
+@torch.no_grad()
+def perplexity(
+    model: Any,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 1,
+    device: str = "cpu",
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    nll, count = 0.0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(batch, use_cache=False).logits.float()
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        nll += float(loss)
+        count += batch[:, 1:].numel()
+        if progress is not None:
+            progress(start + batch.shape[0])
+    return {
+        "ppl": math.exp(nll / count),
+        "nll_sum": nll,
+        "predicted_tokens": float(count),
+        "windows": float(windows.shape[0]),
+    }
+
+
+def run_eval_fp(
+    ctx: StageContext, model_path: Path, model_ref: str, cfg: EvalConfig, progress: Callable[[int], None] | None = None
+) -> StageResult:
+    from tasks.models import load_model
+
+    def produce(w: Any, run: Any) -> None:
+        device = ctx.settings.resolved_device()
+        windows = eval_windows(model_path, cfg, ctx)
+        metrics = perplexity(
+            load_model(model_path, device=device), windows, batch_size=cfg.batch_size, device=device, progress=progress
+        )
+        w.add_bytes("metrics.json", json.dumps(metrics, indent=1).encode())
+        w.metadata.update(metrics)
+        if run is not None:
+            run.log_metrics(metrics)
+
+    def after(ref: Any, run: Any, hit: bool) -> dict[str, Any]:
+        return {"ppl": ctx.store.manifest(ref).metadata["ppl"]}
+
+    return run_stage(ctx, "eval-fp", FP_VERSION, cfg.key_config(), {"model": model_ref}, produce, after=after)
+
+
+def _plots(out: Path, layers: dict[str, Any], ppl: float, ppl_fp: float, bits: float, title: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(layers, key=lambda n: (layers[n].get("block", 0), n))
+    losses = [float(layers[n].get("proxy_loss_exact", layers[n].get("proxy_loss", float("nan")))) for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.12), 3.5))
+    ax.bar(range(len(names)), losses, color="tab:blue")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (block order)")
+    ax.set_ylabel("proxy loss tr(ΔW H ΔWᵀ)")
+    ax.set_title(f"{title}: per-layer proxy loss")
+    fig.tight_layout()
+    fig.savefig(out / "layer_error.png", dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.axhline(ppl_fp, color="gray", linestyle="--", label=f"fp ({ppl_fp:.2f})")
+    ax.scatter([bits], [ppl], color="tab:red", zorder=3, label=f"{title} ({ppl:.2f})")
+    ax.set_xlabel("stored bits / weight")
+    ax.set_ylabel("WikiText-2 ppl")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "ppl_vs_bits.png", dpi=100)
+    plt.close(fig)
+    return ["layer_error.png", "ppl_vs_bits.png"]
+
+
+def run_evaluate(
+    ctx: StageContext,
+    model_path: Path,
+    pack_ref: str,
+    quant_ref: str,
+    fp_ref: str,
+    cfg: EvalConfig,
+    *,
+    title: str = "",
+    progress: Callable[[int], None] | None = None,
+) -> StageResult:
+    from tasks.checkpoint import load_packed_model
+
+    inputs = {"pack": pack_ref, "quantize": quant_ref, "eval_fp": fp_ref}
+
+    def produce(w: Any, run: Any) -> None:
+        device = ctx.settings.resolved_device()
+        packed = ctx.store.get(pack_ref)
+        model = load_packed_model(
+            packed.root / packed.manifest.file("native/config.json").path.rsplit("/", 1)[0], device=device
+        )
+        windows = eval_windows(model_path, cfg, ctx)
+        metrics = perplexity(model, windows, batch_size=cfg.batch_size, device=device, progress=progress)
+        ppl_fp = float(ctx.store.manifest(fp_ref).metadata["ppl"])
+        pack_meta = packed.manifest.metadata
+        metrics.update(
+            {
+                "ppl_fp": ppl_fp,
+                "ppl_delta_rel": metrics["ppl"] / ppl_fp - 1.0,
+                "bits_per_weight_stored": float(pack_meta["bits_per_weight_stored"]),
+            }
+        )
+        layers = json.loads(ctx.store.read_bytes(quant_ref, "index.json"))["layers"]
+        table = [{"layer": n, **{k: v for k, v in layers[n].items() if k != "ref"}} for n in sorted(layers)]
+        w.add_bytes("metrics.json", json.dumps(metrics, indent=1).encode())
+        w.add_bytes("layers.json", json.dumps(table, indent=1).encode())
+        plots = _plots(w.dir, layers, metrics["ppl"], ppl_fp, metrics["bits_per_weight_stored"], title or "build")
+        for p in plots:
+            w.path(p)
+        w.metadata.update(metrics)
+        if run is not None:
+            run.log_metrics(metrics)
+            for p in plots:
+                run.log_figure_png(w.dir / p)
+            run.log_artifact(w.dir / "layers.json")
+
+    def after(ref: Any, run: Any, hit: bool) -> dict[str, Any]:
+        meta = ctx.store.manifest(ref).metadata
+        return {k: meta[k] for k in ("ppl", "ppl_fp", "ppl_delta_rel", "bits_per_weight_stored")}
+
+    return run_stage(ctx, "evaluate", STAGE_VERSION, cfg.key_config(), inputs, produce, after=after)

@@ -1,0 +1,162 @@
+"""Stage ``pack``: a loadable checkpoint from the ``qlayer`` artifacts.
+
+``native/`` is quantpipe's own format (see :mod:`tasks.checkpoint`), readable by :class:`QuantLinear` and the
+kernels. ``compressed-tensors/`` is the ``pack-quantized`` export that transformers and vLLM load, written
+whenever the scheme is representable there (4/8-bit integer groups that divide every layer, static groups);
+otherwise the artifact records why it was skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from infra.errors import QuantpipeError
+from kernels.packing import pack_quantized_linear
+from quant.types import QuantizedWeight
+from tasks.checkpoint import QUANT_METHOD, copy_tokenizer
+from tasks.recipe import PackConfig, QuantizeConfig
+from tasks.stage import StageContext, StageResult, run_stage
+
+__all__ = ["STAGE_VERSION", "compressed_tensors_reason", "run_pack"]
+
+STAGE_VERSION = 1
+
+
+def _layers(ctx: StageContext, quant_ref: str) -> dict[str, str]:
+    index = json.loads(ctx.store.read_bytes(quant_ref, "index.json"))
+    return {name: v["ref"] for name, v in index["layers"].items()}
+
+
+def compressed_tensors_reason(cfg: QuantizeConfig, qweights: dict[str, QuantizedWeight]) -> str | None:
+    """None when representable in compressed-tensors pack-quantized, else why not."""
+    if cfg.bits not in (4, 8):
+        return f"compressed-tensors pack-quantized supports 4/8-bit integers, not {cfg.bits}-bit"
+    for name, q in qweights.items():
+        if q.g_idx is not None:
+            return f"{name} uses act-order without static groups (g_idx)"
+        if q.in_features % q.group_size:
+            return f"{name}: group {q.group_size} does not divide {q.in_features} columns (ragged last group)"
+    return None
+
+
+def _write_native(out: Path, model_path: Path, cfg: QuantizeConfig, qweights: dict[str, QuantizedWeight]) -> int:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    files = sorted(model_path.glob("*.safetensors"))
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for name in h.keys():  # noqa: SIM118
+                if name.removesuffix(".weight") not in qweights:
+                    tensors[name] = h.get_tensor(name)
+    packed_bytes = 0
+    for name, q in qweights.items():
+        for suffix, t in pack_quantized_linear(q.codes, q.scales, q.zeros, q.bits, q.group_size, q.g_idx).items():
+            tensors[f"{name}.{suffix}"] = t.contiguous()
+            packed_bytes += t.numel() * t.element_size()
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "quant_method": QUANT_METHOD})
+    config = json.loads((model_path / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": QUANT_METHOD,
+        "format": "int32-kpacked",
+        "format_version": 1,
+        "bits": cfg.bits,
+        "group_size": cfg.group_size,
+        "sym": cfg.sym,
+        "method": cfg.method,
+        "modules": sorted(qweights),
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    copy_tokenizer(model_path, out)
+    return packed_bytes
+
+
+def _write_compressed_tensors(
+    out: Path, model_path: Path, cfg: QuantizeConfig, qweights: dict[str, QuantizedWeight]
+) -> None:
+    """Export via compressed-tensors' own compressor: weights = our fake-quantized values, qparams = our grids."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True)
+    group = next(iter(qweights.values())).group_size
+    wargs = QuantizationArgs(num_bits=cfg.bits, type="int", symmetric=cfg.sym, strategy="group", group_size=group)
+    qcfg = QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=sorted(qweights), weights=wargs)},
+        quantization_status="frozen",
+    )
+    apply_quantization_config(model, qcfg)
+    half = 1 << (cfg.bits - 1)
+    for name, q in qweights.items():
+        m = model.get_submodule(name)
+        if not hasattr(m, "weight_scale"):
+            raise QuantpipeError(f"compressed-tensors did not attach qparams to {name}")
+        m.weight.data.copy_(q.dequantize())
+        m.weight_scale.data.copy_(q.scales.reshape(m.weight_scale.shape))
+        if hasattr(m, "weight_zero_point"):
+            # ours: codes 0..2^b-1 with zero z; theirs: signed codes −2^(b−1)..2^(b−1)−1 → shift both by 2^(b−1)
+            m.weight_zero_point.data.copy_(
+                (q.zeros - half).reshape(m.weight_zero_point.shape).to(m.weight_zero_point.dtype)
+            )
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(out)
+    compressor.update_config(out)
+    copy_tokenizer(model_path, out)
+
+
+def run_pack(
+    ctx: StageContext, model_path: Path, model_ref: str, quant_ref: str, qcfg: QuantizeConfig, cfg: PackConfig
+) -> StageResult:
+    from tasks.quantize import load_qlayer
+
+    config = {
+        **cfg.model_dump(mode="json"),
+        "bits": qcfg.bits,
+        "sym": qcfg.sym,
+        "group_size": qcfg.group_size,
+        "method": qcfg.method,
+    }
+
+    def produce(w: Any, run: Any) -> None:
+        qweights = {name: load_qlayer(ctx, ref) for name, ref in _layers(ctx, quant_ref).items()}
+        packed_bytes = _write_native(w.dir / "native", model_path, qcfg, qweights)
+        w.register_tree("native")
+        n_weights = sum(q.codes.numel() for q in qweights.values())
+        code_bits = sum(q.codes.numel() * q.bits for q in qweights.values())
+        meta: dict[str, Any] = {
+            "quantized_params": n_weights,
+            "bits_per_weight_codes": code_bits / max(n_weights, 1),
+            "bits_per_weight_stored": 8 * packed_bytes / max(n_weights, 1),
+            "formats": ["native"],
+        }
+        reason = compressed_tensors_reason(qcfg, qweights) if cfg.compressed_tensors else "disabled in recipe"
+        if reason is None:
+            _write_compressed_tensors(w.dir / "compressed-tensors", model_path, qcfg, qweights)
+            w.register_tree("compressed-tensors")
+            meta["formats"].append("compressed-tensors")
+        else:
+            meta["compressed_tensors_skipped"] = reason
+        w.metadata.update(meta)
+        if run is not None:
+            run.log_metrics({k: float(v) for k, v in meta.items() if isinstance(v, int | float)})
+
+    def after(ref: Any, run: Any, hit: bool) -> dict[str, Any]:
+        meta = ctx.store.manifest(ref).metadata
+        return {k: meta[k] for k in ("bits_per_weight_stored", "formats") if k in meta}
+
+    return run_stage(
+        ctx, "pack", STAGE_VERSION, config, {"model": model_ref, "quantize": quant_ref}, produce, after=after
+    )

@@ -1,0 +1,293 @@
+"""Stage ``quantize``: one ``qlayer`` artifact per linear, then an index artifact for the stage.
+
+``parallel`` mode: layers are independent given the fp Hessians, so the flow fans them out through Prefect's
+task runner (``map_layers``). ``sequential`` mode (GPTQ-paper style): block inputs are propagated through the
+already-quantized blocks, so Hessians are collected inside this stage and its keys include the calibration.
+Methods are looked up in :data:`METHODS` (``@register_method``), so new methods need no change to the flow.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from infra.errors import ConfigError, QuantpipeError
+from quant.gptq import GPTQConfig, quantize_gptq
+from quant.hessian import check_finite, finalize
+from quant.rtn import quantize_rtn
+from quant.types import GridConfig, QuantizedWeight
+from tasks.recipe import QuantizeConfig
+from tasks.stage import StageContext, StageResult, ensure_artifact, run_stage, stage_key
+
+__all__ = [
+    "LAYER_VERSION",
+    "METHODS",
+    "STAGE_VERSION",
+    "LayerJob",
+    "load_qlayer",
+    "plan_layers",
+    "quantize_layer",
+    "register_method",
+    "run_quantize",
+]
+
+STAGE_VERSION = 1
+LAYER_VERSION = 1
+
+Method = Callable[[Tensor, Tensor | None, QuantizeConfig, str], QuantizedWeight]
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str) -> Callable[[Method], Method]:
+    def deco(fn: Method) -> Method:
+        METHODS[name] = fn
+        return fn
+
+    return deco
+
+
+def grid_config(cfg: QuantizeConfig) -> GridConfig:
+    # fp16 scales: the packed checkpoint stores fp16 scales, so coding against them keeps pack→unpack exact.
+    return GridConfig(
+        bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, mse_clip=cfg.mse_clip, scale_dtype="float16"
+    )
+
+
+@register_method("rtn")
+def _rtn(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str) -> QuantizedWeight:
+    return quantize_rtn(W, grid_config(cfg), H, name=name)
+
+
+@register_method("gptq")
+def _gptq(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str) -> QuantizedWeight:
+    if H is None:
+        raise ConfigError(f"GPTQ needs a Hessian for {name}")
+    gcfg = GPTQConfig(
+        grid=grid_config(cfg),
+        damp=cfg.damp,
+        block_size=cfg.block_size,
+        act_order=cfg.act_order,
+        static_groups=cfg.static_groups,
+    )
+    return quantize_gptq(W, H, gcfg, name=name)
+
+
+@dataclass(frozen=True)
+class LayerJob:
+    """One linear to quantize: its full module name, its block and Hessian group, the block's H artifact."""
+
+    name: str
+    block: int
+    group: str
+    hessian_ref: str | None
+
+
+def plan_layers(model_path: Path, cfg: QuantizeConfig, block_refs: Sequence[str | None]) -> list[LayerJob]:
+    from quant.arch import mapping_for
+
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    mapping = mapping_for(config.get("architectures") or [])
+    skip = [re.compile(p) for p in cfg.skip]
+    jobs = []
+    for i, ref in enumerate(block_refs):
+        for g in mapping.groups:
+            for linear in g.linears:
+                name = f"{mapping.blocks}.{i}.{linear}"
+                if not any(p.search(name) for p in skip):
+                    jobs.append(LayerJob(name, i, g.name, ref))
+    return jobs
+
+
+def _quantize_tensor(W: Tensor, H_sum: Tensor | None, n: int, cfg: QuantizeConfig, name: str) -> QuantizedWeight:
+    H = None
+    if H_sum is not None:
+        H = finalize(H_sum, n)
+        try:
+            check_finite(H, name)
+        except ValueError as exc:
+            raise QuantpipeError(str(exc)) from None
+    if not bool(torch.isfinite(W).all()):
+        raise QuantpipeError(f"weight of {name} has NaN/Inf entries; the checkpoint is corrupt")
+    try:
+        return METHODS[cfg.method](W.float(), H, cfg, name)
+    except ValueError as exc:  # quant/ raises one-line ValueErrors (Cholesky failure, shapes)
+        raise QuantpipeError(str(exc)) from None
+
+
+def _qlayer_payload(q: QuantizedWeight) -> bytes:
+    from safetensors.torch import save
+
+    tensors = {"codes": q.codes.contiguous(), "scales": q.scales.contiguous(), "zeros": q.zeros.contiguous()}
+    if q.g_idx is not None:
+        tensors["g_idx"] = q.g_idx.contiguous()
+    return save(tensors, metadata={"bits": str(q.bits), "group_size": str(q.group_size)})
+
+
+def load_qlayer(ctx: StageContext, ref: str) -> QuantizedWeight:
+    from safetensors import safe_open
+
+    path = ctx.store.get(ref).file("qweight.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    stats = ctx.store.manifest(ref).metadata.get("stats", {})
+    return QuantizedWeight(
+        codes=t["codes"],
+        scales=t["scales"],
+        zeros=t["zeros"],
+        bits=int(meta["bits"]),
+        group_size=int(meta["group_size"]),
+        g_idx=t.get("g_idx"),
+        stats=stats,
+    )
+
+
+def _layer_stage(
+    ctx: StageContext,
+    cfg: QuantizeConfig,
+    job: LayerJob,
+    inputs: dict[str, str],
+    compute: Callable[[], QuantizedWeight],
+) -> str:
+    config = {**cfg.key_config(), "layer": job.name}
+
+    def produce(w: Any, _run: Any) -> None:
+        q = compute()
+        w.add_bytes("qweight.safetensors", _qlayer_payload(q))
+        w.metadata.update(
+            {"layer": job.name, "block": job.block, "stats": q.stats, "shape": [q.out_features, q.in_features]}
+        )
+
+    ref, _hit = ensure_artifact(ctx, "qlayer", LAYER_VERSION, config, inputs, produce)
+    return str(ref)
+
+
+def quantize_layer(ctx: StageContext, model_path: Path, model_ref: str, job: LayerJob, cfg: QuantizeConfig) -> str:
+    """Parallel mode: quantize one linear from the fp weights and its block's Hessian artifact."""
+    from tasks.driver import _WeightIndex
+    from tasks.hessians import load_block_hessians
+
+    assert job.hessian_ref is not None
+
+    def compute() -> QuantizedWeight:
+        W = _WeightIndex(Path(model_path)).get(f"{job.name}.weight")
+        H_sum, n = load_block_hessians(ctx, job.hessian_ref, [job.group])[job.group]
+        return _quantize_tensor(W, H_sum, n, cfg, job.name)
+
+    return _layer_stage(ctx, cfg, job, {"model": model_ref, "hessians": job.hessian_ref}, compute)
+
+
+MapLayers = Callable[[list[LayerJob]], list[str]]
+
+
+def run_quantize(
+    ctx: StageContext,
+    model_path: Path,
+    model_ref: str,
+    cfg: QuantizeConfig,
+    *,
+    hessians_ref: str | None,
+    cal_ref: str | None,
+    block_refs: Sequence[str] | None,
+    map_layers: MapLayers | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> StageResult:
+    """``map_layers`` runs the per-layer jobs (Prefect task runner in flows; a plain loop by default)."""
+    if cfg.mode == "parallel":
+        if hessians_ref is None or block_refs is None:
+            raise ConfigError("parallel quantization needs the hessians stage output")
+        inputs = {"model": model_ref, "hessians": hessians_ref}
+    else:
+        if cal_ref is None:
+            raise ConfigError("sequential quantization needs the calibration stage output")
+        inputs = {"model": model_ref, "calibration": cal_ref}
+    config = cfg.key_config()
+
+    def produce(w: Any, run: Any) -> None:
+        if cfg.mode == "parallel":
+            assert block_refs is not None
+            jobs = plan_layers(model_path, cfg, list(block_refs))
+
+            def default_map(js: list[LayerJob]) -> list[str]:
+                return [quantize_layer(ctx, model_path, model_ref, j, cfg) for j in js]
+
+            refs = (map_layers or default_map)(jobs)
+        else:
+            jobs, refs = _run_sequential(ctx, model_path, model_ref, cal_ref or "", cfg, progress)
+        layers = {}
+        for job, ref in zip(jobs, refs, strict=True):
+            meta = ctx.store.manifest(ref).metadata
+            layers[job.name] = {"ref": ref, "block": job.block, **meta.get("stats", {})}
+        w.add_bytes("index.json", json.dumps({"layers": layers}, indent=1, sort_keys=True).encode())
+        total = sum(float(v.get("proxy_loss_exact", v.get("proxy_loss", 0.0))) for v in layers.values())
+        w.metadata.update({"n_layers": len(layers), "proxy_loss_total": total})
+        if run is not None:
+            for step, (_name, v) in enumerate(sorted(layers.items())):
+                if "proxy_loss" in v:
+                    run.log_metrics({"layer_proxy_loss": float(v["proxy_loss"])}, step=step)
+            run.log_metrics({"proxy_loss_total": total, "n_layers": float(len(layers))})
+
+    def after(ref: Any, run: Any, hit: bool) -> dict[str, Any]:
+        return {"n_layers": ctx.store.manifest(ref).metadata["n_layers"]}
+
+    return run_stage(ctx, "quantize", STAGE_VERSION, config, inputs, produce, after=after)
+
+
+def _run_sequential(
+    ctx: StageContext,
+    model_path: Path,
+    model_ref: str,
+    cal_ref: str,
+    cfg: QuantizeConfig,
+    progress: Callable[[int], None] | None,
+) -> tuple[list[LayerJob], list[str]]:
+    """Per block: Hessians from the *quantized* prefix's activations → quantize → re-forward quantized block."""
+    from tasks.driver import BlockStreamer, collect_block_hessians, for_each_block
+    from tasks.hessians import load_tokens
+
+    streamer = BlockStreamer(model_path, device=ctx.settings.resolved_device())
+    jobs = plan_layers(model_path, cfg, [None] * streamer.n_blocks)
+    inputs = {"model": model_ref, "calibration": cal_ref}
+    config = {**cfg.key_config(), "layer": ""}
+    refs: dict[str, str] = {}
+
+    def layer_ref(job: LayerJob) -> str:
+        return str(stage_key("qlayer", LAYER_VERSION, {**config, "layer": job.name}, inputs))
+
+    def block_done(i: int) -> bool:
+        return all(ctx.store.exists(layer_ref(j)) for j in jobs if j.block == i)
+
+    def apply(block: Any, i: int) -> None:
+        prefix = streamer.block_name(i) + "."
+        for job in (j for j in jobs if j.block == i):
+            q = load_qlayer(ctx, refs[job.name])
+            block.get_submodule(job.name[len(prefix) :]).weight.data.copy_(q.dequantize())
+
+    def visit(i: int, block: Any, hidden: Tensor) -> Tensor:
+        if block_done(i):
+            for job in (j for j in jobs if j.block == i):
+                refs[job.name] = layer_ref(job)
+        else:
+            stats, _ = collect_block_hessians(streamer, block, hidden)
+            prefix = streamer.block_name(i) + "."
+            for job in (j for j in jobs if j.block == i):
+                W = block.get_submodule(job.name[len(prefix) :]).weight.detach().clone()
+                s = stats[job.group]
+
+                def compute(W: Tensor = W, s: Any = s, job: LayerJob = job) -> QuantizedWeight:
+                    return _quantize_tensor(W, s.H, s.n, cfg, job.name)
+
+                refs[job.name] = _layer_stage(ctx, cfg, job, inputs, compute)
+        apply(block, i)
+        return streamer.run_block(block, hidden)
+
+    ids = load_tokens(ctx, cal_ref)
+    for_each_block(streamer, ids, visit, progress=progress)
+    return jobs, [refs[j.name] for j in jobs]

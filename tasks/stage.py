@@ -1,0 +1,128 @@
+"""The one way a stage runs: key → cache check (verified) → produce into a writer → commit → MLflow.
+
+A stage function never decides on its own whether to recompute: :func:`run_stage` does, and only an artifact
+whose manifest exists *and* whose files verify counts as a cache hit. A corrupt artifact is reported by key,
+moved aside and recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from infra.keys import ArtifactRef, artifact_key
+from infra.settings import Settings
+from infra.store import ArtifactStore, ArtifactWriter, open_store
+
+__all__ = ["StageContext", "StageResult", "run_stage"]
+
+log = logging.getLogger("quantpipe.stage")
+
+
+class StageResult(BaseModel):
+    """What crosses task boundaries: a reference, never tensors."""
+
+    stage: str
+    ref: str
+    cache_hit: bool
+    seconds: float
+    metadata: dict[str, Any] = {}
+
+
+@dataclass
+class StageContext:
+    """Per-flow-run context shared by the stages (settings, store, MLflow parent run)."""
+
+    settings: Settings
+    store_url: str
+    parent_run_id: str | None = None
+    flow_run_id: str | None = None
+    progress: bool = True
+    _store: ArtifactStore | None = field(default=None, repr=False)
+
+    @property
+    def store(self) -> ArtifactStore:
+        if self._store is None:
+            self._store = open_store(self.store_url, self.settings)
+        return self._store
+
+    @contextmanager
+    def tracked(self, stage: str, params: Mapping[str, Any], tags: Mapping[str, Any]) -> Iterator[Any]:
+        if self.parent_run_id is None:
+            with nullcontext(None) as none:
+                yield none
+            return
+        from registry.tracking import stage_run
+
+        with stage_run(
+            stage, parent_run_id=self.parent_run_id, params=params, tags=tags, settings=self.settings
+        ) as run:
+            yield run
+
+
+Producer = Callable[[ArtifactWriter, Any], None]
+
+
+def stage_key(stage: str, version: int, config: Mapping[str, Any], inputs: Mapping[str, str]) -> ArtifactRef:
+    return ArtifactRef.of(stage, artifact_key(stage, version, config, inputs))
+
+
+def ensure_artifact(
+    ctx: StageContext,
+    stage: str,
+    version: int,
+    config: Mapping[str, Any],
+    inputs: Mapping[str, str],
+    produce: Producer,
+    *,
+    run: Any = None,
+) -> tuple[ArtifactRef, bool]:
+    """Return (ref, cache_hit): reuse a verified artifact or produce and commit a new one."""
+    ref = stage_key(stage, version, config, inputs)
+    store = ctx.store
+    if store.exists(ref):
+        report = store.verify(ref)
+        if report.ok:
+            return ref, True
+        log.warning("artifact %s is corrupt (%s); recomputing", ref, report.problems[0])
+        store.delete(ref)
+    with store.writer(
+        stage, ref.key, stage_version=version, config=config, inputs=inputs, producer_run_id=ctx.flow_run_id
+    ) as writer:
+        produce(writer, run)
+    return ref, False
+
+
+def run_stage(
+    ctx: StageContext,
+    stage: str,
+    version: int,
+    config: Mapping[str, Any],
+    inputs: Mapping[str, str],
+    produce: Producer,
+    *,
+    after: Callable[[ArtifactRef, Any, bool], dict[str, Any]] | None = None,
+) -> StageResult:
+    """One tracked stage execution. ``after(ref, run, cache_hit)`` may log metrics and returns metadata."""
+    started = time.perf_counter()
+    ref = stage_key(stage, version, config, inputs)
+    with ctx.tracked(
+        stage, params=dict(config), tags={"artifact": str(ref), **{f"input.{k}": v for k, v in inputs.items()}}
+    ) as run:
+        ref, hit = ensure_artifact(ctx, stage, version, config, inputs, produce, run=run)
+        seconds = time.perf_counter() - started
+        metadata = after(ref, run, hit) if after is not None else {}
+        if run is not None:
+            if hit:
+                run.record_cache_hit(str(ref), seconds)
+            else:
+                run.log_metrics({"seconds": seconds})
+            run.set_output(str(ref))
+    log.info("%s %s %s in %.1f s", stage, "cache hit" if hit else "computed", ref.short, seconds)
+    return StageResult(stage=stage, ref=str(ref), cache_hit=hit, seconds=round(seconds, 3), metadata=metadata)

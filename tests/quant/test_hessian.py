@@ -1,0 +1,77 @@
+"""Hessian accumulation, normalisation and the shared damping helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quant.hessian import (
+    HESSIAN_DTYPE,
+    accumulate,
+    add_damping,
+    check_finite,
+    damp_schedule,
+    finalize,
+    fix_dead_inputs,
+    proxy_loss,
+)
+
+
+def test_accumulate_matches_float64_gram_over_chunks() -> None:
+    gen = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(2, 37, 24, generator=gen).to(torch.bfloat16) for _ in range(5)]
+    H, n = None, 0
+    for x in chunks:
+        H, n = accumulate(H, n, x)
+    X = torch.cat([c.reshape(-1, 24) for c in chunks]).to(torch.float64)
+    assert H is not None and H.dtype == HESSIAN_DTYPE and n == 5 * 2 * 37
+    torch.testing.assert_close(H, X.T @ X, rtol=1e-5, atol=1e-5)  # float32 per-chunk GEMM
+    torch.testing.assert_close(finalize(H, n), 2.0 / n * X.T @ X, rtol=1e-5, atol=1e-7)
+
+
+def test_accumulate_is_mergeable() -> None:
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(50, 8, generator=gen), torch.randn(30, 8, generator=gen)
+    Ha, na = accumulate(None, 0, a)
+    Hb, nb = accumulate(None, 0, b)
+    Hab, nab = accumulate(None, 0, torch.cat([a, b]))
+    assert na + nb == nab
+    torch.testing.assert_close(Ha + Hb, Hab, rtol=1e-6, atol=1e-6)
+
+
+def test_accumulate_rejects_wrong_accumulator() -> None:
+    with pytest.raises(ValueError, match="accumulator must be"):
+        accumulate(torch.zeros(8, 8, dtype=torch.float32), 0, torch.randn(3, 8))
+
+
+def test_finalize_rejects_no_tokens() -> None:
+    with pytest.raises(ValueError, match="from 0 tokens"):
+        finalize(torch.zeros(3, 3, dtype=torch.float64), 0)
+
+
+def test_check_finite_names_layer() -> None:
+    H = torch.eye(3, dtype=torch.float64)
+    check_finite(H, "ok")
+    H[1, 2] = float("nan")
+    msg = "Hessian for 'model.layers.3.mlp.down_proj' has NaN/Inf entries; recollect Hessians"
+    with pytest.raises(ValueError, match=msg):
+        check_finite(H, "model.layers.3.mlp.down_proj")
+
+
+def test_damping_helpers() -> None:
+    assert damp_schedule(0.01, 1.0) == pytest.approx([0.01, 0.1, 1.0])
+    assert damp_schedule(0.05, 1.0) == pytest.approx([0.05, 0.5, 1.0])
+    assert damp_schedule(0.1, 0.1) == [0.1]
+    H = torch.diag(torch.tensor([1.0, 3.0, 0.0], dtype=torch.float64))
+    Hf, dead = fix_dead_inputs(H)
+    assert dead.tolist() == [False, False, True] and Hf[2, 2] == 1 and H[2, 2] == 0
+    assert torch.diagonal(add_damping(Hf, 0.1)).tolist() == pytest.approx([1 + 5 / 30, 3 + 5 / 30, 1 + 5 / 30])
+
+
+def test_proxy_loss_is_trace_form() -> None:
+    gen = torch.Generator().manual_seed(2)
+    W, W_hat = torch.randn(4, 6, generator=gen), torch.randn(4, 6, generator=gen)
+    X = torch.randn(20, 6, generator=gen, dtype=torch.float64)
+    H = X.T @ X
+    D = W_hat.double() - W.double()
+    assert proxy_loss(W, W_hat, H) == pytest.approx(float(torch.trace(D @ H @ D.T)), rel=1e-12)
