@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from functools import wraps
-from typing import Any, TypeVar
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.cli_util import err_console, friendly
 from infra.errors import QuantpipeError
 from infra.settings import get_settings, redacted_settings
 
@@ -20,22 +19,6 @@ models_app = typer.Typer(no_args_is_help=True, help="Model sources (demo model f
 app.add_typer(models_app, name="models")
 
 console = Console()
-err_console = Console(stderr=True)
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def friendly(fn: F) -> F:
-    """Turn QuantpipeError (and pydantic validation errors of user input) into a one-line message."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except QuantpipeError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 @app.command()
@@ -104,17 +87,107 @@ def lineage(
         console.print(tree)
 
 
+def _quiet_prefect() -> None:
+    """Keep stdout for results: Prefect's own logs at WARNING unless the user configured otherwise."""
+    import os
+
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+
+
+def _run_flow(model: str, recipe: Any, *, store: str | None, workers: int | None, progress: bool) -> dict[str, Any]:
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.quantize import quantize_model
+
+    n = workers or recipe.quantize.workers
+    runner = quantize_model.with_options(task_runner=ThreadPoolTaskRunner(max_workers=n))
+    result: dict[str, Any] = runner(model=model, recipe=recipe, store_url=store, progress=progress)
+    return result
+
+
+def _print_outcome(out: dict[str, Any]) -> None:
+    table = Table("stage", "artifact", "cache", "seconds", title="stages")
+    for stage, info in out["stages"].items():
+        key = info["key"]
+        short = key if stage == "register" else f"{key.split('/')[0]}/{key.split('/')[1][:12]}"
+        table.add_row(stage, short, "hit" if info["cache_hit"] else "computed", f"{info['seconds']:.1f}")
+    console.print(table)
+    m = out["metrics"]
+    if m:
+        console.print(
+            f"ppl {m['ppl']:.3f} (fp {m['ppl_fp']:.3f}, {100 * m['ppl_delta_rel']:+.1f} %), "
+            f"{m['bits_per_weight_stored']:.3f} stored bits/weight"
+        )
+    if out.get("model_name"):
+        console.print(
+            f"registered [bold]{out['model_name']}[/] version {out['model_version']} "
+            f"aliases: {', '.join(out.get('aliases') or []) or '-'}"
+        )
+
+
 @app.command()
 @friendly
-def demo() -> None:
-    """Fetch the demo model and check it loads and answers (the full pipeline demo replaces this)."""
-    from tasks.models import fetch_demo_model, load_model, load_tokenizer
+def quantize(
+    model: str = typer.Option(..., "--model", "-m", help="Local HF dir, demo model name (smollm2-135m) or hub id."),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe YAML path or shipped recipe name."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe field: section.field=value (repeatable)."),
+    store: str = typer.Option(None, "--store", help="Artifact store URL (default from settings)."),
+    workers: int = typer.Option(None, "--workers", help="Concurrent layer tasks (default: recipe)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (flow/MLflow ids, stages, metrics)."),
+) -> None:
+    """Run the quantize-model flow: calibration → hessians → quantize → pack → evaluate → register."""
+    from tasks.recipe import load_recipe
 
-    path = fetch_demo_model("smollm2-135m", get_settings(refresh=True))
-    model, tok = load_model(path), load_tokenizer(path)
-    ids = tok("The capital of France is", return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=4, do_sample=False)
-    console.print(f"{path}: 'The capital of France is' ->{tok.decode(out[0, ids.shape[1] :])!r}")
+    _quiet_prefect()
+    rec = load_recipe(recipe).with_overrides(list(set_)) if set_ else load_recipe(recipe)
+    out = _run_flow(model, rec, store=store, workers=workers, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(out, default=str))
+    else:
+        _print_outcome(out)
+
+
+DEMO_OVERRIDES = ["calibration.n_samples=32", "eval.n_windows=4"]
+
+
+@app.command()
+@friendly
+def demo(
+    recipe: str = typer.Option("gptq-w4g64", "--recipe", help="Recipe to run on the demo model."),
+    full: bool = typer.Option(False, "--full", help="Use the recipe's full calibration/eval sizes (slower)."),
+) -> None:
+    """Fetch SmolLM2-135M and run a recipe end to end on the embedded defaults (local store, sqlite MLflow)."""
+    from infra.settings import get_settings
+    from tasks.models import fetch_demo_model
+    from tasks.recipe import load_recipe
+
+    _quiet_prefect()
+    settings = get_settings(refresh=True)
+    console.print(f"[bold]quantpipe demo[/]: SmolLM2-135M-Instruct, recipe {recipe}, home {settings.home}")
+    fetch_demo_model("smollm2-135m", settings)
+    rec = load_recipe(recipe)
+    if not full:
+        rec = rec.with_overrides(DEMO_OVERRIDES)
+        console.print(
+            f"demo sizes: {rec.calibration.n_samples}x{rec.calibration.seq_len} calibration tokens and "
+            f"{rec.eval.n_windows} eval windows of {rec.eval.seq_len} (the recipe's standard protocol is 128x512 and "
+            "16 windows: pass --full)"
+        )
+    out = _run_flow("smollm2-135m", rec, store=None, workers=None, progress=True)
+    _print_outcome(out)
+    console.print(f"store: {settings.effective_store_url}   MLflow: {settings.effective_mlflow_uri}")
+    console.print(f"inspect: quantpipe lineage {out['model_name']}/{out['model_version']}")
+
+
+def _register_subcommands() -> None:
+    from flows.registry_cli import registry_app
+
+    app.add_typer(registry_app, name="registry")
+
+
+_register_subcommands()
 
 
 def main() -> None:

@@ -34,7 +34,8 @@ def lineage_tree(target: str, settings: Settings) -> tuple[Tree, dict[str, Any]]
         if not name:
             raise ConfigError(f"{target!r} is neither '<stage>/<key>' nor a registered model 'NAME/VERSION'") from None
         tags = lineage_tags(name, version, settings=settings)
-        roots = [v for k, v in sorted(tags.items())]
+        # evaluate's ancestry covers every stage; fall back to all recorded keys for partial builds
+        roots = [tags["key.evaluate"]] if "key.evaluate" in tags else [v for _, v in sorted(tags.items())]
         title = f"model {name} version {version}"
     tree = Tree(title)
     data: dict[str, Any] = {"target": target, "artifacts": {}}
@@ -43,19 +44,25 @@ def lineage_tree(target: str, settings: Settings) -> tuple[Tree, dict[str, Any]]
         for m in store.lineage(root):
             by_ref[str(m.ref)] = m
 
-    def add(node: Tree, ref: str, seen: frozenset[str]) -> None:
-        m = by_ref[ref]
-        child = node.add(_summary(m))
-        for role, parent in sorted(m.inputs.items()):
-            if parent in seen:
-                continue
-            if parent in by_ref:
-                sub = child.add(f"[dim]{role}[/]")
-                add(sub, parent, seen | {ref})
+    shown: set[str] = set()
 
-    top = [r for r in roots if r in by_ref]
-    for ref in top:
-        add(tree, ref, frozenset())
+    def add(node: Tree, ref: str, role: str) -> None:
+        m = by_ref[ref]
+        label = f"[dim]{role}:[/] {_summary(m)}" if role else _summary(m)
+        if ref in shown:
+            node.add(f"{label} [dim](above)[/]")
+            return
+        shown.add(ref)
+        child = node.add(label)
+        provenance = m.metadata.get("provenance")
+        if provenance:
+            child.add(f"[dim]data: {provenance}[/]")
+        for parent_role, parent in sorted(m.inputs.items()):
+            if parent in by_ref:
+                add(child, parent, parent_role)
+
+    for ref in (r for r in roots if r in by_ref):
+        add(tree, ref, "")
     for ref, m in by_ref.items():
         data["artifacts"][ref] = {
             "stage": m.stage,

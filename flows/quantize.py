@@ -165,7 +165,7 @@ def run_quantize_pipeline(ctx: StageContext, model_source: str, recipe: Recipe) 
         stages["evaluate"] = evaluate_task(ctx, model, stages["pack"].ref, quant_ref, stages["eval-fp"].ref, recipe)
         metrics = {k: float(v) for k, v in stages["evaluate"].metadata.items()}
         refs = {name: s.ref for name, s in stages.items()}
-        if recipe.register.enabled:
+        if recipe.registry.enabled:
             stages["register"] = register_task(ctx, model, recipe, refs, metrics)
     reg = stages.get("register")
     return QuantizeOutcome(

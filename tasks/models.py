@@ -35,6 +35,7 @@ __all__ = [
     "validate_checkpoint_dir",
 ]
 
+CONVERSION_VERSION = 2  # bump when the GGUF → safetensors conversion changes (re-converts cached models)
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
@@ -195,7 +196,8 @@ def fetch_demo_model(name: str, settings: Settings, *, progress: bool = True) ->
     root = settings.effective_cache_dir / "models"
     dest = root / demo.name
     marker = dest / ".quantpipe-complete"
-    if marker.is_file() and marker.read_text().strip() == demo.gguf_sha256:
+    stamp = f"{demo.gguf_sha256} conversion-v{CONVERSION_VERSION}"
+    if marker.is_file() and marker.read_text().strip() == stamp:
         return dest
     root.mkdir(parents=True, exist_ok=True)
     downloads = settings.effective_cache_dir / "downloads"
@@ -205,7 +207,7 @@ def fetch_demo_model(name: str, settings: Settings, *, progress: bool = True) ->
     staging = Path(tempfile.mkdtemp(prefix=f"{demo.name}-", dir=root))
     try:
         _convert_gguf(gguf, staging)
-        (staging / ".quantpipe-complete").write_text(demo.gguf_sha256)
+        (staging / ".quantpipe-complete").write_text(stamp)
         staging.chmod(0o755)
         if dest.exists():
             shutil.rmtree(dest)
@@ -263,7 +265,10 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = AutoConfig.for_model(**loaded.config.to_dict())
+    config_dict = loaded.config.to_dict()
+    for stale in ("quantization_config", "_model_name_or_path"):  # the weights are dequantized: plain fp32 now
+        config_dict.pop(stale, None)
+    config = AutoConfig.for_model(**config_dict)
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = clean.load_state_dict(loaded.state_dict(), strict=False)
     if unexpected or [m for m in missing if "lm_head" not in m]:

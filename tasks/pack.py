@@ -35,6 +35,10 @@ def compressed_tensors_reason(cfg: QuantizeConfig, qweights: dict[str, Quantized
     """None when representable in compressed-tensors pack-quantized, else why not."""
     if cfg.bits not in (4, 8):
         return f"compressed-tensors pack-quantized supports 4/8-bit integers, not {cfg.bits}-bit"
+    if not cfg.sym:
+        # Measured: transformers 5.24 + compressed-tensors 0.20 re-initialise packed asymmetric zero points on load
+        # (shape mismatch [N/8, G] vs [N, G]), silently changing the weights. Export only what loads exactly.
+        return "asymmetric zero points do not load correctly in transformers/compressed-tensors (sym only)"
     for name, q in qweights.items():
         if q.g_idx is not None:
             return f"{name} uses act-order without static groups (g_idx)"

@@ -10,7 +10,7 @@ Sample YAML (``recipes/gptq-w4g64.yaml``)::
     quantize: {method: gptq, bits: 4, group_size: 64, sym: false}
     calibration: {n_samples: 128, seq_len: 512, seed: 0}
     eval: {seq_len: 2048, n_windows: 16}
-    register: {max_ppl_increase: 0.25}
+    registry: {max_ppl_increase: 0.25}
 """
 
 from __future__ import annotations
@@ -97,8 +97,11 @@ class QuantizeConfig(BaseModel):
         return v
 
     def key_config(self) -> dict[str, Any]:
-        """What changes the quantized weights: everything but scheduling knobs."""
-        return self.model_dump(mode="json", exclude={"workers"})
+        """What changes the quantized weights: everything but scheduling knobs and other methods' fields."""
+        exclude = {"workers"}
+        if self.method == "rtn":
+            exclude |= {"damp", "block_size", "act_order", "static_groups"}
+        return self.model_dump(mode="json", exclude=exclude)
 
 
 class PackConfig(BaseModel):
@@ -141,7 +144,7 @@ class Recipe(BaseModel):
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     pack: PackConfig = Field(default_factory=PackConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    register: RegisterConfig = Field(default_factory=RegisterConfig)
+    registry: RegisterConfig = Field(default_factory=RegisterConfig)
 
     @field_validator("name")
     @classmethod

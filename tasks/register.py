@@ -30,7 +30,7 @@ def run_register(
     started = time.perf_counter()
     name = registry_name(model_name, recipe.name)
     build_key = artifact_key("register", 1, {"name": name}, {k: refs[k] for k in ("pack", "evaluate")})
-    gate = PromotionGate(max_ppl_increase=recipe.register.max_ppl_increase, max_ppl=recipe.register.max_ppl)
+    gate = PromotionGate(max_ppl_increase=recipe.registry.max_ppl_increase, max_ppl=recipe.registry.max_ppl)
     tags = {
         "base_model": model_name,
         "base_revision": revision,
