@@ -22,7 +22,7 @@ from tasks.stage import StageContext, StageResult, run_stage
 __all__ = ["MODEL_VERSION", "STAGE_VERSION", "load_texts", "run_calibration", "run_model", "tokenizer_digest"]
 
 MODEL_VERSION = 1
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: rows keep their line breaks (hub-identical text)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
 
 
@@ -83,7 +83,9 @@ def load_texts(
             ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split, cache_dir=cache)
             provenance: dict[str, Any] = {"source": "hf:wikitext/wikitext-2-raw-v1", "split": split}
         else:
-            kwargs: dict[str, Any] = {"keep_linebreaks": False} if builder == "text" else {}
+            # keep_linebreaks: rows end in "\n" like the hub's wikitext rows (the GPTQ protocol's 304,986 SmolLM2
+            # tokens for wiki.test.raw depend on it); whitespace-only rows still become "" below.
+            kwargs: dict[str, Any] = {"keep_linebreaks": True} if builder == "text" else {}
             ds = datasets.load_dataset(
                 builder, data_files=[str(f) for f in files], split="train", cache_dir=cache, **kwargs
             )

@@ -21,8 +21,8 @@ from tasks.stage import StageContext, StageResult, run_stage
 
 __all__ = ["FP_VERSION", "STAGE_VERSION", "eval_windows", "perplexity", "run_eval_fp", "run_evaluate"]
 
-STAGE_VERSION = 1
-FP_VERSION = 1
+STAGE_VERSION = 2  # 2: hub-identical text (rows keep line breaks)
+FP_VERSION = 2
 
 
 def eval_windows(model_path: Path, cfg: EvalConfig, ctx: StageContext) -> torch.Tensor:

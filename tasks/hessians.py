@@ -7,6 +7,7 @@ block artifacts plus the peak RSS, which stays near one block + activations beca
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -49,7 +50,7 @@ def run_hessians(
     from quant.hessian import check_finite
     from tasks.driver import BlockStreamer, collect_block_hessians, for_each_block, peak_rss_mb
 
-    config = {"dtype": cfg.dtype}
+    config = cfg.key_config()
     inputs = {"model": model_ref, "calibration": cal_ref}
 
     def block_ref(i: int) -> ArtifactRef:
@@ -91,15 +92,21 @@ def run_hessians(
             return out
 
         if todo:
-            for_each_block(
-                streamer,
-                ids,
-                visit,
-                skip=lambda i: done[i],
-                progress=progress,
-                micro_batch=cfg.micro_batch,
-                until=max(todo),
+            autocast = (
+                torch.autocast(streamer.device.type, dtype=torch.bfloat16)
+                if cfg.compute_dtype == "bfloat16"
+                else contextlib.nullcontext()
             )
+            with autocast:
+                for_each_block(
+                    streamer,
+                    ids,
+                    visit,
+                    skip=lambda i: done[i],
+                    progress=progress,
+                    micro_batch=cfg.micro_batch,
+                    until=max(todo),
+                )
         w.add_bytes("index.json", json.dumps({"blocks": [str(r) for r in refs]}, indent=1).encode())
         w.metadata.update(
             {

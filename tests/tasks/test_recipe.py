@@ -1,0 +1,82 @@
+"""Recipes: shipped files validate; bad recipes get one-line errors naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from infra.errors import ConfigError
+from tasks.recipe import Recipe, load_recipe
+
+SHIPPED = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipes_validate(name: str) -> None:
+    recipe = load_recipe(name)
+    assert recipe.name == name
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_bytes(text.encode() if isinstance(text, str) else text)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("quantize: {bits: 0}", r"quantize\.bits"),
+        ("quantize: {bits: 5}", "bits must be one of 2, 3, 4, 8"),
+        ("quantize: {bitz: 4}", r"quantize\.bitz: Extra inputs"),
+        ("quantize: {group_size: -7}", r"quantize\.group_size"),
+        ("quantize: {method: magic}", r"quantize\.method"),
+        ("quantize: {damp: -1}", r"quantize\.damp"),
+        ("quantize: {skip: ['(']}", "not a valid regex"),
+        ("calibration: {n_samples: 0}", r"calibration\.n_samples"),
+        ("calibration: {seq_len: 'long'}", r"calibration\.seq_len"),
+        ("eval: {seq_len: 2}", r"eval\.seq_len"),
+        ("name: ../../etc", "recipe name"),
+        ("unknown_section: 1", "unknown_section"),
+        ("- just\n- a list", "mapping at the top level"),
+        ("quantize: {bits: [4", "not valid YAML"),
+    ],
+)
+def test_bad_recipes_one_line(tmp_path: Path, text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as exc:
+        load_recipe(_write(tmp_path, text))
+    assert "\n" not in str(exc.value)
+
+
+def test_non_utf8_recipe(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_bytes(b"name: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="not UTF-8|not valid YAML"):
+        load_recipe(p)
+
+
+def test_missing_recipe() -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_recipe("no-such-recipe")
+
+
+def test_overrides_and_digest() -> None:
+    base = load_recipe("gptq-w4g64")
+    changed = base.with_overrides(["quantize.bits=3", "eval.n_windows=2"])
+    assert changed.quantize.bits == 3 and changed.eval.n_windows == 2
+    assert changed.digest() != base.digest()
+    with pytest.raises(ConfigError, match="unknown section"):
+        base.with_overrides(["nosuch.field=1"])
+    with pytest.raises(ConfigError, match=r"quantize\.bits"):
+        base.with_overrides(["quantize.bits=0"])
+
+
+def test_rtn_key_ignores_gptq_fields() -> None:
+    a = Recipe.model_validate({"quantize": {"method": "rtn", "damp": 0.01}})
+    b = Recipe.model_validate({"quantize": {"method": "rtn", "damp": 0.1}})
+    assert a.quantize.key_config() == b.quantize.key_config()
+    g1 = Recipe.model_validate({"quantize": {"method": "gptq", "damp": 0.01}})
+    g2 = Recipe.model_validate({"quantize": {"method": "gptq", "damp": 0.1}})
+    assert g1.quantize.key_config() != g2.quantize.key_config()
+    assert "workers" not in g1.quantize.key_config()
