@@ -96,13 +96,14 @@ def _quiet_prefect() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 
 
-def _run_flow(model: str, recipe: Any, *, store: str | None, workers: int | None, progress: bool) -> dict[str, Any]:
-    from prefect.task_runners import ThreadPoolTaskRunner
-
+def _run_flow(
+    model: str, recipe: Any, *, store: str | None, workers: int | None, progress: bool, dask: str | None = None
+) -> dict[str, Any]:
     from flows.quantize import quantize_model
+    from flows.runners import task_runner_for
 
     n = workers or recipe.quantize.workers
-    runner = quantize_model.with_options(task_runner=ThreadPoolTaskRunner(max_workers=n))
+    runner = quantize_model.with_options(task_runner=task_runner_for(n, dask))
     result: dict[str, Any] = runner(model=model, recipe=recipe, store_url=store, progress=progress)
     return result
 
@@ -135,6 +136,9 @@ def quantize(
     set_: list[str] = typer.Option([], "--set", help="Override a recipe field: section.field=value (repeatable)."),
     store: str = typer.Option(None, "--store", help="Artifact store URL (default from settings)."),
     workers: int = typer.Option(None, "--workers", help="Concurrent layer tasks (default: recipe)."),
+    dask: str = typer.Option(
+        None, "--dask", help="Per-layer tasks on Dask: N local workers or tcp://scheduler (env QUANTPIPE_DASK_ADDRESS)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (flow/MLflow ids, stages, metrics)."),
 ) -> None:
     """Run the quantize-model flow: calibration → hessians → quantize → pack → evaluate → register."""
@@ -142,7 +146,7 @@ def quantize(
 
     _quiet_prefect()
     rec = load_recipe(recipe).with_overrides(list(set_)) if set_ else load_recipe(recipe)
-    out = _run_flow(model, rec, store=store, workers=workers, progress=not as_json)
+    out = _run_flow(model, rec, store=store, workers=workers, progress=not as_json, dask=dask)
     if as_json:
         typer.echo(json.dumps(out, default=str))
     else:
@@ -179,6 +183,60 @@ def demo(
     _print_outcome(out)
     console.print(f"store: {settings.effective_store_url}   MLflow: {settings.effective_mlflow_uri}")
     console.print(f"inspect: quantpipe lineage {out['model_name']}/{out['model_version']}")
+
+
+@app.command("eval")
+@friendly
+def eval_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="Base model source (local dir, demo name, hub id)."),
+    build: str = typer.Option(
+        None, "--build", help="Registered 'NAME/VERSION' or a 'pack/<key>' artifact; omit for the fp model."
+    ),
+    seq_len: int = typer.Option(2048, "--seq-len"),
+    windows: int = typer.Option(16, "--windows", help="First N windows (0 = all)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """WikiText-2 perplexity (BENCHMARKS.md protocol) of the fp model or of a packed build."""
+    from pathlib import Path
+
+    from infra.keys import ArtifactRef
+    from infra.settings import get_settings
+    from tasks.checkpoint import load_packed_model
+    from tasks.evaluate import eval_windows, perplexity
+    from tasks.models import load_model, resolve_model
+    from tasks.recipe import EvalConfig
+    from tasks.stage import StageContext
+
+    settings = get_settings(refresh=True)
+    ctx = StageContext(settings=settings, store_url=settings.effective_store_url)
+    resolved = resolve_model(model, settings)
+    cfg = EvalConfig(seq_len=seq_len, n_windows=windows)
+    device = settings.resolved_device()
+    if build is None:
+        net = load_model(resolved.path, device=device)
+    else:
+        if build.startswith("pack/"):
+            art = ctx.store.get(str(ArtifactRef(build)))
+            root = art.root / art.manifest.file("native/config.json").path.removesuffix("/config.json")
+        else:
+            from registry.models import download_version
+
+            name, _, version = build.rpartition("/")
+            root = (
+                download_version(
+                    name, version, Path(settings.effective_cache_dir) / "downloads" / "registry", settings=settings
+                )
+                / "native"
+            )
+        net = load_packed_model(root, device=device)
+    metrics = perplexity(net, eval_windows(resolved.path, cfg, ctx), device=device)
+    if as_json:
+        typer.echo(json.dumps(metrics))
+    else:
+        console.print(
+            f"ppl {metrics['ppl']:.4f} over {int(metrics['windows'])} windows of {seq_len} "
+            f"({int(metrics['predicted_tokens'])} predicted tokens)"
+        )
 
 
 def _register_subcommands() -> None:
