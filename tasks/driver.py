@@ -25,36 +25,75 @@ __all__ = ["BlockStreamer", "GroupStats", "collect_block_hessians", "peak_rss_mb
 
 
 def peak_rss_mb() -> float:
+    """Peak resident set of this process (VmHWM; unlike ru_maxrss it is not inherited from a forking parent)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 class _WeightIndex:
-    """Lazy access to tensors of a (possibly sharded) safetensors checkpoint."""
+    """Tensor-by-tensor reads of a (possibly sharded) safetensors checkpoint, without mmap.
+
+    safetensors' ``safe_open`` maps whole files, and every page a block touches stays resident, so peak RSS
+    would grow with depth. Reading each tensor's byte range with ``pread`` keeps only the current block.
+    """
 
     def __init__(self, path: Path) -> None:
-        from safetensors import safe_open
+        from infra.errors import CorruptArtifactError
 
-        index_file = path / "model.safetensors.index.json"
-        if index_file.is_file():
-            weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in path.glob("*.safetensors"))
-            weight_map = {}
-        self._handles = {f: safe_open(str(path / f), framework="pt", device="cpu") for f in files}
-        if not weight_map:
-            for f, handle in self._handles.items():
-                for name in handle.keys():  # noqa: SIM118 - safe_open handles are not dicts
-                    weight_map[name] = f
-        self.weight_map = weight_map
+        files = sorted(p for p in Path(path).glob("*.safetensors"))
+        self.entries: dict[str, tuple[Path, int, torch.dtype, list[int], int]] = {}
+        for f in files:
+            with f.open("rb") as fh:
+                raw_len = fh.read(8)
+                if len(raw_len) != 8:
+                    raise CorruptArtifactError(f"{f} is not a safetensors file (truncated header)")
+                n = int.from_bytes(raw_len, "little")
+                try:
+                    header = json.loads(fh.read(n))
+                except ValueError:
+                    raise CorruptArtifactError(f"{f} has a corrupt safetensors header") from None
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                self.entries[name] = (f, 8 + n + begin, _ST_DTYPES[info["dtype"]], info["shape"], end - begin)
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handles[self.weight_map[name]].get_tensor(name)
+        f, offset, dtype, shape, nbytes = self.entries[name]
+        buf = bytearray(nbytes)
+        with f.open("rb") as fh:
+            fh.seek(offset)
+            if fh.readinto(buf) != nbytes:
+                from infra.errors import CorruptArtifactError
+
+                raise CorruptArtifactError(f"{f} is truncated (tensor {name})")
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
+        return name in self.entries
 
 
 @dataclass
