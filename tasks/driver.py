@@ -24,6 +24,20 @@ from quant.hessian import accumulate
 __all__ = ["BlockStreamer", "GroupStats", "collect_block_hessians", "peak_rss_mb"]
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS after a block is dropped.
+
+    glibc raises its mmap threshold after large frees, so per-block weight buffers end up on the heap and freed
+    blocks would stay resident; ``malloc_trim`` keeps peak RSS at one block instead of creeping with depth.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_rss_mb() -> float:
     """Peak resident set of this process (VmHWM; unlike ru_maxrss it is not inherited from a forking parent)."""
     try:
@@ -151,6 +165,7 @@ class BlockStreamer:
 
     def unload(self, name: str) -> None:
         self.module(name).to("meta")
+        _release_freed_memory()
 
     @contextmanager
     def loaded(self, name: str) -> Iterator[nn.Module]:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from tasks.recipe import EvalConfig
-from tasks.stage import StageContext, StageResult, run_stage
+from tasks.stage import StageContext, StageResult, ensure_artifact, run_stage
 
 __all__ = ["FP_VERSION", "STAGE_VERSION", "eval_windows", "perplexity", "run_eval_fp", "run_evaluate"]
 
@@ -69,6 +69,57 @@ def perplexity(
     }
 
 
+WINDOW_VERSION = 1
+
+
+def cached_perplexity(
+    ctx: StageContext,
+    target_ref: str,
+    make_model: Callable[[], Any],
+    windows: torch.Tensor,
+    cfg: EvalConfig,
+    *,
+    device: str = "cpu",
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """Perplexity from per-window ``eval-window`` artifacts (keyed by target, protocol and window index).
+
+    Windows already scored for this target are read back, so changing ``n_windows`` only scores the new ones
+    (fewer windows: nothing at all); the model is loaded only if some window is missing.
+    """
+    model: Any = None
+    nll, count = 0.0, 0
+    for i in range(windows.shape[0]):
+
+        def produce(w: Any, _run: Any, i: int = i) -> None:
+            nonlocal model
+            if model is None:
+                model = make_model()
+            batch = windows[i : i + 1].to(device)
+            with torch.no_grad():
+                logits = model(batch, use_cache=False).logits.float()
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+            )
+            result = {"nll": float(loss), "tokens": int(batch[:, 1:].numel())}
+            w.add_bytes("nll.json", json.dumps(result).encode())
+            w.metadata.update(result)
+
+        config = {"dataset": cfg.dataset, "seq_len": cfg.seq_len, "window": i}
+        ref, _ = ensure_artifact(ctx, "eval-window", WINDOW_VERSION, config, {"target": target_ref}, produce)
+        meta = ctx.store.manifest(ref).metadata
+        nll += float(meta["nll"])
+        count += int(meta["tokens"])
+        if progress is not None:
+            progress(i)
+    return {
+        "ppl": math.exp(nll / count),
+        "nll_sum": nll,
+        "predicted_tokens": float(count),
+        "windows": float(windows.shape[0]),
+    }
+
+
 def run_eval_fp(
     ctx: StageContext, model_path: Path, model_ref: str, cfg: EvalConfig, progress: Callable[[int], None] | None = None
 ) -> StageResult:
@@ -77,8 +128,14 @@ def run_eval_fp(
     def produce(w: Any, run: Any) -> None:
         device = ctx.settings.resolved_device()
         windows = eval_windows(model_path, cfg, ctx)
-        metrics = perplexity(
-            load_model(model_path, device=device), windows, batch_size=cfg.batch_size, device=device, progress=progress
+        metrics = cached_perplexity(
+            ctx,
+            model_ref,
+            lambda: load_model(model_path, device=device),
+            windows,
+            cfg,
+            device=device,
+            progress=progress,
         )
         w.add_bytes("metrics.json", json.dumps(metrics, indent=1).encode())
         w.metadata.update(metrics)
@@ -138,11 +195,17 @@ def run_evaluate(
     def produce(w: Any, run: Any) -> None:
         device = ctx.settings.resolved_device()
         packed = ctx.store.get(pack_ref)
-        model = load_packed_model(
-            packed.root / packed.manifest.file("native/config.json").path.rsplit("/", 1)[0], device=device
-        )
+        native_dir = packed.root / packed.manifest.file("native/config.json").path.rsplit("/", 1)[0]
         windows = eval_windows(model_path, cfg, ctx)
-        metrics = perplexity(model, windows, batch_size=cfg.batch_size, device=device, progress=progress)
+        metrics = cached_perplexity(
+            ctx,
+            pack_ref,
+            lambda: load_packed_model(native_dir, device=device),
+            windows,
+            cfg,
+            device=device,
+            progress=progress,
+        )
         ppl_fp = float(ctx.store.manifest(fp_ref).metadata["ppl"])
         pack_meta = packed.manifest.metadata
         metrics.update(

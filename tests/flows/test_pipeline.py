@@ -65,9 +65,13 @@ def test_rerun_is_all_cache_hits_and_no_duplicate_version(first_run: dict, tiny_
     assert again["stages"]["evaluate"]["key"] == first_run["stages"]["evaluate"]["key"]
 
 
-def test_eval_change_recomputes_only_evaluation(first_run: dict, tiny_llama_dir: Path) -> None:
+def test_eval_change_recomputes_only_evaluation(first_run: dict, home: Settings, tiny_llama_dir: Path) -> None:
+    store = open_store(settings=home)
+    scored = store.list("eval-window")
+    assert len(scored) == 6  # 3 windows x (fp model, packed build)
     recipe = tiny_recipe().with_overrides(["eval.n_windows=2"])
     out = quantize_model(str(tiny_llama_dir), recipe)
+    assert store.list("eval-window") == scored  # fewer windows: every window score is reused
     hits = _hits(out)
     assert hits["calibration"] and hits["hessians"] and hits["quantize"] and hits["pack"]
     assert not hits["eval-fp"] and not hits["evaluate"]
