@@ -243,6 +243,10 @@ def _register_subcommands() -> None:
     from flows.registry_cli import registry_app
 
     app.add_typer(registry_app, name="registry")
+    from flows.ops_cli import register as register_ops
+
+    register_ops(app)
+    __import__("flows.doctor", fromlist=["register"]).register(app)
 
 
 _register_subcommands()

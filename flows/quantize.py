@@ -7,6 +7,7 @@ and every output is a content-addressed artifact, so a rerun recomputes only wha
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -17,12 +18,30 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
-from infra.errors import ConfigError
+from infra.errors import ConfigError, QuantpipeError
 from infra.settings import Settings, get_settings
 from tasks.recipe import Recipe
 from tasks.stage import StageContext, StageResult
 
 __all__ = ["QuantizeOutcome", "quantize_model", "run_quantize_pipeline"]
+
+
+class _NoTracebackForUserErrors(logging.Filter):
+    """Prefect logs every failed task/flow with a traceback; a :class:`QuantpipeError` is a one-line message
+    naming what to fix (wrong input, unreachable store), so its log record keeps the line and drops the trace."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, QuantpipeError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+for _name in ("prefect.flow_runs", "prefect.task_runs"):
+    _logger = logging.getLogger(_name)
+    if not any(isinstance(f, _NoTracebackForUserErrors) for f in _logger.filters):
+        _logger.addFilter(_NoTracebackForUserErrors())
 
 
 class QuantizeOutcome(BaseModel):
@@ -42,12 +61,29 @@ def _progress(ctx: StageContext) -> Any:
 
 
 @task(name="model", cache_policy=NO_CACHE)
-def model_task(ctx: StageContext, source: str) -> tuple[Any, StageResult]:
+def model_task(ctx: StageContext, source: str, recipe: Recipe | None = None) -> tuple[Any, StageResult]:
     from tasks.calibration import run_model
     from tasks.models import resolve_model
 
     model = resolve_model(source, ctx.settings, progress=ctx.progress)
+    if recipe is not None:
+        preflight(ctx, model, recipe)
     return model, run_model(ctx, model)
+
+
+def preflight(ctx: StageContext, model: Any, recipe: Recipe) -> None:
+    """Every cheap check of user input, before the first artifact is committed: a bad recipe, data source or
+    model name fails with one line and leaves the store exactly as it was."""
+    from tasks.calibration import check_text_source
+
+    validate_recipe_for_model(recipe, model.path)
+    if recipe.registry.enabled:
+        from registry.models import registry_name
+
+        registry_name(model.name, recipe.name)
+    cal = recipe.calibration
+    check_text_source(cal.dataset, ctx.settings, text_field=cal.text_field)
+    check_text_source(recipe.eval.dataset, ctx.settings, split="test")
 
 
 @task(name="calibration", cache_policy=NO_CACHE)
@@ -126,6 +162,9 @@ def validate_recipe_for_model(recipe: Recipe, model_path: Path) -> None:
             f"recipe {recipe.name}: quantize.group_size={recipe.quantize.group_size} is larger than "
             f"the narrowest layer input ({narrowest} columns)"
         )
+    from tasks.quantize import check_transform_sizes
+
+    check_transform_sizes(model_path, recipe.quantize)
 
 
 def _configure_threads(settings: Settings, workers: int) -> None:
@@ -150,8 +189,7 @@ def run_quantize_pipeline(ctx: StageContext, model_source: str, recipe: Recipe) 
         settings=ctx.settings,
     ) as parent:
         ctx.parent_run_id = parent
-        model, stages["model"] = model_task(ctx, model_source)
-        validate_recipe_for_model(recipe, model.path)
+        model, stages["model"] = model_task(ctx, model_source, recipe)
         model_ref = stages["model"].ref
         stages["calibration"] = calibration_task(ctx, model, model_ref, recipe)
         cal_ref = stages["calibration"].ref

@@ -45,6 +45,11 @@ class Manifest(BaseModel):
     code_version: str
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
     producer_run_id: str | None = None
+    digest: str | None = Field(
+        default=None,
+        description="sha256 of this manifest's canonical JSON without the digest; written by to_bytes() so a "
+        "hand-edited manifest is detected on read (manifests written before it have none).",
+    )
 
     @property
     def ref(self) -> ArtifactRef:
@@ -61,8 +66,19 @@ class Manifest(BaseModel):
     def file_names(self) -> list[str]:
         return [f.name for f in self.files]
 
+    def compute_digest(self) -> str:
+        data = self.model_dump(mode="json")
+        data["digest"] = None
+        return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def digest_ok(self) -> bool:
+        """False iff the manifest carries a digest that does not match its content (it was edited)."""
+        return self.digest is None or self.digest == self.compute_digest()
+
     def to_bytes(self) -> bytes:
-        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True).encode()
+        data = self.model_dump(mode="json")
+        data["digest"] = self.compute_digest()
+        return json.dumps(data, indent=2, sort_keys=True).encode()
 
 
 def sha256_stream(stream: BinaryIO) -> tuple[str, int]:

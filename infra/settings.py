@@ -168,7 +168,18 @@ def _redact_uri(uri: str) -> str:
 
 @lru_cache(maxsize=1)
 def _cached() -> Settings:
-    return Settings()
+    from pydantic import ValidationError
+
+    from infra.errors import ConfigError
+
+    try:
+        return Settings()
+    except ValidationError as exc:  # a bad QUANTPIPE_* variable or config file entry: one line naming it
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "settings"
+        where = f"QUANTPIPE_{field.upper()}" if first["type"] != "extra_forbidden" else f"{field!r} in the config file"
+        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"invalid setting {where}: {first['msg']}{more}") from None
 
 
 def get_settings(refresh: bool = False) -> Settings:

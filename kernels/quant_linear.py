@@ -9,6 +9,11 @@ forward(x [..., K]) -> [..., N]:
   * CUDA: the Triton kernel (``kernels.wgemm.launch.wgemm``) when the combination is supported; M > 256 rows
     use dequantize + cuBLAS (faster there); anything unsupported falls back to the reference with a one-time
     warning naming the reason.
+
+``RotatedQuantLinear`` (incoherence-processed weights, ``quant.incoherence``) also holds the transform tensors
+(``su``, ``sv``, ``perm_u``, ``kron_v``, ``fac_v0``, ``rescale`` …, fp32) and computes
+y = Uᵀ (Ŵ̃ (V diag(s)⁻¹ x)) + bias, with V and U applied by torch (fast Walsh–Hadamard / small Kronecker factors)
+in fp32.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from kernels.packing import (
     unpack_quantized_linear,
 )
 from kernels.wgemm.ref import dequantize_packed, wgemm_ref
+from quant.incoherence import IncoherenceTransforms, is_transform_key
 
-__all__ = ["KERNEL_MAX_M", "QuantLinear", "replace_linears"]
+__all__ = ["KERNEL_MAX_M", "QuantLinear", "RotatedQuantLinear", "replace_linears"]
 
 KERNEL_MAX_M = 256  # above this many rows dequantize + dense matmul wins
 _WARNED: set[str] = set()  # one-time fallback warnings, keyed by reason
@@ -153,6 +159,10 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected last dim {self.in_features}, got input shape {tuple(x.shape)}")
+        return self._gemm(x, self.bias)
+
+    def _gemm(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """x @ W_hat.T (+ bias): the kernel or the reference."""
         args = (self.qweight, self.scales, self.zeros, self.g_idx, self.bits, self.group_size, self.in_features)
         if x.is_cuda and self.use_kernel:
             M = x.numel() // self.in_features
@@ -161,9 +171,9 @@ class QuantLinear(nn.Module):
 
                 reason = kernel_unsupported_reason(x, *args)
                 if reason is None:
-                    return wgemm(x, *args, bias=self.bias)
+                    return wgemm(x, *args, bias=bias)
                 _warn_once(reason)
-        return wgemm_ref(x, *args, bias=self.bias)
+        return wgemm_ref(x, *args, bias=bias)
 
     # ---- keep fp16 scales/zeros exact under model.to(dtype) / .half() / .bfloat16() ------------------------
     def _apply(self, fn: Callable, recurse: bool = True):  # type: ignore[override]
@@ -184,6 +194,57 @@ class QuantLinear(nn.Module):
             if got != want:
                 errs.append(f"{prefix}qmeta (version, bits, group_size, K) = {got} does not match the module's {want}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errs)
+
+
+class RotatedQuantLinear(QuantLinear):
+    """A ``QuantLinear`` over Ŵ̃ = U W diag(s) Vᵀ: y = Uᵀ (Ŵ̃ (V diag(s)⁻¹ x)) + bias (QuIP / QuIP# inference).
+
+    The transform buffers (names per ``quant.incoherence.is_transform_key``) stay fp32 under ``model.to(dtype)``;
+    the transforms run in fp32 and the result is cast back to x's dtype.
+    """
+
+    @classmethod
+    def from_packed(cls, tensors: dict[str, Tensor], bias: Tensor | None = None) -> RotatedQuantLinear:
+        transforms = {k: v for k, v in tensors.items() if is_transform_key(k)}
+        if not transforms:
+            raise ValueError("RotatedQuantLinear needs transform tensors (su/sv/kron_u/kron_v …)")
+        mod = super().from_packed({k: v for k, v in tensors.items() if k not in transforms}, bias=bias)
+        assert isinstance(mod, RotatedQuantLinear)
+        for k, v in sorted(transforms.items()):
+            mod.register_buffer(k, v.detach().clone())
+        mod.transforms()  # validate the layout now, not at the first forward
+        return mod
+
+    def transforms(self) -> IncoherenceTransforms:
+        return IncoherenceTransforms.from_dict(
+            {k: v for k, v in self._buffers.items() if v is not None and is_transform_key(k)}
+        )
+
+    def dequantized_weight_original(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Uᵀ Ŵ̃ V diag(s)⁻¹ [N, K]: the weight this layer applies, in the original basis."""
+        from quant.incoherence import incoherence_postprocess
+
+        W = incoherence_postprocess(self.dequantized_weight(torch.float64), self.transforms())
+        return W.to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected last dim {self.in_features}, got input shape {tuple(x.shape)}")
+        t = self.transforms()
+        xv = t.input(x.to(torch.float32)).to(x.dtype)
+        y = t.output(self._gemm(xv, None).to(torch.float32)).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _apply(self, fn: Callable, recurse: bool = True):  # type: ignore[override]
+        # like the fp16 scales: an int32 view only moves device, so the fp32 transforms stay exact
+        names = [k for k, v in self._buffers.items() if is_transform_key(k) and v is not None and v.is_floating_point()]
+        for name in names:
+            self._buffers[name] = self._buffers[name].view(torch.int32)  # type: ignore[union-attr]
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for name in names:
+                self._buffers[name] = self._buffers[name].view(torch.float32)  # type: ignore[union-attr]
 
 
 def replace_linears(
@@ -220,7 +281,8 @@ def replace_linears(
         bias = None
         if lin.bias is not None:
             bias = torch.zeros(lin.out_features, dtype=lin.bias.dtype) if lin.bias.is_meta else lin.bias.detach()
-        q = QuantLinear.from_packed(t, bias=bias)
+        cls = RotatedQuantLinear if any(is_transform_key(k) for k in t) else QuantLinear
+        q = cls.from_packed(t, bias=bias)
         if (q.in_features, q.out_features) != (lin.in_features, lin.out_features):
             raise ValueError(
                 f"{name!r}: packed shape (in={q.in_features}, out={q.out_features}) does not match the Linear "

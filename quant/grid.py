@@ -9,6 +9,9 @@ Conventions:
 - Symmetric: zero = 2^(b−1) (fixed), scale = max|w| / (2^(b−1) − 1), so ±max|w| are both exactly on the
   grid and every |w| ≤ max|w| is within scale/2 of a grid point; code 0 (= −2^(b−1)·scale) is valid but
   never needed by the fit.
+- ``scale_mode="rms"`` (symmetric): the range is max|w| → RMS_CLIP·RMS(w)·(2^(b−1) − 1)/2^(b−1), i.e.
+  scale = RMS_CLIP·RMS(w)/2^(b−1) (QuIP's grid for incoherent, ~Gaussian weights; close to the MSE-optimal
+  uniform step: 2 bits 1.2σ, 3 bits 0.6σ, 4 bits 0.3σ). A ragged last group's zero padding counts in its RMS.
 - Degenerate rows (all zero, or a range so small that scale < float32 tiny) get scale = 1, which
   never divides by zero and still quantizes every element within scale/2.
 """
@@ -24,6 +27,7 @@ __all__ = [
     "MSE_CLIP_FACTORS",
     "MSE_NORM",
     "GRID_DTYPE",
+    "RMS_CLIP",
     "dequantize_codes",
     "fit_grid",
     "fit_group_grids",
@@ -32,6 +36,7 @@ __all__ = [
 
 GRID_DTYPE = torch.float32
 MSE_NORM = 2.4
+RMS_CLIP = 2.4  # scale_mode="rms": grid range ±RMS_CLIP·RMS(w)
 # Range-shrink factors for the MSE clip search: 1.0, 0.975, ..., 0.5 (21 candidates; 1.0 first, so the
 # search never does worse than no clipping and ties keep the unclipped grid).
 MSE_CLIP_FACTORS: tuple[float, ...] = tuple(1.0 - i / 40 for i in range(21))
@@ -99,7 +104,11 @@ def fit_grid(W: Tensor, cfg: GridConfig) -> tuple[Tensor, Tensor]:
     if W.dim() != 2 or W.shape[1] == 0:
         raise ValueError(f"fit_grid expects a non-empty 2-D block [rows, cols], got {tuple(W.shape)}")
     W = W.to(GRID_DTYPE)
-    if cfg.sym:
+    if cfg.scale_mode == "rms":
+        half = 1 << (cfg.bits - 1)
+        wmax = RMS_CLIP * W.square().mean(dim=1).sqrt() * ((half - 1) / half)
+        wmin = -wmax
+    elif cfg.sym:
         wmax = W.abs().amax(dim=1)
         wmin = -wmax
     else:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from torch import Tensor
 
 __all__ = ["GridConfig", "QuantizedWeight"]
@@ -23,6 +23,8 @@ class GridConfig(BaseModel):
     ``group_size`` 0 or -1 means one grid per output channel (the group spans all ``in_features``); a ragged
     last group is allowed (n_groups = ceil(in_features / group_size)). ``mse_clip`` shrinks each grid's
     range over ``grid.MSE_CLIP_FACTORS`` and keeps the factor with the lowest Σ|w − ŵ|^2.4.
+    ``scale_mode: rms`` (symmetric only; for incoherence-processed, ~Gaussian weights, QuIP §4) clips each grid at
+    ``grid.RMS_CLIP``·RMS(w) instead of max|w|: scale = 2.4·RMS / 2^(b−1).
 
     Sample YAML::
 
@@ -32,6 +34,7 @@ class GridConfig(BaseModel):
         mse_clip: false
         scale_dtype: float32   # float16: scales rounded to fp16 BEFORE coding, so an fp16-scale packed
                                # checkpoint dequantizes exactly to the fake-quantized weights
+        scale_mode: minmax     # rms: clip at 2.4·RMS (needs sym: true)
         version: 1
     """
 
@@ -42,6 +45,7 @@ class GridConfig(BaseModel):
     sym: bool = False
     mse_clip: bool = False
     scale_dtype: Literal["float32", "float16"] = "float32"
+    scale_mode: Literal["minmax", "rms"] = "minmax"
     version: int = 1
 
     @field_validator("bits")
@@ -64,6 +68,12 @@ class GridConfig(BaseModel):
         if v != 1:
             raise ValueError(f"GridConfig version must be 1, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _check_scale_mode(self) -> GridConfig:
+        if self.scale_mode == "rms" and not self.sym:
+            raise ValueError("scale_mode 'rms' needs a symmetric grid (sym: true)")
+        return self
 
     @property
     def maxq(self) -> int:
@@ -91,6 +101,9 @@ class QuantizedWeight:
         group_size: effective group size (per channel → in_features).
         g_idx: int32 [in] group of each input column, or None for contiguous groups g(j) = j // group_size.
         stats: scalar diagnostics (proxy_loss, damp, ...); deterministic values only, never timings.
+        transforms: for incoherence-processed weights (``quant.incoherence``), the small tensors (sign vectors,
+            permutations, small orthogonal factors) that define U and V: the codes then hold Ŵ̃ ≈ U W Vᵀ and the
+            layer computes y = Uᵀ Ŵ̃ V x. None for plain weights.
     """
 
     codes: Tensor
@@ -100,6 +113,7 @@ class QuantizedWeight:
     group_size: int
     g_idx: Tensor | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    transforms: dict[str, Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.codes.dim() != 2 or self.codes.dtype != torch.uint8:

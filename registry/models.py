@@ -66,6 +66,7 @@ __all__ = [
     "TAG_GATE_REASON",
     "TAG_PROMOTION",
     "TAG_RECIPE",
+    "TAG_RECIPE_DIGEST",
     "TAG_STATUS",
     "ModelVersionInfo",
     "PromotionGate",
@@ -88,6 +89,7 @@ ALIAS_CHAMPION = "champion"
 TAG_BASE_MODEL = "base_model"
 TAG_BASE_REVISION = "base_revision"
 TAG_RECIPE = "recipe"
+TAG_RECIPE_DIGEST = "recipe_digest"
 TAG_BITS = "bits"
 TAG_BUILD_KEY = "build_key"
 TAG_GATE = "gate"
@@ -493,20 +495,23 @@ def lookup(
     alias: str | None = None,
     name: str | None = None,
     settings: Settings | None = None,
+    recipe_digest: str | None = None,
 ) -> ModelVersionInfo | None:
     """Newest version matching every given criterion, or ``None``.
 
     ``model``/``revision``/``recipe``/``bits`` match the version tags ``base_model``/``base_revision``/
-    ``recipe``/``bits``; ``name`` the registered model name. With ``alias`` (e.g. ``"champion"``) only the
-    version holding that alias qualifies: with ``name`` it is read directly, without ``name`` the newest
-    tag-matching version that holds the alias in its registered model wins. One search call plus one call
-    per registered model in the result.
+    ``recipe``/``bits`` (and ``recipe_digest`` the ``recipe_digest`` tag that ``tasks.register`` writes, so a
+    recipe edited under the same name is told apart); ``name`` the registered model name. With ``alias``
+    (e.g. ``"champion"``) only the version holding that alias qualifies: with ``name`` it is read directly,
+    without ``name`` the newest tag-matching version that holds the alias in its registered model wins. One
+    search call plus one call per registered model in the result.
     """
     criteria = {
         TAG_BASE_MODEL: model,
         TAG_BASE_REVISION: revision,
         TAG_RECIPE: recipe,
         TAG_BITS: None if bits is None else str(int(bits)),
+        TAG_RECIPE_DIGEST: recipe_digest,
     }
     wanted = {k: _filter_value(k, str(v)) for k, v in criteria.items() if v is not None}
     if name is not None:

@@ -86,6 +86,34 @@ def _sqlite_parent(uri: str) -> Path | None:
     return Path(path).parent
 
 
+def _create_sqlite_atomically(uri: str) -> None:
+    """Create a missing sqlite DB with MLflow's full schema under a temporary name, then link it into place.
+
+    MLflow migrates a new sqlite file in many steps; a process killed half-way leaves a DB that every later run
+    fails on ("duplicate column name"). Building it aside and publishing it with ``link`` (which fails if the
+    name exists) means the DB at ``uri`` is either absent or complete, also when processes race.
+    """
+    path = Path(unquote(urlparse(uri).path))
+    if path.exists():
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.init")
+    tmp.unlink(missing_ok=True)
+    try:
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp}", registry_uri=f"sqlite:///{tmp}")
+        client.search_experiments(max_results=1)  # runs the schema migrations
+        client.search_registered_models(max_results=1)
+        for store in (client._tracking_client.store, client._get_registry_client().store):
+            engine = getattr(store, "engine", None)
+            if engine is not None:
+                engine.dispose()
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process published its DB first: use that one
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _settings(settings: Settings | None) -> Settings:
     return settings if settings is not None else get_settings()
 
@@ -105,6 +133,7 @@ def _configure(settings: Settings) -> _Configured:
         parent = _sqlite_parent(uri)
         if parent is not None:
             parent.mkdir(parents=True, exist_ok=True)
+            _create_sqlite_atomically(uri)
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         exp_id = _ensure_experiment(client, settings.mlflow_experiment, location)
         found = _Configured(client=client, experiment_id=exp_id)

@@ -19,7 +19,15 @@ from tasks.models import ResolvedModel
 from tasks.recipe import CalibrationConfig
 from tasks.stage import StageContext, StageResult, run_stage
 
-__all__ = ["MODEL_VERSION", "STAGE_VERSION", "load_texts", "run_calibration", "run_model", "tokenizer_digest"]
+__all__ = [
+    "MODEL_VERSION",
+    "STAGE_VERSION",
+    "check_text_source",
+    "load_texts",
+    "run_calibration",
+    "run_model",
+    "tokenizer_digest",
+]
 
 MODEL_VERSION = 1
 STAGE_VERSION = 2  # 2: rows keep their line breaks (hub-identical text)
@@ -40,6 +48,9 @@ def run_model(ctx: StageContext, model: ResolvedModel) -> StageResult:
     config = {**model.key_config(), "tokenizer": tokenizer_digest(model.path)}
 
     def produce(w: Any, _run: Any) -> None:
+        from tasks.models import check_weights_finite
+
+        check_weights_finite(model.path)  # once per checkpoint content: the model key hashes every file
         w.add_file("config.json", model.path / "config.json")
         w.metadata.update({"source": model.source, "path": str(model.path)})
 
@@ -68,6 +79,32 @@ def _source_files(dataset: str, settings: Settings, split: str) -> tuple[str, li
     if suffixes <= {".txt", ".raw", ".text", ""}:
         return "text", files
     raise ConfigError(f"calibration files must be .txt/.raw or .jsonl, got {sorted(suffixes)} in {dataset!r}")
+
+
+def check_text_source(dataset: str, settings: Settings, *, split: str = "validation", text_field: str = "text") -> None:
+    """Cheap pre-flight of a local text source (exists, UTF-8, not blank, has the JSONL field), so a bad source
+    fails before any stage commits an artifact. Hub sources are checked when they are loaded."""
+    builder, files = _source_files(dataset, settings, split)
+    blank = True
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"calibration text {str(f)!r} is not UTF-8") from None
+        if builder == "json":
+            first = next((line for line in text.splitlines() if line.strip()), None)
+            if first is not None:
+                try:
+                    row = json.loads(first)
+                except ValueError:
+                    raise ConfigError(f"calibration file {str(f)!r} is not JSON lines (first line)") from None
+                if not isinstance(row, dict) or text_field not in row:
+                    raise ConfigError(
+                        f"calibration file {str(f)!r} has no field {text_field!r} (calibration.text_field)"
+                    )
+        blank = blank and not text.strip()
+    if files and blank:
+        raise ConfigError(f"calibration text {dataset!r} is empty")
 
 
 def load_texts(

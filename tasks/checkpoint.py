@@ -3,9 +3,12 @@
 Layout of ``native/``: the base model's ``config.json`` plus a ``quantization_config`` block
 (``quant_method: quantpipe``), tokenizer files, and ``model.safetensors`` holding every full-precision tensor
 (embeddings, norms, lm_head, …) and, per quantized linear ``<name>``, the packed tensors
-``<name>.qweight/.scales/.zeros/.qmeta[/.g_idx]`` of :mod:`kernels.packing`. Loading builds the model skeleton from
-the config and swaps those linears for :class:`kernels.quant_linear.QuantLinear`, so evaluation runs on the
-packed weights, not on in-memory fake-quantized copies.
+``<name>.qweight/.scales/.zeros/.qmeta[/.g_idx]`` of :mod:`kernels.packing` — plus, for incoherence-processed
+schemes (quip, hadamard-gptq; ``quantization_config.transform``), the small transform tensors
+``<name>.su/.sv/.kron_u/.kron_v[/.perm_u/.perm_v/.fac_u0/…/.rescale]`` of :mod:`quant.incoherence`. Loading builds
+the model skeleton from the config and swaps those linears for :class:`kernels.quant_linear.QuantLinear` (or
+``RotatedQuantLinear``, which applies the transforms online), so evaluation runs on the packed weights, not on
+in-memory fake-quantized copies.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ def load_packed_model(path: Path, *, device: str = "cpu", dtype: torch.dtype = t
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from kernels.quant_linear import replace_linears
+    from quant.incoherence import is_transform_key
 
     config_dict = json.loads((path / "config.json").read_text())
     modules = packed_modules(config_dict)
@@ -64,7 +68,7 @@ def load_packed_model(path: Path, *, device: str = "cpu", dtype: torch.dtype = t
     plain: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         mod, _, suffix = name.rpartition(".")
-        if mod in packed and suffix in _PACKED_SUFFIXES:
+        if mod in packed and (suffix in _PACKED_SUFFIXES or is_transform_key(suffix)):
             packed[mod][suffix] = tensor
         else:
             plain[name] = tensor

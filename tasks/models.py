@@ -32,6 +32,7 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "resolve_model",
+    "check_weights_finite",
     "validate_checkpoint_dir",
 ]
 
@@ -110,6 +111,8 @@ def _dir_digest(path: Path, cache_dir: Path) -> str:
 
 def validate_checkpoint_dir(path: Path) -> dict[str, Any]:
     """Refuse what quantpipe must not or cannot load; return the parsed config.json."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"model {path} is a file, not a checkpoint directory; pass the directory holding config.json")
     if not path.is_dir():
         raise ConfigError(
             f"model directory {path} does not exist; pass a local HF checkpoint dir, "
@@ -141,7 +144,83 @@ def validate_checkpoint_dir(path: Path) -> dict[str, Any]:
                 "quantpipe loads safetensors only (convert with save_pretrained(safe_serialization=True))"
             )
         raise ConfigError(f"model {path} has no *.safetensors weights")
+    _check_weights_match_config(path, config, safetensors)
     return config
+
+
+_MAX_HEADER = 100 << 20
+
+
+def _safetensors_shapes(file: Path) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors header (8-byte length + JSON), refusing a corrupt or truncated file."""
+    import struct
+
+    size = file.stat().st_size
+    bad = f"{file} is not a valid safetensors file"
+    try:
+        with file.open("rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise ConfigError(f"{bad} (only {size} bytes); re-export or re-download the checkpoint")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, _MAX_HEADER):
+                raise ConfigError(f"{bad} (header length {n} exceeds the file); re-export or re-download it")
+            header = json.loads(fh.read(n))
+    except (ValueError, UnicodeDecodeError):
+        raise ConfigError(f"{bad} (corrupt header); re-export or re-download the checkpoint") from None
+    if not isinstance(header, dict):
+        raise ConfigError(f"{bad} (corrupt header); re-export or re-download the checkpoint")
+    shapes: dict[str, list[int]] = {}
+    data_size = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            shapes[name] = [int(d) for d in info["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"{bad} (entry {name!r} is malformed); re-export the checkpoint") from None
+        if not 0 <= begin <= end <= data_size:
+            raise ConfigError(f"{bad} (tensor {name!r} lies beyond the end: truncated?); re-download the checkpoint")
+    return shapes
+
+
+def _check_weights_match_config(path: Path, config: dict[str, Any], files: list[Path]) -> None:
+    """config.json and the weights must describe the same model (cheap: headers only)."""
+    import re
+
+    shapes: dict[str, list[int]] = {}
+    for f in sorted(files):
+        shapes.update(_safetensors_shapes(f))
+    hidden, vocab = config.get("hidden_size"), config.get("vocab_size")
+    emb = shapes.get("model.embed_tokens.weight")
+    if emb is not None and hidden and vocab and emb != [vocab, hidden]:
+        raise ConfigError(
+            f"model {path}: config.json says vocab_size={vocab}, hidden_size={hidden} but "
+            f"model.embed_tokens.weight has shape {emb}; config.json does not belong to these weights"
+        )
+    layers = {int(m.group(1)) for name in shapes if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+    n_layers = config.get("num_hidden_layers")
+    if layers and n_layers is not None and len(layers) != int(n_layers):
+        raise ConfigError(
+            f"model {path}: config.json says num_hidden_layers={n_layers} but the weights have {len(layers)} "
+            "layers; config.json does not belong to these weights"
+        )
+
+
+def check_weights_finite(path: Path) -> None:
+    """Refuse a checkpoint with NaN/Inf weights (one pass over the tensors, memory-mapped)."""
+    import torch
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for name in h.keys():  # noqa: SIM118
+                t = h.get_tensor(name)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ConfigError(
+                        f"model {path}: tensor {name} in {f.name} has NaN/Inf values; the checkpoint is corrupt"
+                    )
 
 
 def resolve_model(src: str, settings: Settings, *, progress: bool = True) -> ResolvedModel:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from infra.errors import QuantpipeError
+from infra.safetensors_io import canonicalise_file
 from kernels.packing import pack_quantized_linear
 from quant.types import QuantizedWeight
 from tasks.checkpoint import QUANT_METHOD, copy_tokenizer
@@ -33,6 +34,8 @@ def _layers(ctx: StageContext, quant_ref: str) -> dict[str, str]:
 
 def compressed_tensors_reason(cfg: QuantizeConfig, qweights: dict[str, QuantizedWeight]) -> str | None:
     """None when representable in compressed-tensors pack-quantized, else why not."""
+    if cfg.transform_kind() is not None or any(q.transforms for q in qweights.values()):
+        return f"{cfg.method} weights need the online incoherence transforms, which compressed-tensors cannot express"
     if cfg.bits not in (4, 8):
         return f"compressed-tensors pack-quantized supports 4/8-bit integers, not {cfg.bits}-bit"
     if not cfg.sym:
@@ -63,8 +66,12 @@ def _write_native(out: Path, model_path: Path, cfg: QuantizeConfig, qweights: di
         for suffix, t in pack_quantized_linear(q.codes, q.scales, q.zeros, q.bits, q.group_size, q.g_idx).items():
             tensors[f"{name}.{suffix}"] = t.contiguous()
             packed_bytes += t.numel() * t.element_size()
+        for suffix, t in (q.transforms or {}).items():  # su, sv, perm_u, kron_v, fac_v0, rescale …
+            tensors[f"{name}.{suffix}"] = t.contiguous()
+            packed_bytes += t.numel() * t.element_size()
     out.mkdir(parents=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "quant_method": QUANT_METHOD})
+    canonicalise_file(out / "model.safetensors")  # safetensors writes metadata keys in random order
     config = json.loads((model_path / "config.json").read_text())
     config["quantization_config"] = {
         "quant_method": QUANT_METHOD,
@@ -76,6 +83,12 @@ def _write_native(out: Path, model_path: Path, cfg: QuantizeConfig, qweights: di
         "method": cfg.method,
         "modules": sorted(qweights),
     }
+    kind = cfg.transform_kind()
+    if kind is not None:  # y = Uᵀ Ŵ̃ V diag(s)⁻¹ x, from each module's transform tensors
+        config["quantization_config"]["transform"] = {
+            "kind": kind,
+            **cfg.transform.model_dump(mode="json", exclude={"kind"}),
+        }
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     copy_tokenizer(model_path, out)
     return packed_bytes

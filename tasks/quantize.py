@@ -8,6 +8,7 @@ Methods are looked up in :data:`METHODS` (``@register_method``), so new methods 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -21,6 +22,8 @@ from torch import Tensor
 from infra.errors import ConfigError, QuantpipeError
 from quant.gptq import GPTQConfig, quantize_gptq
 from quant.hessian import check_finite, finalize
+from quant.incoherence import IncoherenceConfig, check_transform_size, dequantize_original, quantize_incoherent
+from quant.ldlq import LDLQConfig, quantize_ldlq
 from quant.rtn import quantize_rtn
 from quant.types import GridConfig, QuantizedWeight
 from tasks.recipe import QuantizeConfig
@@ -31,6 +34,8 @@ __all__ = [
     "METHODS",
     "STAGE_VERSION",
     "LayerJob",
+    "check_transform_sizes",
+    "incoherence_config",
     "load_qlayer",
     "plan_layers",
     "quantize_layer",
@@ -56,7 +61,12 @@ def register_method(name: str) -> Callable[[Method], Method]:
 def grid_config(cfg: QuantizeConfig) -> GridConfig:
     # fp16 scales: the packed checkpoint stores fp16 scales, so coding against them keeps pack→unpack exact.
     return GridConfig(
-        bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, mse_clip=cfg.mse_clip, scale_dtype="float16"
+        bits=cfg.bits,
+        group_size=cfg.group_size,
+        sym=cfg.sym,
+        mse_clip=cfg.mse_clip,
+        scale_dtype="float16",
+        scale_mode=cfg.scale_mode,
     )
 
 
@@ -69,14 +79,58 @@ def _rtn(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str) -> Quantiz
 def _gptq(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str) -> QuantizedWeight:
     if H is None:
         raise ConfigError(f"GPTQ needs a Hessian for {name}")
-    gcfg = GPTQConfig(
+    return quantize_gptq(W, H, _gptq_config(cfg), name=name)
+
+
+def _gptq_config(cfg: QuantizeConfig) -> GPTQConfig:
+    return GPTQConfig(
         grid=grid_config(cfg),
         damp=cfg.damp,
         block_size=cfg.block_size,
         act_order=cfg.act_order,
         static_groups=cfg.static_groups,
     )
-    return quantize_gptq(W, H, gcfg, name=name)
+
+
+def incoherence_config(cfg: QuantizeConfig) -> IncoherenceConfig:
+    kind = cfg.transform_kind()
+    if kind is None:
+        raise ConfigError(f"method {cfg.method} uses no incoherence transforms")
+    return IncoherenceConfig(kind=kind, rescale=cfg.transform.rescale, fallback=cfg.transform.fallback)
+
+
+def _layer_generator(cfg: QuantizeConfig, name: str) -> torch.Generator:
+    """Per-layer transforms: seeded by a hash of (transform.seed, layer name), independent of scheduling."""
+    digest = hashlib.sha256(f"{cfg.transform.seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+@register_method("hadamard-gptq")
+def _hadamard_gptq(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str) -> QuantizedWeight:
+    if H is None:
+        raise ConfigError(f"hadamard-gptq needs a Hessian for {name}")
+    gcfg = _gptq_config(cfg)
+    return quantize_incoherent(
+        W,
+        H,
+        incoherence_config(cfg),
+        lambda Wt, Ht: quantize_gptq(Wt, Ht, gcfg, name=name),
+        generator=_layer_generator(cfg, name),
+    )
+
+
+@register_method("quip")
+def _quip(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str) -> QuantizedWeight:
+    if H is None:
+        raise ConfigError(f"quip needs a Hessian for {name}")
+    lcfg = LDLQConfig(grid=grid_config(cfg), damp=cfg.damp, static_groups=cfg.static_groups)
+    return quantize_incoherent(
+        W,
+        H,
+        incoherence_config(cfg),
+        lambda Wt, Ht: quantize_ldlq(Wt, Ht, lcfg, name=name),
+        generator=_layer_generator(cfg, name),
+    )
 
 
 @dataclass(frozen=True)
@@ -105,10 +159,31 @@ def plan_layers(model_path: Path, cfg: QuantizeConfig, block_refs: Sequence[str 
     return jobs
 
 
-def _quantize_tensor(W: Tensor, H_sum: Tensor | None, n: int, cfg: QuantizeConfig, name: str) -> QuantizedWeight:
+def check_transform_sizes(model_path: Path, cfg: QuantizeConfig) -> None:
+    """Fail before any work when a transform method cannot rotate some layer's input or output size."""
+    if cfg.transform_kind() is None:
+        return
+    from tasks.driver import _WeightIndex
+
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    index = _WeightIndex(Path(model_path))
+    icfg = incoherence_config(cfg)
+    for job in plan_layers(model_path, cfg, [None] * int(config.get("num_hidden_layers", 0))):
+        for size in index.entries[f"{job.name}.weight"][3]:
+            try:
+                check_transform_size(int(size), icfg)
+            except ValueError as exc:
+                raise ConfigError(f"{cfg.method} on {job.name}: {exc}") from None
+
+
+def _quantize_tensor(
+    W: Tensor, H_sum: Tensor | None, n: int, cfg: QuantizeConfig, name: str, device: str = "cpu"
+) -> QuantizedWeight:
+    """Run the recipe's method on ``device`` (GPTQ on a GPU is what real users run); results come back on CPU."""
+    W = W.to(device)
     H = None
     if H_sum is not None:
-        H = finalize(H_sum, n)
+        H = finalize(H_sum.to(device), n)
         try:
             check_finite(H, name)
         except ValueError as exc:
@@ -124,10 +199,18 @@ def _quantize_tensor(W: Tensor, H_sum: Tensor | None, n: int, cfg: QuantizeConfi
 def _qlayer_payload(q: QuantizedWeight) -> bytes:
     from safetensors.torch import save
 
-    tensors = {"codes": q.codes.contiguous(), "scales": q.scales.contiguous(), "zeros": q.zeros.contiguous()}
+    tensors = {
+        "codes": q.codes.cpu().contiguous(),
+        "scales": q.scales.cpu().contiguous(),
+        "zeros": q.zeros.cpu().contiguous(),
+    }
     if q.g_idx is not None:
-        tensors["g_idx"] = q.g_idx.contiguous()
-    return save(tensors, metadata={"bits": str(q.bits), "group_size": str(q.group_size)})
+        tensors["g_idx"] = q.g_idx.cpu().contiguous()
+    for k, t in (q.transforms or {}).items():
+        tensors[f"transform.{k}"] = t.cpu().contiguous()
+    from infra.safetensors_io import canonical_safetensors  # metadata order is random in safetensors
+
+    return canonical_safetensors(save(tensors, metadata={"bits": str(q.bits), "group_size": str(q.group_size)}))
 
 
 def load_qlayer(ctx: StageContext, ref: str) -> QuantizedWeight:
@@ -138,6 +221,7 @@ def load_qlayer(ctx: StageContext, ref: str) -> QuantizedWeight:
         meta = f.metadata()
         t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     stats = ctx.store.manifest(ref).metadata.get("stats", {})
+    transforms = {k.removeprefix("transform."): v for k, v in t.items() if k.startswith("transform.")}
     return QuantizedWeight(
         codes=t["codes"],
         scales=t["scales"],
@@ -146,6 +230,7 @@ def load_qlayer(ctx: StageContext, ref: str) -> QuantizedWeight:
         group_size=int(meta["group_size"]),
         g_idx=t.get("g_idx"),
         stats=stats,
+        transforms=transforms or None,
     )
 
 
@@ -179,7 +264,7 @@ def quantize_layer(ctx: StageContext, model_path: Path, model_ref: str, job: Lay
     def compute() -> QuantizedWeight:
         W = _WeightIndex(Path(model_path)).get(f"{job.name}.weight")
         H_sum, n = load_block_hessians(ctx, job.hessian_ref, [job.group])[job.group]
-        return _quantize_tensor(W, H_sum, n, cfg, job.name)
+        return _quantize_tensor(W, H_sum, n, cfg, job.name, ctx.settings.resolved_device())
 
     return _layer_stage(ctx, cfg, job, {"model": model_ref, "hessians": job.hessian_ref}, compute)
 
@@ -268,7 +353,7 @@ def _run_sequential(
         prefix = streamer.block_name(i) + "."
         for job in (j for j in jobs if j.block == i):
             q = load_qlayer(ctx, refs[job.name])
-            block.get_submodule(job.name[len(prefix) :]).weight.data.copy_(q.dequantize())
+            block.get_submodule(job.name[len(prefix) :]).weight.data.copy_(dequantize_original(q))
 
     def visit(i: int, block: Any, hidden: Tensor) -> Tensor:
         if block_done(i):
@@ -282,7 +367,7 @@ def _run_sequential(
                 s = stats[job.group]
 
                 def compute(W: Tensor = W, s: Any = s, job: LayerJob = job) -> QuantizedWeight:
-                    return _quantize_tensor(W, s.H, s.n, cfg, job.name)
+                    return _quantize_tensor(W, s.H, s.n, cfg, job.name, streamer.device.type)
 
                 refs[job.name] = _layer_stage(ctx, cfg, job, inputs, compute)
         apply(block, i)

@@ -32,6 +32,8 @@ __all__ = [
     "QuantizeConfig",
     "Recipe",
     "RegisterConfig",
+    "TRANSFORM_METHODS",
+    "TransformConfig",
     "load_recipe",
 ]
 
@@ -67,14 +69,45 @@ class HessianConfig(BaseModel):
         return self.model_dump(mode="json", exclude={"micro_batch"})
 
 
+TRANSFORM_METHODS = {"quip": "kron", "hadamard-gptq": "hadamard"}  # method → its default transform kind
+
+
+class TransformConfig(BaseModel):
+    """Incoherence processing (ALGORITHMS.md §4), read only by the transform methods (quip, hadamard-gptq)."""
+
+    model_config = _FROZEN
+
+    kind: Literal["kron", "hadamard"] | None = Field(
+        default=None,
+        description="kron: QuIP Kronecker of random orthogonal factors + permutation; hadamard: randomized Hadamard "
+        "(QuIP#). Empty = the method's default (quip → kron, hadamard-gptq → hadamard).",
+    )
+    seed: int = Field(default=0, description="Seed of the random transforms (per layer: hash of seed and layer name).")
+    rescale: bool = Field(default=False, description="QuIP diagonal rescale s = (diag H / diag WᵀW)^(1/4).")
+    fallback: Literal["error", "random_orthogonal"] = Field(
+        default="random_orthogonal",
+        description="Sizes with no Hadamard construction: a random orthogonal factor ⊗ H_2^k, or refuse the recipe.",
+    )
+
+
 class QuantizeConfig(BaseModel):
     model_config = _FROZEN
 
-    method: Literal["rtn", "gptq"] = Field(default="gptq", description="Per-layer quantization method.")
+    method: Literal["rtn", "gptq", "quip", "hadamard-gptq"] = Field(
+        default="gptq",
+        description="Per-layer quantization method (quip: incoherence + LDLQ; hadamard-gptq: randomized Hadamard "
+        "+ GPTQ).",
+    )
     bits: int = Field(default=4, ge=1, le=8, description="Bits per weight code.")
     group_size: int = Field(default=128, ge=-1, description="Columns per grid; -1/0 = one grid per output channel.")
     sym: bool = Field(default=False, description="Symmetric grid (zero point fixed at 2^(bits-1)).")
     mse_clip: bool = Field(default=False, description="Search a clipped range minimising |err|^2.4.")
+    scale_mode: Literal["minmax", "rms"] = Field(
+        default="minmax", description="Grid range: minmax (max|w|), or rms: ±2.4·RMS(w) (needs sym; for rotations)."
+    )
+    transform: TransformConfig = Field(
+        default_factory=TransformConfig, description="Incoherence transforms (quip, hadamard-gptq only)."
+    )
     damp: float = Field(default=0.01, gt=0, le=1.0, description="GPTQ damping λ (fraction of mean diag H).")
     block_size: int = Field(default=128, ge=1, description="GPTQ lazy-batch block size.")
     act_order: bool = Field(default=True, description="GPTQ: process columns by descending diag(H).")
@@ -104,11 +137,29 @@ class QuantizeConfig(BaseModel):
                 raise ValueError(f"skip pattern {pattern!r} is not a valid regex: {exc}") from None
         return v
 
+    @model_validator(mode="after")
+    def _rms_needs_sym(self) -> QuantizeConfig:
+        if self.scale_mode == "rms" and not self.sym:
+            raise ValueError("scale_mode 'rms' needs a symmetric grid (sym: true)")
+        return self
+
+    def transform_kind(self) -> str | None:
+        """The transform kind this method uses (None: no transforms)."""
+        if self.method not in TRANSFORM_METHODS:
+            return None
+        return self.transform.kind or TRANSFORM_METHODS[self.method]
+
     def key_config(self) -> dict[str, Any]:
         """What changes the quantized weights: everything but scheduling knobs and other methods' fields."""
         exclude = {"workers"}
         if self.method == "rtn":
             exclude |= {"damp", "block_size", "act_order", "static_groups"}
+        if self.method == "quip":  # LDLQ: columns in order, no lazy batches
+            exclude |= {"block_size", "act_order"}
+        if self.method not in TRANSFORM_METHODS:
+            exclude.add("transform")
+        if self.scale_mode == "minmax":  # default: keeps the keys of recipes written before scale_mode existed
+            exclude.add("scale_mode")
         return self.model_dump(mode="json", exclude=exclude)
 
 

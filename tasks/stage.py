@@ -7,7 +7,9 @@ moved aside and recomputed.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -88,15 +90,49 @@ def ensure_artifact(
     store = ctx.store
     if store.exists(ref):
         report = store.verify(ref)
-        if report.ok:
+        problems = report.problems if not report.ok else _broken_parts(store, ref)
+        if not problems:
             return ref, True
-        log.warning("artifact %s is corrupt (%s); recomputing", ref, report.problems[0])
+        log.warning("artifact %s is corrupt (%s); recomputing", ref, problems[0])
         store.delete(ref)
     with store.writer(
         stage, ref.key, stage_version=version, config=config, inputs=inputs, producer_run_id=ctx.flow_run_id
     ) as writer:
         produce(writer, run)
     return ref, False
+
+
+_REF_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}/[0-9a-f]{64}$")
+
+
+def _part_refs(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        if _REF_RE.match(value):
+            yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _part_refs(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _part_refs(v)
+
+
+def _broken_parts(store: ArtifactStore, ref: ArtifactRef) -> list[str]:
+    """Problems of the part artifacts an index artifact lists in ``index.json`` (per-block Hessians, per-layer
+    weights): an index whose parts are damaged is no cache hit, so the stage recomputes (and repairs) them
+    instead of a later stage failing on a corrupt part."""
+    manifest = store.manifest(ref)
+    if "index.json" not in manifest.file_names():
+        return []
+    try:
+        index = json.loads(store.read_bytes(ref, "index.json"))
+    except ValueError:
+        return [f"artifact {ref}: index.json is unreadable"]
+    problems: list[str] = []
+    for part in sorted(set(_part_refs(index))):
+        report = store.verify(part)
+        problems.extend(report.problems)
+    return problems
 
 
 def run_stage(

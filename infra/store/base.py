@@ -11,6 +11,7 @@ winner's complete artifact.
 from __future__ import annotations
 
 import builtins
+import errno
 import shutil
 import tempfile
 import uuid
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infra.errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError
+from infra.errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, StoreError
 from infra.keys import ArtifactRef, validate_key, validate_stage
 from infra.manifest import MANIFEST_NAME, FileEntry, Manifest, sha256_file
 
@@ -197,23 +198,50 @@ class ArtifactStore(ABC):
         """Stage files in the body; the artifact is committed when the body finishes without error."""
         from infra.version import code_version as current_code_version
 
-        w = ArtifactWriter(
-            self,
-            stage,
-            key,
-            stage_version=stage_version,
-            config=config,
-            inputs=inputs or {},
-            code_version=code_version or current_code_version(),
-            producer_run_id=producer_run_id,
-            staging_root=self.staging_root(),
-        )
+        try:
+            w = ArtifactWriter(
+                self,
+                stage,
+                key,
+                stage_version=stage_version,
+                config=config,
+                inputs=inputs or {},
+                code_version=code_version or current_code_version(),
+                producer_run_id=producer_run_id,
+                staging_root=self.staging_root(),
+            )
+        except OSError as exc:
+            raise self._disk_error(exc, f"{stage}/{key}") or exc from None
         try:
             yield w
             if w.committed is None:
                 w.commit()
+        except OSError as exc:
+            translated = self._disk_error(exc, str(w.ref), staging=w.dir)
+            if translated is None:
+                raise
+            raise translated from None
         finally:
             w.abort()
+
+    def _disk_error(self, exc: OSError, ref: str, staging: Path | None = None) -> StoreError | None:
+        """A one-line StoreError for a full / read-only / forbidden local disk under the store, else None."""
+        root = self.staging_root()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return StoreError(
+                f"no space left on device while writing artifact {ref} (staging under {root}); free disk space "
+                "or point QUANTPIPE_HOME / QUANTPIPE_STORE_URL at a larger disk"
+            )
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST):
+            where = Path(exc.filename) if isinstance(exc.filename, str) else None
+            bases = [p for p in (root, staging, getattr(self, "root", None)) if isinstance(p, Path)]
+            inside = where is None or any(where.is_relative_to(p) for p in bases)
+            if inside:
+                return StoreError(
+                    f"cannot write artifact {ref} under {root} ({exc.strerror or exc}); fix the permissions "
+                    "or point QUANTPIPE_HOME / QUANTPIPE_STORE_URL at a writable directory"
+                )
+        return None
 
     def put(
         self,
@@ -255,7 +283,9 @@ class ArtifactStore(ABC):
             raise CorruptArtifactError(f"artifact {r}: manifest.json is unreadable ({type(exc).__name__})") from None
         if manifest.stage != r.stage or manifest.key != r.key:
             raise CorruptArtifactError(f"artifact {r}: manifest.json belongs to {manifest.stage}/{manifest.key}")
-        return manifest
+        if not manifest.digest_ok():
+            raise CorruptArtifactError(f"artifact {r}: manifest.json was modified (its digest does not match)")
+        return manifest.model_copy(update={"digest": None})
 
     def exists(self, ref: str, *, verify: bool = False) -> bool:
         """True iff a committed manifest exists (and, with ``verify``, all its files check out)."""

@@ -10,6 +10,8 @@ a verified local cache (a :class:`LocalStore`), so each object is fetched and ha
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 import shutil
 import tempfile
 import uuid
@@ -32,6 +34,49 @@ from infra.store.local import LocalStore
 __all__ = ["S3Store", "parse_s3_url"]
 
 _CHUNK = 4 << 20
+# Error codes S3 (and S3-compatible stores) use for throttling and transient server faults.
+_TRANSIENT_CODES = ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling", "503", "500")
+
+
+class _RedactCredentials(logging.Filter):
+    """Botocore's DEBUG logs print request headers (``Authorization: ... Credential=<access key id>/...``,
+    session tokens). Mask those and any configured secret value in every botocore/s3transfer/urllib3 record."""
+
+    _PATTERNS = (
+        (re.compile(r"Credential=[^/,\s'\"]+"), "Credential=***"),
+        (re.compile(r"Signature=[0-9a-fA-F]+"), "Signature=***"),
+        (re.compile(r"((?:X-Amz-Security-Token|Authorization)'?\s*[:=]\s*b?')[^']*"), r"\1***"),
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:
+            return True
+        redacted = message
+        for pattern, repl in self._PATTERNS:
+            redacted = pattern.sub(repl, redacted)
+        for secret in self.secrets:
+            redacted = redacted.replace(secret, "***")
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+_REDACT = _RedactCredentials()
+
+
+def _install_redaction(secrets: list[str]) -> None:
+    _REDACT.secrets.update(s for s in secrets if s and len(s) >= 8)
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.split(".")[0] in ("botocore", "boto3", "s3transfer", "urllib3"):
+            logger = logging.getLogger(name)
+            if _REDACT not in logger.filters:
+                logger.addFilter(_REDACT)
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -70,6 +115,8 @@ class S3Store(ArtifactStore):
         self.url = url.rstrip("/")
         self.bucket, self.prefix = parse_s3_url(url)
         self.endpoint_url = endpoint_url
+        self.max_attempts = max_attempts
+        self.read_timeout = read_timeout
         config = Config(
             retries={"max_attempts": max_attempts, "mode": "standard"},
             connect_timeout=connect_timeout,
@@ -78,6 +125,9 @@ class S3Store(ArtifactStore):
         )
         session = boto3.session.Session(**(credentials or {}))  # type: ignore[arg-type]
         self.client: Any = session.client("s3", endpoint_url=endpoint_url, config=config)
+        frozen = session.get_credentials()
+        known = frozen.get_frozen_credentials() if frozen is not None else None
+        _install_redaction([*(credentials or {}).values(), *(known or ())])
         self._transfer = TransferConfig(
             multipart_threshold=multipart_threshold_mb << 20,
             multipart_chunksize=16 << 20,
@@ -122,23 +172,56 @@ class S3Store(ArtifactStore):
                 return StoreUnreachableError(
                     f"{what}: S3 refused the credentials for {self.url} ({code}); fix the AWS credentials"
                 )
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in _TRANSIENT_CODES or (isinstance(status, int) and status >= 500):
+                return StoreUnreachableError(
+                    f"{what}: S3 at {where} kept failing with {code or status} (HTTP {status}) after "
+                    f"{self.max_attempts} attempts; the endpoint is overloaded or down: retry later or raise "
+                    "QUANTPIPE_S3_MAX_ATTEMPTS"
+                )
             return StoreError(f"{what}: S3 error {code or exc} on {self.url}")
-        from botocore.exceptions import BotoCoreError
+        from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ConnectTimeoutError, ReadTimeoutError
 
+        if isinstance(exc, S3UploadFailedError | S3TransferFailedError):
+            # boto3's transfer manager wraps the real ClientError/BotoCoreError: translate that one.
+            inner = exc.__cause__ or exc.__context__
+            if isinstance(inner, ClientError | BotoCoreError):
+                return self._translate(inner, what)
+            return StoreError(f"{what}: S3 transfer to {self.url} failed ({type(exc).__name__})")
+        if isinstance(exc, ReadTimeoutError | ConnectTimeoutError):
+            return StoreUnreachableError(
+                f"{what}: S3 endpoint {where} did not answer in time ({type(exc).__name__}, "
+                f"{self.max_attempts} attempts, read timeout {self.read_timeout:g} s); check that it is healthy"
+            )
         if isinstance(exc, BotoCoreError):
             return StoreUnreachableError(f"{what}: S3 request to {where} failed ({type(exc).__name__})")
         return StoreError(f"{what}: {exc}")
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return fn(*args, **kwargs)
-        except (BotoCoreError, ClientError) as exc:
+        except (BotoCoreError, ClientError, Boto3Error) as exc:
             raise self._translate(exc, what) from None
 
     def check(self) -> None:
-        self._call(f"store {self.url}", self.client.head_bucket, Bucket=self.bucket)
+        from botocore.exceptions import ClientError
+
+        try:
+            self._call(f"store {self.url}", self.client.head_bucket, Bucket=self.bucket)
+        except StoreError as exc:
+            cause = exc.__context__
+            if isinstance(cause, ClientError) and cause.response.get("Error", {}).get("Code") in (
+                "404",
+                "NoSuchBucket",
+            ):
+                raise self._translate(
+                    ClientError({"Error": {"Code": "NoSuchBucket"}}, "HeadBucket"), f"store {self.url}"
+                ) from None
+            raise
 
     # ---- primitives -----------------------------------------------------------------------------
     def _commit(self, manifest: Manifest, staging_dir: Path) -> Manifest:
@@ -201,8 +284,11 @@ class S3Store(ArtifactStore):
         for start in range(0, len(keys), 1000):
             chunk = keys[start : start + 1000]
             if chunk:
-                self.client.delete_objects(
-                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True}
+                self._call(
+                    f"delete from {self.url}",
+                    self.client.delete_objects,
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True},
                 )
 
     def _read_manifest_bytes(self, stage: str, key: str) -> bytes | None:
@@ -221,7 +307,7 @@ class S3Store(ArtifactStore):
             raise self._translate(exc, f"read {stage}/{key}") from None
 
     def _stream_check(self, manifest: Manifest, entry: FileEntry, dest: Path | None) -> str | None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         obj = self._obj(manifest.stage, manifest.key, entry.path)
         try:
@@ -229,6 +315,8 @@ class S3Store(ArtifactStore):
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return f"artifact {manifest.ref}: file {entry.name!r} is missing"
+            raise self._translate(exc, f"read {manifest.ref}:{entry.name}") from None
+        except BotoCoreError as exc:
             raise self._translate(exc, f"read {manifest.ref}:{entry.name}") from None
         digest = hashlib.sha256()
         size = 0
@@ -240,6 +328,8 @@ class S3Store(ArtifactStore):
                 size += len(chunk)
                 if out is not None:
                     out.write(chunk)
+        except BotoCoreError as exc:  # the connection dropped or stalled mid-body
+            raise self._translate(exc, f"read {manifest.ref}:{entry.name}") from None
         finally:
             if out is not None:
                 out.close()
@@ -305,9 +395,11 @@ class S3Store(ArtifactStore):
         self._call("delete", self.client.delete_object, Bucket=self.bucket, Key=self._obj(stage, key, MANIFEST_NAME))
         prefix = self._obj(stage, key) + "/"
         paginator = self.client.get_paginator("list_objects_v2")
-        keys = [
-            o["Key"] for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix) for o in page.get("Contents", [])
-        ]
-        self._delete_objects(keys)
+
+        def payload_keys() -> list[str]:
+            pages = paginator.paginate(Bucket=self.bucket, Prefix=prefix)
+            return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+        self._delete_objects(self._call(f"delete {stage}/{key}", payload_keys))
         if self._cache.exists(f"{stage}/{key}"):
             self._cache.delete(f"{stage}/{key}")

@@ -7,7 +7,8 @@ H_n = H_m ⊗ H_{2^k}, where the small H_m are built in code by Paley's construc
   Paley II (q ≡ 1 mod 4 prime, order 2(q+1)): C = [[0, 1ᵀ], [1, Q]],
            H = C ⊗ [[1, 1], [1, −1]] + I ⊗ [[1, −1], [−1, −1]]
   with the Jacobsthal matrix Q[i, j] = χ(j − i), χ the Legendre symbol mod q.
-  12 = 11+1 (Paley I), 20 = 19+1 (Paley I), 28 = 2·(13+1) (Paley II).
+  12 = 11+1 (Paley I), 20 = 19+1 (Paley I), 28 = 2·(13+1) (Paley II); built by ``quant.hadamard`` (which also
+  covers the other Paley orders, e.g. 36 for 576 = 36·16, used by the quantizer's CPU transforms).
 
 Sylvester H_{2^k} is symmetric, the Paley H_m are not, so the convention matters: the transform applied is
 y[..., i] = Σ_j H[i, j] x[..., j] / sqrt(n), i.e. y = x Hᵀ / sqrt(n); it is orthonormal, the inverse is y H / sqrt(n).
@@ -15,11 +16,12 @@ y[..., i] = Σ_j H[i, j] x[..., j] / sqrt(n), i.e. y = x Hᵀ / sqrt(n); it is o
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import Tensor
+
+from quant.hadamard import paley_matrix
 
 __all__ = [
     "PALEY_SIZES",
@@ -30,43 +32,17 @@ __all__ = [
 ]
 
 PALEY_SIZES = (12, 20, 28)
-_PALEY_RECIPE = {12: ("I", 11), 20: ("I", 19), 28: ("II", 13)}
 
 
-def _legendre(a: int, q: int) -> int:
-    a %= q
-    if a == 0:
-        return 0
-    return 1 if pow(a, (q - 1) // 2, q) == 1 else -1
-
-
-def _jacobsthal(q: int) -> Tensor:
-    return torch.tensor([[_legendre(j - i, q) for j in range(q)] for i in range(q)], dtype=torch.float64)
-
-
-@functools.cache
 def _paley(m: int) -> Tensor:
-    kind, q = _PALEY_RECIPE[m]
-    Q = _jacobsthal(q)
-    ones = torch.ones(q, dtype=torch.float64)
-    top = torch.cat([torch.zeros(1, dtype=torch.float64), ones])
-    if kind == "I":
-        S = torch.cat([top[None, :], torch.cat([-ones[:, None], Q], dim=1)], dim=0)
-        H = torch.eye(q + 1, dtype=torch.float64) + S
-    else:
-        C = torch.cat([top[None, :], torch.cat([ones[:, None], Q], dim=1)], dim=0)
-        a = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-        b = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
-        H = torch.kron(C, a) + torch.kron(torch.eye(q + 1, dtype=torch.float64), b)
-    if not torch.equal(H @ H.t(), m * torch.eye(m, dtype=torch.float64)):  # construction check, cheap
-        raise AssertionError(f"Paley construction for {m} is not Hadamard")
-    return H
+    """The Paley H_m of ``quant.hadamard`` (one construction for quantizer and kernels)."""
+    if m not in PALEY_SIZES:
+        raise ValueError(f"no Paley construction here for order {m}; supported: {PALEY_SIZES}")
+    return paley_matrix(m)
 
 
 def paley_hadamard(m: int) -> Tensor:
     """Unnormalised ±1 Hadamard matrix of order m ∈ {12, 20, 28} (fp64), via Paley I/II."""
-    if m not in _PALEY_RECIPE:
-        raise ValueError(f"no Paley construction here for order {m}; supported: {PALEY_SIZES}")
     return _paley(m).clone()
 
 

@@ -1,0 +1,544 @@
+"""ICQuant: index-coded outliers (Li et al. 2025, arXiv 2505.00850, §3–4) — ALGORITHMS.md §6.
+
+Per output row r the top γ·n weights by |w| are outliers (mask O). Outliers and inliers are quantized as two
+sets, each with its own affine grid at the same b bits (per row, or per (row, group)):
+
+    ŵ_rj = s^o_{r,g(j)} · (q_rj − z^o_{r,g(j)})  if O_rj   else   s^i_{r,g(j)} · (q_rj − z^i_{r,g(j)})
+
+so the inlier grid spans only the bulk of the row (≈ one extra bit of resolution). Both grids follow
+ALGORITHMS.md §1 (range contains 0, zero ∈ [0, 2^b − 1]); a set with no members gets scale 1.
+
+Outlier positions are stored by index coding (§3 of the paper). Within each row segment (a whole row, or
+``segment`` columns so segments decode in parallel) the sorted positions p_1 < p_2 < ... give gaps
+d_t = p_t − p_{t−1} − 1 (p_0 = −1). With E = 2^B − 1 every gap becomes ⌊d/E⌋ escape codes E (each moves the
+cursor E columns on without an outlier) followed by the B-bit code d mod E. Bits per weight
+≈ γ·B / (1 − (1 − γ)^E)  (γ = 5 %: B=5 → 0.314, B=6 → 0.312; entropy floor H₂(γ) = 0.286); B is chosen per
+layer as argmin_B B·Σ_t (⌊d_t/E⌋ + 1) over the actual gaps. Codes are packed LSB-first into a uint8
+stream; ``offsets`` (int32, in codes) give each segment's first code.
+
+Base quantizers: RTN (round each element to its own grid) or GPTQ with error feedback where column i's
+quantizer picks, per element, the grid selected by the mask (``gptq_sweep`` takes per-element grids; grids
+and mask are fixed on the original W before the sweep, like GPTQ's static groups).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Literal, NamedTuple
+
+import torch
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from torch import Tensor
+
+from quant.gptq import SWEEP_DTYPE, inverse_cholesky, validate_inputs
+from quant.grid import GRID_DTYPE, MSE_CLIP_FACTORS, MSE_NORM, dequantize_codes, quantize_codes
+from quant.hessian import HESSIAN_DTYPE, check_finite, fix_dead_inputs, proxy_loss
+from quant.types import GridConfig
+
+__all__ = [
+    "MAX_INDEX_BITS",
+    "ICQuantConfig",
+    "ICQuantWeight",
+    "IndexStream",
+    "SweepResult",
+    "choose_index_bits",
+    "decode_positions",
+    "encode_positions",
+    "entropy_floor",
+    "expected_overhead",
+    "fit_masked_grids",
+    "gptq_sweep",
+    "index_code_count",
+    "pack_bits",
+    "quantize_icquant",
+    "select_outliers",
+    "unpack_bits",
+]
+
+MAX_INDEX_BITS = 16
+OFFSET_DTYPE = torch.int32
+_MAX_STREAM_CODES = 2**31 - 1  # offsets are int32
+_TINY = torch.finfo(GRID_DTYPE).tiny
+
+
+def _check_gamma(gamma: float) -> float:
+    if not (0.0 < gamma < 0.5):
+        raise ValueError(f"gamma (outlier fraction) must be in (0, 0.5), got {gamma}")
+    return gamma
+
+
+class ICQuantConfig(BaseModel):
+    """ICQuant settings: ``grid`` gives b (both sets), group size, sym, mse_clip and scale dtype.
+
+    ``segment`` 0 = one index stream per row; ``index_bits`` None = choose B per layer. ``base`` picks RTN or
+    GPTQ (GPTQ fields as in GPTQConfig; grids are always static).
+
+    Sample YAML::
+
+        grid: {bits: 2, group_size: -1, sym: false, scale_dtype: float16}
+        gamma: 0.05
+        segment: 0
+        index_bits: null
+        base: gptq
+        damp: 0.01
+        damp_max: 1.0
+        block_size: 128
+        act_order: true
+        version: 1
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    grid: GridConfig
+    gamma: float = 0.05
+    segment: int = 0
+    index_bits: int | None = None
+    base: Literal["rtn", "gptq"] = "gptq"
+    damp: float = 0.01
+    damp_max: float = 1.0
+    block_size: int = 128
+    act_order: bool = True
+    version: int = 1
+
+    @field_validator("gamma")
+    @classmethod
+    def _gamma(cls, v: float) -> float:
+        return _check_gamma(v)
+
+    @field_validator("segment")
+    @classmethod
+    def _segment(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"segment must be 0 (whole row) or >= 1 columns, got {v}")
+        return v
+
+    @field_validator("index_bits")
+    @classmethod
+    def _index_bits(cls, v: int | None) -> int | None:
+        if v is not None and not 1 <= v <= MAX_INDEX_BITS:
+            raise ValueError(f"index_bits must be 1..{MAX_INDEX_BITS} or null, got {v}")
+        return v
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(f"ICQuantConfig version must be 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _damping(self) -> ICQuantConfig:
+        if not (0 < self.damp <= self.damp_max and math.isfinite(self.damp_max)) or self.block_size < 1:
+            raise ValueError(f"need 0 < damp <= damp_max < inf and block_size >= 1, got {self}")
+        return self
+
+
+# ---------------------------------------------------------------- index coding
+
+
+def expected_overhead(gamma: float, index_bits: int) -> float:
+    """E[bits/weight] of B-bit gap codes on i.i.d. Bernoulli(γ) positions: γ·B / (1 − (1 − γ)^(2^B − 1))."""
+    return gamma * index_bits / (1.0 - (1.0 - gamma) ** ((1 << index_bits) - 1))
+
+
+def entropy_floor(gamma: float) -> float:
+    """H₂(γ) = −γ log₂ γ − (1 − γ) log₂(1 − γ): no position code does better on i.i.d. positions."""
+    return -gamma * math.log2(gamma) - (1 - gamma) * math.log2(1 - gamma)
+
+
+def pack_bits(values: Tensor, bits: int) -> Tensor:
+    """Pack non-negative ints [N] (< 2^bits) LSB-first into uint8 [⌈N·bits/8⌉]; value t holds stream bits
+    [t·bits, (t+1)·bits), bit k of a byte is stream bit 8·byte + k."""
+    planes = ((values.to(torch.int64)[:, None] >> torch.arange(bits, device=values.device)) & 1).to(torch.uint8)
+    flat = planes.reshape(-1)
+    flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8)).reshape(-1, 8)
+    weights = (1 << torch.arange(8, device=values.device)).to(torch.int32)
+    return (flat.to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
+
+
+def unpack_bits(data: Tensor, bits: int, count: int) -> Tensor:
+    """Inverse of ``pack_bits``: the first ``count`` values, int64 [count]."""
+    if data.numel() * 8 < count * bits:
+        raise ValueError(f"stream of {data.numel()} bytes is too short for {count} codes of {bits} bits")
+    flat = ((data.to(torch.int64)[:, None] >> torch.arange(8, device=data.device)) & 1).reshape(-1)
+    planes = flat[: count * bits].reshape(count, bits)
+    return (planes << torch.arange(bits, device=data.device)).sum(dim=1)
+
+
+def _segments(rows: int, cols: int, segment: int) -> tuple[int, int]:
+    """(effective segment length L, segments per row ⌈cols / L⌉)."""
+    L = cols if segment <= 0 else min(segment, cols)
+    return L, math.ceil(cols / L) if cols else 0
+
+
+def _gaps(mask: Tensor, segment: int) -> tuple[Tensor, Tensor, int]:
+    """(gaps d_t int64, segment id of each outlier, number of segments) in row-major segment order."""
+    if mask.dim() != 2 or mask.dtype != torch.bool:
+        raise ValueError(f"outlier mask must be a 2-D bool tensor, got {mask.dtype} {tuple(mask.shape)}")
+    rows, cols = mask.shape
+    L, spr = _segments(rows, cols, segment)
+    if cols == 0:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), 0
+    padded = torch.nn.functional.pad(mask, (0, spr * L - cols)).reshape(rows * spr, L)
+    seg, pos = padded.nonzero(as_tuple=True)
+    prev = torch.full_like(pos, -1)
+    if pos.numel() > 1:
+        prev[1:] = torch.where(seg[1:] == seg[:-1], pos[:-1], -1)
+    return pos - prev - 1, seg, rows * spr
+
+
+def index_code_count(gaps: Tensor, index_bits: int) -> int:
+    """Number of B-bit codes for these gaps: Σ_t (⌊d_t / E⌋ + 1), E = 2^B − 1."""
+    return int((gaps // ((1 << index_bits) - 1) + 1).sum())
+
+
+def _best_index_bits(gaps: Tensor) -> int:
+    B = torch.arange(1, MAX_INDEX_BITS + 1, device=gaps.device)
+    costs = B * (gaps[:, None] // ((1 << B) - 1) + 1).sum(dim=0)
+    return 1 + int(torch.argmin(costs))  # first minimum: smallest B on ties
+
+
+def choose_index_bits(mask: Tensor, segment: int = 0) -> int:
+    """argmin_B B·(number of codes) over B = 1..MAX_INDEX_BITS (smallest B on ties)."""
+    return _best_index_bits(_gaps(mask, segment)[0])
+
+
+@dataclass(frozen=True, eq=False)
+class IndexStream:
+    """Index-coded outlier positions of a [rows, cols] bitmap.
+
+    Layout: segments are row-major (row r owns segments r·S .. r·S + S − 1, S = ⌈cols / segment⌉, the last
+    one ragged); segment t's codes are codes[offsets[t] : offsets[t+1]], each ``index_bits`` wide, bit-packed
+    LSB-first in ``data``. A segment decodes alone: cursor c = 0; code E = 2^B − 1 → c += E; code d < E →
+    outlier at c + d, c += d + 1.
+
+    Attributes:
+        data: uint8 [⌈n_codes·B / 8⌉].
+        offsets: int32 [n_segments + 1], first code of each segment (prefix sum of codes per segment).
+        index_bits: B.
+        rows, cols, segment: bitmap shape and effective segment length (≤ cols).
+    """
+
+    data: Tensor
+    offsets: Tensor
+    index_bits: int
+    rows: int
+    cols: int
+    segment: int
+
+    @property
+    def n_codes(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def n_segments(self) -> int:
+        return int(self.offsets.numel()) - 1
+
+    def stored_bits(self) -> dict[str, int]:
+        """Bits actually stored: ``positions`` (the uint8 stream) and ``offsets`` (int32 table + B as a byte)."""
+        return {"positions": 8 * int(self.data.numel()), "offsets": 32 * int(self.offsets.numel()) + 8}
+
+
+def encode_positions(mask: Tensor, *, segment: int = 0, index_bits: int | None = None) -> IndexStream:
+    """Index-code a bool bitmap [rows, cols]; B = ``choose_index_bits`` when ``index_bits`` is None."""
+    gaps, seg, n_seg = _gaps(mask, segment)
+    B = _best_index_bits(gaps) if index_bits is None else index_bits
+    if not 1 <= B <= MAX_INDEX_BITS:
+        raise ValueError(f"index_bits must be 1..{MAX_INDEX_BITS}, got {B}")
+    rows, cols = mask.shape
+    E = (1 << B) - 1
+    counts = gaps // E + 1
+    total = int(counts.sum())
+    if total > _MAX_STREAM_CODES:
+        raise ValueError(
+            f"index stream needs {total} codes of {B} bits, overflowing the int32 offset field "
+            f"(max {_MAX_STREAM_CODES}); use a larger segment count per stream or more index bits"
+        )
+    codes = torch.full((total,), E, dtype=torch.int64, device=mask.device)
+    codes[torch.cumsum(counts, 0) - 1] = gaps % E
+    per_seg = torch.zeros(n_seg, dtype=torch.int64, device=mask.device).index_add_(0, seg, counts)
+    offsets = torch.cat([per_seg.new_zeros(1), torch.cumsum(per_seg, 0)]).to(OFFSET_DTYPE)
+    L, _ = _segments(rows, cols, segment)
+    return IndexStream(pack_bits(codes, B), offsets, B, rows, cols, L)
+
+
+def decode_positions(stream: IndexStream) -> Tensor:
+    """Bool bitmap [rows, cols] from an ``IndexStream``; raises ValueError on a corrupt stream."""
+    B, rows, cols, L = stream.index_bits, stream.rows, stream.cols, stream.segment
+    if not 1 <= B <= MAX_INDEX_BITS:
+        raise ValueError(f"index_bits must be 1..{MAX_INDEX_BITS}, got {B}")
+    spr = math.ceil(cols / L) if cols else 0
+    n_seg = rows * spr
+    if stream.n_segments != n_seg:
+        raise ValueError(f"stream has {stream.n_segments} segments, expected {n_seg} for {rows}x{cols} / {L}")
+    dev = stream.data.device
+    out = torch.zeros(n_seg, L, dtype=torch.bool, device=dev)
+    offsets = stream.offsets.to(torch.int64)
+    per_seg = offsets.diff()
+    if bool((per_seg < 0).any()):
+        raise ValueError("corrupt index stream: offsets are not non-decreasing")
+    E = (1 << B) - 1
+    codes = unpack_bits(stream.data, B, stream.n_codes)
+    seg = torch.repeat_interleave(torch.arange(n_seg, device=dev), per_seg)
+    cum = torch.cumsum(torch.where(codes == E, E, codes + 1), 0)
+    base = torch.cat([cum.new_zeros(1), cum])[offsets[:-1]]
+    cursor = cum - base[seg]  # cursor after each code, within its segment
+    seg_len = torch.full((n_seg,), L, dtype=torch.int64, device=dev)
+    if spr:
+        seg_len[spr - 1 :: spr] = cols - (spr - 1) * L
+    if bool((cursor > seg_len[seg]).any()):
+        raise ValueError("corrupt index stream: a segment decodes past its length (index field overflow)")
+    hit = codes != E
+    out[seg[hit], cursor[hit] - 1] = True
+    return out.reshape(rows, spr * L)[:, :cols]
+
+
+# ---------------------------------------------------------------- outliers and grids
+
+
+def select_outliers(W: Tensor, gamma: float) -> Tensor:
+    """Bool mask [out, in]: per row the k = ⌊γ·n + ½⌋ largest |w| (stable order breaks ties to lower j)."""
+    _check_gamma(gamma)
+    m, n = W.shape
+    k = math.floor(gamma * n + 0.5)
+    mask = torch.zeros(m, n, dtype=torch.bool, device=W.device)
+    if k:
+        idx = torch.argsort(W.abs(), dim=1, descending=True, stable=True)[:, :k]
+        mask.scatter_(1, idx, True)
+    return mask
+
+
+def _round_scale(scale: Tensor, scale_dtype: str) -> Tensor:
+    if scale_dtype == "float16":
+        scale = scale.clamp(6.103515625e-05, 65504.0).to(torch.float16).to(GRID_DTYPE)
+    return scale
+
+
+def _grid_from_range(lo: Tensor, hi: Tensor, cfg: GridConfig) -> tuple[Tensor, Tensor]:
+    """Asym: s = (hi − lo)/(2^b − 1), z = round(−lo/s); sym: s = hi/(2^(b−1) − 1), z = 2^(b−1); s < tiny → 1."""
+    if cfg.sym:
+        half = 1 << (cfg.bits - 1)
+        scale = hi / (half - 1)
+        scale = _round_scale(torch.where(scale >= _TINY, scale, torch.ones_like(scale)), cfg.scale_dtype)
+        return scale, torch.full_like(scale, float(half))
+    scale = (hi - lo) / cfg.maxq
+    scale = _round_scale(torch.where(scale >= _TINY, scale, torch.ones_like(scale)), cfg.scale_dtype)
+    return scale, torch.round(-lo / scale).clamp_(0, cfg.maxq)
+
+
+def fit_masked_grids(W: Tensor, mask: Tensor, cfg: GridConfig) -> tuple[Tensor, Tensor]:
+    """Grids [out, G] fitted on the elements of each (row, group) where ``mask`` is True (others ignored).
+
+    Range [min(w, 0), max(w, 0)] over the selected elements (sym: max|w|); with ``cfg.mse_clip`` the range
+    shrinks by p ∈ MSE_CLIP_FACTORS keeping argmin_p Σ_selected |w − ŵ|^2.4. Returns float32 (scales, zeros).
+    """
+    out, n = W.shape
+    gs, G = cfg.effective_group_size(n), cfg.n_groups(n)
+    Wg = torch.nn.functional.pad(W.to(GRID_DTYPE), (0, G * gs - n)).reshape(out * G, gs)
+    Mg = torch.nn.functional.pad(mask, (0, G * gs - n)).reshape(out * G, gs)
+    if cfg.sym:
+        hi = torch.where(Mg, Wg.abs(), 0.0).amax(dim=1)
+        lo = -hi
+    else:
+        lo = torch.where(Mg, Wg, torch.inf).amin(dim=1).clamp(max=0.0)
+        hi = torch.where(Mg, Wg, -torch.inf).amax(dim=1).clamp(min=0.0)
+
+    def error(s: Tensor, z: Tensor) -> Tensor:
+        W_hat = dequantize_codes(quantize_codes(Wg, s[:, None], z[:, None], cfg.bits), s[:, None], z[:, None])
+        return torch.where(Mg, (Wg - W_hat).abs().pow(MSE_NORM), 0.0).sum(dim=1)
+
+    scale, zero = _grid_from_range(lo, hi, cfg)
+    if cfg.mse_clip:
+        best = error(scale, zero)
+        for p in MSE_CLIP_FACTORS[1:]:
+            s, z = _grid_from_range(p * lo, p * hi, cfg)
+            err = error(s, z)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale, zero = torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale.reshape(out, G), zero.reshape(out, G)
+
+
+# ---------------------------------------------------------------- GPTQ with per-element grids
+
+
+class SweepResult(NamedTuple):
+    """codes uint8 [out, in]; proxy_loss = Σ (w_i − q_i)²/U_ii² (damped H); damp = λ used; n_dead."""
+
+    codes: Tensor
+    proxy_loss: float
+    damp: float
+    n_dead: int
+
+
+def gptq_sweep(
+    W: Tensor,
+    H: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    bits: int,
+    *,
+    damp: float = 0.01,
+    damp_max: float = 1.0,
+    block_size: int = 128,
+    act_order: bool = True,
+    name: str = "layer",
+    sweep_dtype: torch.dtype = SWEEP_DTYPE,
+) -> SweepResult:
+    """GPTQ (quant/gptq.py, same update and damping) with a fixed grid per *element*: scales/zeros [out, in].
+
+    q_i = clamp(round(w_i / s_{:,i}) + z_{:,i}), e = (w_i − ŵ_i)/U_ii, W[:, i+1:] −= e ⊗ U[i, i+1:].
+    With s, z expanded from static group grids this is exactly ``quantize_gptq(static_groups=True)``.
+    """
+    validate_inputs(W, H, name)
+    m, n = W.shape
+    if tuple(scales.shape) != (m, n) or tuple(zeros.shape) != (m, n):
+        raise ValueError(f"per-element scales/zeros must be [{m}, {n}], got {tuple(scales.shape)}")
+    H_fixed, dead = fix_dead_inputs(H)
+    W = W.to(sweep_dtype, copy=True)
+    W[:, dead] = 0
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H_fixed), descending=True, stable=True)
+        W, H_fixed, scales, zeros = W[:, perm], H_fixed[perm][:, perm], scales[:, perm], zeros[:, perm]
+    else:
+        perm = torch.arange(n, device=W.device)
+    U64, lam = inverse_cholesky(H_fixed, damp, damp_max, name)
+    U = U64.to(sweep_dtype)
+    codes = torch.zeros(m, n, dtype=sweep_dtype, device=W.device)
+    losses = torch.zeros(m, dtype=sweep_dtype, device=W.device)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            s, z = scales[:, i1 + i], zeros[:, i1 + i]
+            w, d = W1[:, i], U1[i, i]
+            c = quantize_codes(w, s, z, bits)
+            q = dequantize_codes(c, s, z).to(sweep_dtype)
+            codes[:, i1 + i] = c
+            losses += (w - q) ** 2 / d**2
+            err = (w - q) / d
+            W1[:, i + 1 :] -= err[:, None] * U1[i, i + 1 :][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    codes_u8 = codes[:, torch.argsort(perm)].to(torch.uint8)
+    return SweepResult(codes_u8, float(losses.to(HESSIAN_DTYPE).sum()), float(lam), int(dead.sum()))
+
+
+# ---------------------------------------------------------------- result type and driver
+
+
+@dataclass(frozen=True, eq=False)
+class ICQuantWeight:
+    """ICQuant-packed weight [out, in]: codes plus two grids per (row, group) and the outlier index stream.
+
+    Attributes:
+        codes: uint8 [out, in], each in 0..2^bits − 1 on the element's own grid.
+        inlier_scales, inlier_zeros, outlier_scales, outlier_zeros: float32 [out, n_groups].
+        positions: the outlier bitmap as an ``IndexStream``.
+        bits: b; group_size: effective group size; scale_bits: 16 or 32 (stored scale width).
+        stats: proxy_loss(_exact), damp, n_dead, n_outliers, index_bits and the measured bpw_* breakdown.
+    """
+
+    codes: Tensor
+    inlier_scales: Tensor
+    inlier_zeros: Tensor
+    outlier_scales: Tensor
+    outlier_zeros: Tensor
+    positions: IndexStream
+    bits: int
+    group_size: int
+    scale_bits: int = 16
+    sym: bool = False
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.codes.dim() != 2 or self.codes.dtype != torch.uint8:
+            raise ValueError(f"codes must be 2-D uint8, got {self.codes.dtype} {tuple(self.codes.shape)}")
+        m, n = self.codes.shape
+        top = int(self.codes.max()) if self.codes.numel() else 0
+        if not 1 <= self.bits <= 8 or top >> self.bits:
+            raise ValueError(f"codes overflow the {self.bits}-bit code field (max code {top})")
+        G = math.ceil(n / self.group_size)
+        for t in (self.inlier_scales, self.inlier_zeros, self.outlier_scales, self.outlier_zeros):
+            if tuple(t.shape) != (m, G) or t.dtype != torch.float32:
+                raise ValueError(f"grids must be float32 [{m}, {G}], got {t.dtype} {tuple(t.shape)}")
+        if (self.positions.rows, self.positions.cols) != (m, n):
+            raise ValueError(f"position stream is {self.positions.rows}x{self.positions.cols}, codes are {m}x{n}")
+
+    def outlier_mask(self) -> Tensor:
+        """bool [out, in], decoded from the index stream."""
+        return decode_positions(self.positions)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """ŵ = s_sel · (q − z_sel), the grid selected per element by the decoded outlier bitmap."""
+        g = torch.arange(self.codes.shape[1], device=self.codes.device) // self.group_size
+        O = self.outlier_mask()
+        s = torch.where(O, self.outlier_scales[:, g], self.inlier_scales[:, g])
+        z = torch.where(O, self.outlier_zeros[:, g], self.inlier_zeros[:, g])
+        return dequantize_codes(self.codes, s, z).to(dtype)
+
+    def bits_per_weight(self) -> dict[str, float]:
+        """Measured storage per weight: codes + positions (stream) + offsets + scales (2 grids × (scale + zero))."""
+        numel = self.codes.numel()
+        idx = self.positions.stored_bits()
+        zero_bits = 0 if self.sym else self.bits
+        scales = 2 * self.inlier_scales.numel() * (self.scale_bits + zero_bits)
+        bpw = {
+            "bpw_codes": float(self.bits),
+            "bpw_positions": idx["positions"] / numel,
+            "bpw_offsets": idx["offsets"] / numel,
+            "bpw_scales": scales / numel,
+        }
+        bpw["bpw_total"] = sum(bpw.values())
+        return bpw
+
+
+def quantize_icquant(
+    W: Tensor, H: Tensor | None, cfg: ICQuantConfig, *, name: str = "layer", sweep_dtype: torch.dtype = SWEEP_DTYPE
+) -> ICQuantWeight:
+    """ICQuant-quantize W [out, in]: outliers = top γ|w| per row, two grids, RTN or GPTQ base, index-coded mask.
+
+    ``H`` [in, in] (undamped) is required for base "gptq"; with base "rtn" it only adds ``proxy_loss``.
+    Dead inputs (H_ii = 0) are zeroed before outlier selection.
+    """
+    if W.dim() != 2:
+        raise ValueError(f"W for {name!r} must be 2-D [out, in], got {tuple(W.shape)}")
+    grid = cfg.grid
+    n = W.shape[1]
+    W32 = W.to(torch.float32, copy=True)
+    if H is not None:
+        validate_inputs(W, H, name)
+        W32[:, torch.diagonal(H) == 0] = 0
+    elif cfg.base == "gptq":
+        raise ValueError(f"ICQuant with base 'gptq' needs the Hessian of {name!r}")
+    O = select_outliers(W32, cfg.gamma)
+    s_in, z_in = fit_masked_grids(W32, ~O, grid)
+    s_out, z_out = fit_masked_grids(W32, O, grid)
+    gs = grid.effective_group_size(n)
+    g = torch.arange(n, device=W.device) // gs
+    S = torch.where(O, s_out[:, g], s_in[:, g])
+    Z = torch.where(O, z_out[:, g], z_in[:, g])
+    stats: dict[str, float] = {}
+    if cfg.base == "gptq":
+        assert H is not None
+        sw = gptq_sweep(
+            W, H, S, Z, grid.bits, damp=cfg.damp, damp_max=cfg.damp_max, block_size=cfg.block_size,
+            act_order=cfg.act_order, name=name, sweep_dtype=sweep_dtype,
+        )  # fmt: skip
+        codes = sw.codes
+        stats.update(proxy_loss=sw.proxy_loss, damp=sw.damp, n_dead=float(sw.n_dead))
+    else:
+        codes = quantize_codes(W32, S, Z, grid.bits).to(torch.uint8)
+    stream = encode_positions(O, segment=cfg.segment, index_bits=cfg.index_bits)
+    qw = ICQuantWeight(
+        codes, s_in, z_in, s_out, z_out, stream, grid.bits, gs,
+        scale_bits=16 if grid.scale_dtype == "float16" else 32, sym=grid.sym,
+    )  # fmt: skip
+    if H is not None:
+        check_finite(H, name)
+        stats["proxy_loss_exact"] = proxy_loss(W, dequantize_codes(codes, S, Z).to(HESSIAN_DTYPE), H)
+    stats.update(n_outliers=float(O.sum()), index_bits=float(stream.index_bits), **qw.bits_per_weight())
+    return replace(qw, stats=stats)

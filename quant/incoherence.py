@@ -1,0 +1,315 @@
+"""Incoherence processing (QuIP, Chee et al. 2023, §4; QuIP# §3) — ALGORITHMS.md §4.
+
+Random orthogonal U [m, m] (outputs) and V [n, n] (inputs) make W and H incoherent before rounding:
+
+    W̃ = U W diag(s) Vᵀ,        H̃ = V diag(s)⁻¹ H diag(s)⁻¹ Vᵀ · n / tr(·)        (H is rotated, never recollected)
+
+so tr((Ŵ̃ − W̃) H̃ (Ŵ̃ − W̃)ᵀ) is the original proxy loss up to the normalisation, and the layer becomes
+y = W x ≈ Uᵀ Ŵ̃ V diag(s)⁻¹ x. The optional diagonal rescale is s = (diag H / diag WᵀW)^{1/4} (QuIP); without it
+s = 1. The normalised H̃ has mean diagonal 1, so the quantizer's relative damping λ adds exactly λ·I.
+
+Each of U, V is an :class:`OrthogonalTransform` V = K · P · diag(σ) with σ an optional ±1 vector, P an optional
+permutation and K = F_1 ⊗ … ⊗ F_r a Kronecker product of small orthogonal factors, each either a normalised Hadamard
+matrix (applied by the fast transform of :mod:`quant.hadamard`, never stored) or an explicit small matrix:
+
+* ``kind="kron"`` (QuIP): P random, K = A ⊗ B with Haar-random A [p, p], B [n/p, n/p], p ≈ √n.
+* ``kind="hadamard"`` (QuIP#'s RHT): σ random, K = H_n / √n; if n has no Hadamard construction, K = Q ⊗ H_{2^k}/√2^k
+  with a Haar-random Q of the odd part (``fallback="random_orthogonal"``) or a clear error (``fallback="error"``).
+
+Only σ, P, the explicit factors (fp32, at most a few hundred KB per layer) and the Kronecker layout are stored
+(``IncoherenceTransforms.to_dict``), never a dense n×n matrix; the preprocess uses exactly the stored values.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Literal, NamedTuple
+
+import torch
+from pydantic import BaseModel, ConfigDict, field_validator
+from torch import Tensor
+
+from quant.hadamard import HadamardSizeError, fwht, hadamard_factorization, random_orthogonal, random_signs
+from quant.hessian import HESSIAN_DTYPE, proxy_loss
+from quant.types import QuantizedWeight
+
+__all__ = [
+    "TRANSFORM_DTYPE",
+    "IncoherenceConfig",
+    "IncoherenceTransforms",
+    "OrthogonalTransform",
+    "Preprocessed",
+    "check_transform_size",
+    "dequantize_original",
+    "incoherence_postprocess",
+    "incoherence_preprocess",
+    "is_transform_key",
+    "make_transform",
+    "quantize_incoherent",
+]
+
+TRANSFORM_DTYPE = torch.float32  # storage dtype of sign vectors, rescale and explicit factors
+_KIND_HADAMARD, _KIND_MATRIX = 0, 1
+_KEY = re.compile(r"^(s[uv]|perm_[uv]|kron_[uv]|fac_[uv]\d+|rescale)$")
+
+
+class IncoherenceConfig(BaseModel):
+    """Which random orthogonal transforms to use.
+
+    Sample YAML::
+
+        kind: hadamard            # or kron (QuIP: Kronecker of two random orthogonal factors + permutation)
+        rescale: false            # QuIP's s = (diag H / diag WᵀW)^(1/4)
+        fallback: random_orthogonal   # sizes with no Hadamard construction; "error" refuses them
+        version: 1
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["kron", "hadamard"] = "hadamard"
+    rescale: bool = False
+    fallback: Literal["error", "random_orthogonal"] = "random_orthogonal"
+    version: int = 1
+
+    @field_validator("version")
+    @classmethod
+    def _check_version(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError(f"IncoherenceConfig version must be 1, got {v}")
+        return v
+
+
+def is_transform_key(key: str) -> bool:
+    """True for the tensor names of ``IncoherenceTransforms.to_dict`` (su, sv, perm_u, kron_v, fac_v0, rescale…)."""
+    return bool(_KEY.match(key))
+
+
+def _odd_split(n: int) -> tuple[int, int]:
+    odd, p = n, 1
+    while odd % 2 == 0:
+        odd //= 2
+        p *= 2
+    return odd, p
+
+
+def check_transform_size(n: int, cfg: IncoherenceConfig) -> None:
+    """Raise ``HadamardSizeError`` (naming n and the random-orthogonal fallback) if ``cfg`` cannot transform n."""
+    if cfg.kind == "hadamard" and cfg.fallback == "error" and hadamard_factorization(n) is None:
+        odd, p = _odd_split(n)
+        raise HadamardSizeError(
+            f"no Hadamard construction for size {n} = {odd}·{p}; set transform.fallback: random_orthogonal "
+            f"(a random orthogonal {odd}×{odd} factor ⊗ H_{p}) or use transform kind 'kron'"
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class OrthogonalTransform:
+    """V = (F_1 ⊗ … ⊗ F_r) · P · diag(σ) on vectors of size n = Π n_i.
+
+    Attributes:
+        n: size.
+        signs: σ, float32 [n] of ±1, or None.
+        perm: int64 [n], P x = x[perm], or None.
+        factors: ((n_i, F_i), …); F_i an orthogonal float32 [n_i, n_i], or None for the normalised Hadamard H_{n_i}.
+    """
+
+    n: int
+    signs: Tensor | None
+    perm: Tensor | None
+    factors: tuple[tuple[int, Tensor | None], ...]
+
+    def __post_init__(self) -> None:
+        if math.prod(size for size, _ in self.factors) != self.n:
+            raise ValueError(f"Kronecker factor sizes {[s for s, _ in self.factors]} do not multiply to {self.n}")
+
+    def _kron(self, x: Tensor, transpose: bool) -> Tensor:
+        """x [..., n] ↦ x Kᵀ (``transpose``: x K), one factor at a time on a [L, n_i, R] view of x."""
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.n)
+        left, right = x.shape[0], self.n
+        for size, F in self.factors:
+            right //= size
+            x = x.reshape(left, size, right)
+            if F is None:
+                x = fwht(x.transpose(1, 2), transpose=transpose).transpose(1, 2)
+            else:
+                F = F.to(device=x.device, dtype=x.dtype)
+                x = torch.einsum("ij,ljr->lir", F.t() if transpose else F, x)  # one GEMM, any L and R
+            left *= size
+        return x.reshape(*lead, self.n)
+
+    def apply(self, x: Tensor) -> Tensor:
+        """x [..., n] ↦ x Vᵀ (each row vector x ↦ V x), in x's dtype (float32/float64)."""
+        if self.signs is not None:
+            x = x * self.signs.to(device=x.device, dtype=x.dtype)
+        if self.perm is not None:
+            x = x[..., self.perm.to(x.device)]
+        return self._kron(x, transpose=False)
+
+    def apply_t(self, y: Tensor) -> Tensor:
+        """y [..., n] ↦ y V (each row vector y ↦ Vᵀ y), the inverse of ``apply``."""
+        y = self._kron(y, transpose=True)
+        if self.perm is not None:
+            y = y[..., torch.argsort(self.perm.to(y.device))]
+        if self.signs is not None:
+            y = y * self.signs.to(device=y.device, dtype=y.dtype)
+        return y
+
+    def to_tensors(self, side: str) -> dict[str, Tensor]:
+        """Small tensors: s<side> (σ), perm_<side>, kron_<side> int32 [r, 2] (size, 0 Hadamard / 1 matrix), fac_<side>i.
+
+        ``side`` is "u" (outputs) or "v" (inputs).
+        """
+        out: dict[str, Tensor] = {}
+        if self.signs is not None:
+            out[f"s{side}"] = self.signs
+        if self.perm is not None:
+            out[f"perm_{side}"] = self.perm
+        kinds = [[size, _KIND_HADAMARD if F is None else _KIND_MATRIX] for size, F in self.factors]
+        out[f"kron_{side}"] = torch.tensor(kinds, dtype=torch.int32)
+        for i, (_, F) in enumerate(self.factors):
+            if F is not None:
+                out[f"fac_{side}{i}"] = F
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], side: str) -> OrthogonalTransform:
+        kron = tensors[f"kron_{side}"].tolist()
+        factors = tuple(
+            (int(size), None if kind == _KIND_HADAMARD else tensors[f"fac_{side}{i}"])
+            for i, (size, kind) in enumerate(kron)
+        )
+        n = math.prod(size for size, _ in factors)
+        return cls(n, tensors.get(f"s{side}"), tensors.get(f"perm_{side}"), factors)
+
+
+def make_transform(n: int, cfg: IncoherenceConfig, generator: torch.Generator) -> OrthogonalTransform:
+    """A random orthogonal transform of size n for ``cfg.kind`` (draws from ``generator``)."""
+    if cfg.kind == "hadamard":
+        check_transform_size(n, cfg)
+        signs = random_signs(n, generator)
+        if hadamard_factorization(n) is not None:
+            return OrthogonalTransform(n, signs, None, ((n, None),))
+        odd, p = _odd_split(n)
+        Q = random_orthogonal(odd, generator).to(TRANSFORM_DTYPE)
+        factors: tuple[tuple[int, Tensor | None], ...] = ((odd, Q),) if p == 1 else ((odd, Q), (p, None))
+        return OrthogonalTransform(n, signs, None, factors)
+    perm = torch.randperm(n, generator=generator)
+    p = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    A = random_orthogonal(p, generator).to(TRANSFORM_DTYPE)
+    if p == 1:  # n prime: one dense n×n factor (small n only)
+        return OrthogonalTransform(n, None, perm, ((n, random_orthogonal(n, generator).to(TRANSFORM_DTYPE)),))
+    B = random_orthogonal(n // p, generator).to(TRANSFORM_DTYPE)
+    return OrthogonalTransform(n, None, perm, ((p, A), (n // p, B)))
+
+
+@dataclass(frozen=True, eq=False)
+class IncoherenceTransforms:
+    """U (outputs, size m), V (inputs, size n) and the optional input rescale s (float32 [n])."""
+
+    U: OrthogonalTransform
+    V: OrthogonalTransform
+    rescale: Tensor | None = None
+
+    def to_dict(self) -> dict[str, Tensor]:
+        """The checkpoint tensors (names satisfy ``is_transform_key``)."""
+        out = {**self.U.to_tensors("u"), **self.V.to_tensors("v")}
+        if self.rescale is not None:
+            out["rescale"] = self.rescale
+        return {k: v.contiguous() for k, v in out.items()}
+
+    @classmethod
+    def from_dict(cls, tensors: dict[str, Tensor]) -> IncoherenceTransforms:
+        return cls(
+            OrthogonalTransform.from_tensors(tensors, "u"),
+            OrthogonalTransform.from_tensors(tensors, "v"),
+            tensors.get("rescale"),
+        )
+
+    def input(self, x: Tensor) -> Tensor:
+        """x [..., n] ↦ V diag(s)⁻¹ x (rows): what the quantized weight Ŵ̃ multiplies."""
+        if self.rescale is not None:
+            x = x / self.rescale.to(device=x.device, dtype=x.dtype)
+        return self.V.apply(x)
+
+    def output(self, y: Tensor) -> Tensor:
+        """y [..., m] ↦ Uᵀ y (rows)."""
+        return self.U.apply_t(y)
+
+
+class Preprocessed(NamedTuple):
+    """W̃ float64 [m, n], H̃ float64 [n, n] (mean diag 1), the transforms, and h_scale = tr(H_rot)/n."""
+
+    W: Tensor
+    H: Tensor
+    transforms: IncoherenceTransforms
+    h_scale: float
+
+
+def incoherence_preprocess(W: Tensor, H: Tensor, cfg: IncoherenceConfig, *, generator: torch.Generator) -> Preprocessed:
+    """W̃ = U W diag(s) Vᵀ, H̃ = V diag(s)⁻¹ H diag(s)⁻¹ Vᵀ · n/tr, in float64 (V drawn first, then U)."""
+    m, n = W.shape
+    W64, H64 = W.to(HESSIAN_DTYPE), H.to(HESSIAN_DTYPE)
+    V = make_transform(n, cfg, generator)
+    U = make_transform(m, cfg, generator)
+    s = None
+    if cfg.rescale:
+        dH = torch.diagonal(H64).clamp_min(1e-8 * float(torch.diagonal(H64).mean()) + 1e-30)
+        dW = (W64 * W64).sum(0)
+        dW = dW.clamp_min(1e-8 * float(dW.mean()) + 1e-30)
+        s = (dH / dW).pow(0.25).to(TRANSFORM_DTYPE)
+        s64 = s.to(HESSIAN_DTYPE)
+        W64 = W64 * s64[None, :]
+        H64 = H64 / s64[None, :] / s64[:, None]
+    W_t = U.apply(V.apply(W64).t()).t()  # U (W Vᵀ)
+    H_t = V.apply(V.apply(H64).t())  # V H Vᵀ (H symmetric)
+    H_t = (H_t + H_t.t()) / 2
+    h_scale = float(torch.diagonal(H_t).mean())
+    if not h_scale > 0:
+        raise ValueError("Hessian has zero trace; collect calibration data first")
+    return Preprocessed(W_t, H_t / h_scale, IncoherenceTransforms(U, V, s), h_scale)
+
+
+def incoherence_postprocess(W_tilde: Tensor, transforms: IncoherenceTransforms) -> Tensor:
+    """W = Uᵀ W̃ V diag(s)⁻¹ (float64 for float64 input): undo ``incoherence_preprocess`` on a weight."""
+    W = transforms.U.apply_t(transforms.V.apply_t(W_tilde).t()).t()
+    if transforms.rescale is not None:
+        W = W / transforms.rescale.to(device=W.device, dtype=W.dtype)[None, :]
+    return W
+
+
+def dequantize_original(q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The fake-quantized weight in the original basis: Ŵ for plain weights, Uᵀ Ŵ̃ V diag(s)⁻¹ with transforms."""
+    if q.transforms is None:
+        return q.dequantize(dtype)
+    W = incoherence_postprocess(q.dequantize(HESSIAN_DTYPE), IncoherenceTransforms.from_dict(q.transforms))
+    return W.to(dtype)
+
+
+def quantize_incoherent(
+    W: Tensor,
+    H: Tensor,
+    cfg: IncoherenceConfig,
+    quantizer: Callable[[Tensor, Tensor], QuantizedWeight],
+    *,
+    generator: torch.Generator,
+) -> QuantizedWeight:
+    """Quantize W [out, in] as ``quantizer(W̃, H̃)`` (e.g. LDLQ or GPTQ) in the incoherent basis.
+
+    Returns the inner codes/grids (of Ŵ̃) with ``transforms`` set. stats: the inner ones, with proxy_loss
+    rescaled to the un-normalised H̃, proxy_loss_exact = tr((Ŵ − W) H (Ŵ − W)ᵀ) in the original basis, and
+    proxy_loss_rotated_exact from the inner quantizer (normalised H̃, mean diag 1).
+    """
+    pre = incoherence_preprocess(W, H, cfg, generator=generator)
+    q = quantizer(pre.W.to(torch.float32), pre.H)
+    W_hat = incoherence_postprocess(q.dequantize(HESSIAN_DTYPE), pre.transforms)
+    stats = dict(q.stats)
+    if "proxy_loss" in stats:
+        stats["proxy_loss"] = stats["proxy_loss"] * pre.h_scale
+    if "proxy_loss_exact" in stats:
+        stats["proxy_loss_rotated_exact"] = stats["proxy_loss_exact"]
+    stats["proxy_loss_exact"] = proxy_loss(W, W_hat, H)
+    return replace(q, stats=stats, transforms={k: v.cpu() for k, v in pre.transforms.to_dict().items()})
