@@ -247,6 +247,7 @@ def _register_subcommands() -> None:
 
     register_ops(app)
     __import__("flows.doctor", fromlist=["register"]).register(app)
+    __import__("flows.bench_cli", fromlist=["register"]).register(app)
 
 
 _register_subcommands()

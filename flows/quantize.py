@@ -112,7 +112,9 @@ def quantize_layer_task(ctx: StageContext, model_path: Path, model_ref: str, job
 def pack_task(ctx: StageContext, model: Any, model_ref: str, quant_ref: str, recipe: Recipe) -> StageResult:
     from tasks.pack import run_pack
 
-    return run_pack(ctx, model.path, model_ref, quant_ref, recipe.quantize, recipe.pack)
+    return run_pack(
+        ctx, model.path, model_ref, quant_ref, recipe.quantize, recipe.pack, runtime=recipe.runtime_config()
+    )
 
 
 @task(name="eval-fp", cache_policy=NO_CACHE)
@@ -162,9 +164,14 @@ def validate_recipe_for_model(recipe: Recipe, model_path: Path) -> None:
             f"recipe {recipe.name}: quantize.group_size={recipe.quantize.group_size} is larger than "
             f"the narrowest layer input ({narrowest} columns)"
         )
+    from tasks.method_checks import check_method_shapes
     from tasks.quantize import check_transform_sizes
 
     check_transform_sizes(model_path, recipe.quantize)
+    from tasks.quarot import check_recipe_for_model
+
+    check_recipe_for_model(recipe, model_path)
+    check_method_shapes(model_path, recipe.quantize)
 
 
 def _configure_threads(settings: Settings, workers: int) -> None:
@@ -179,6 +186,7 @@ def run_quantize_pipeline(ctx: StageContext, model_source: str, recipe: Recipe) 
     from prefect.runtime import flow_run
 
     from registry.tracking import flow_run as mlflow_flow_run
+    from tasks.quarot import prepare_model
 
     ctx.flow_run_id = flow_run.get_id()
     stages: dict[str, StageResult] = {}
@@ -193,16 +201,20 @@ def run_quantize_pipeline(ctx: StageContext, model_source: str, recipe: Recipe) 
         model_ref = stages["model"].ref
         stages["calibration"] = calibration_task(ctx, model, model_ref, recipe)
         cal_ref = stages["calibration"].ref
+        # QuaRot: hessians/quantize/pack run on the rotated fp checkpoint (its key is their model input)
+        work, work_ref = prepare_model(ctx, model, model_ref, recipe.rotation)
         qcfg = recipe.quantize
         if qcfg.mode == "parallel":
-            stages["hessians"] = hessians_task(ctx, model, model_ref, cal_ref, recipe)
-        stages["quantize"] = _quantize_stage(ctx, model, model_ref, cal_ref, stages.get("hessians"), recipe)
+            stages["hessians"] = hessians_task(ctx, work, work_ref, cal_ref, recipe)
+        stages["quantize"] = _quantize_stage(ctx, work, work_ref, cal_ref, stages.get("hessians"), recipe)
         quant_ref = stages["quantize"].ref
-        stages["pack"] = pack_task(ctx, model, model_ref, quant_ref, recipe)
+        stages["pack"] = pack_task(ctx, work, work_ref, quant_ref, recipe)
         stages["eval-fp"] = eval_fp_task(ctx, model, model_ref, recipe)
         stages["evaluate"] = evaluate_task(ctx, model, stages["pack"].ref, quant_ref, stages["eval-fp"].ref, recipe)
         metrics = {k: float(v) for k, v in stages["evaluate"].metadata.items()}
         refs = {name: s.ref for name, s in stages.items()}
+        if work_ref != model_ref:
+            refs["rotated-model"] = work_ref
         if recipe.registry.enabled:
             stages["register"] = register_task(ctx, model, recipe, refs, metrics)
     reg = stages.get("register")

@@ -12,14 +12,16 @@ forward(x [..., K]) -> [..., N]:
 
 ``RotatedQuantLinear`` (incoherence-processed weights, ``quant.incoherence``) also holds the transform tensors
 (``su``, ``sv``, ``perm_u``, ``kron_v``, ``fac_v0``, ``rescale`` …, fp32) and computes
-y = Uᵀ (Ŵ̃ (V diag(s)⁻¹ x)) + bias, with V and U applied by torch (fast Walsh–Hadamard / small Kronecker factors)
-in fp32.
+y = Uᵀ (Ŵ̃ (V diag(s)⁻¹ x)) + bias, with V and U applied in fp32: on CUDA by the FWHT Triton kernel
+(``kernels.hadamard.launch.incoherence_input/output``, random signs fused into its load) chained before the
+low-bit matmul, elsewhere by torch (``quant.incoherence``).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,10 +37,11 @@ from kernels.packing import (
     read_qmeta,
     unpack_quantized_linear,
 )
+from kernels.wgemm.configs import TunedConfigs
 from kernels.wgemm.ref import dequantize_packed, wgemm_ref
 from quant.incoherence import IncoherenceTransforms, is_transform_key
 
-__all__ = ["KERNEL_MAX_M", "QuantLinear", "RotatedQuantLinear", "replace_linears"]
+__all__ = ["KERNEL_MAX_M", "QuantLinear", "RotatedQuantLinear", "replace_linears", "set_tuned_configs"]
 
 KERNEL_MAX_M = 256  # above this many rows dequantize + dense matmul wins
 _WARNED: set[str] = set()  # one-time fallback warnings, keyed by reason
@@ -79,6 +82,7 @@ class QuantLinear(nn.Module):
         G = num_groups(in_features, g)
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, g
         self.use_kernel = True  # set False to force the reference path (debugging, A/B checks)
+        self.tuned: TunedConfigs | None = None  # per-GPU tuned wgemm configs (kernels.wgemm.configs), if loaded
         self.register_buffer(
             "qweight", torch.zeros(packed_rows(in_features, bits), out_features, dtype=torch.int32, device=device)
         )
@@ -171,7 +175,7 @@ class QuantLinear(nn.Module):
 
                 reason = kernel_unsupported_reason(x, *args)
                 if reason is None:
-                    return wgemm(x, *args, bias=bias)
+                    return wgemm(x, *args, bias=bias, tuned=self.tuned)
                 _warn_once(reason)
         return wgemm_ref(x, *args, bias=bias)
 
@@ -231,8 +235,14 @@ class RotatedQuantLinear(QuantLinear):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected last dim {self.in_features}, got input shape {tuple(x.shape)}")
         t = self.transforms()
-        xv = t.input(x.to(torch.float32)).to(x.dtype)
-        y = t.output(self._gemm(xv, None).to(torch.float32)).to(x.dtype)
+        if x.is_cuda and self.use_kernel:  # FWHT kernel (signs fused) chained before the low-bit matmul
+            from kernels.hadamard.launch import incoherence_input, incoherence_output
+
+            xv = incoherence_input(t, x.to(torch.float32)).to(x.dtype)
+            y = incoherence_output(t, self._gemm(xv, None).to(torch.float32)).to(x.dtype)
+        else:
+            xv = t.input(x.to(torch.float32)).to(x.dtype)
+            y = t.output(self._gemm(xv, None).to(torch.float32)).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _apply(self, fn: Callable, recurse: bool = True):  # type: ignore[override]
@@ -245,6 +255,30 @@ class RotatedQuantLinear(QuantLinear):
         finally:
             for name in names:
                 self._buffers[name] = self._buffers[name].view(torch.float32)  # type: ignore[union-attr]
+
+
+def _module_class(tensors: dict[str, Tensor]) -> Any:
+    """The module for one packed linear, told by its tensors: ICQuant (``icqmeta``), binary coding (``bcqmeta``),
+    incoherence-processed (transform keys) or plain ``QuantLinear``."""
+    if "icqmeta" in tensors:
+        from kernels.icq_linear import ICQuantLinear
+
+        return ICQuantLinear
+    if "bcqmeta" in tensors:
+        from kernels.bcq_linear import BCQLinear
+
+        return BCQLinear
+    return RotatedQuantLinear if any(is_transform_key(k) for k in tensors) else QuantLinear
+
+
+def set_tuned_configs(model: nn.Module, tuned: TunedConfigs | None) -> int:
+    """Give every ``QuantLinear`` in ``model`` the per-GPU tuned config table (``TunedConfigs.load(path)``, as
+    written by ``kernels.wgemm.launch.tune``); returns how many modules got it. Shapes missing from the table
+    keep the heuristic ``default_config``."""
+    mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in mods:
+        m.tuned = tuned
+    return len(mods)
 
 
 def replace_linears(
@@ -263,7 +297,7 @@ def replace_linears(
     Returns the replaced names; with ``strict`` a missing or non-Linear name raises before anything is
     replaced (shape mismatches always raise, also before anything is replaced).
     """
-    plan: list[tuple[str, nn.Module, str, QuantLinear]] = []
+    plan: list[tuple[str, nn.Module, str, nn.Module]] = []
     for name, tensors in quantized.items():
         try:
             lin = model.get_submodule(name)
@@ -276,13 +310,12 @@ def replace_linears(
                 raise TypeError(f"{name!r} is {type(lin).__name__}, not nn.Linear")
             continue
         on_meta = lin.weight.is_meta
-        dev = device if device is not None else (tensors["qweight"].device if on_meta else lin.weight.device)
+        dev = device if device is not None else (next(iter(tensors.values())).device if on_meta else lin.weight.device)
         t = {k: v.to(dev) for k, v in tensors.items()}
         bias = None
         if lin.bias is not None:
             bias = torch.zeros(lin.out_features, dtype=lin.bias.dtype) if lin.bias.is_meta else lin.bias.detach()
-        cls = RotatedQuantLinear if any(is_transform_key(k) for k in t) else QuantLinear
-        q = cls.from_packed(t, bias=bias)
+        q = _module_class(t).from_packed(t, bias=bias)
         if (q.in_features, q.out_features) != (lin.in_features, lin.out_features):
             raise ValueError(
                 f"{name!r}: packed shape (in={q.in_features}, out={q.out_features}) does not match the Linear "

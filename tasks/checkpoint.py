@@ -26,6 +26,8 @@ __all__ = ["QUANT_METHOD", "load_packed_model", "packed_modules"]
 
 QUANT_METHOD = "quantpipe"
 _PACKED_SUFFIXES = ("qweight", "scales", "zeros", "qmeta", "g_idx")
+# ICQuant (kernels.icq_linear) and GPTQT binary coding (kernels.bcq_linear); replace_linears picks the module
+_CODED_SUFFIXES = ("oscales", "ozeros", "pos_data", "pos_offsets", "icqmeta", "planes", "alpha", "beta", "bcqmeta")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -59,7 +61,7 @@ def load_packed_model(path: Path, *, device: str = "cpu", dtype: torch.dtype = t
 
     config_dict = json.loads((path / "config.json").read_text())
     modules = packed_modules(config_dict)
-    config_dict.pop("quantization_config")
+    qconfig = config_dict.pop("quantization_config")
     config = AutoConfig.for_model(**config_dict)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -68,7 +70,7 @@ def load_packed_model(path: Path, *, device: str = "cpu", dtype: torch.dtype = t
     plain: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         mod, _, suffix = name.rpartition(".")
-        if mod in packed and (suffix in _PACKED_SUFFIXES or is_transform_key(suffix)):
+        if mod in packed and (suffix in _PACKED_SUFFIXES or suffix in _CODED_SUFFIXES or is_transform_key(suffix)):
             packed[mod][suffix] = tensor
         else:
             plain[name] = tensor
@@ -85,7 +87,11 @@ def load_packed_model(path: Path, *, device: str = "cpu", dtype: torch.dtype = t
             f"packed checkpoint {path} does not match its config: missing={missing[:5]} unexpected={unexpected[:5]}"
         )
     _reset_rotary(model, device)
-    return model.to(dtype=dtype).eval()
+    model = model.to(dtype=dtype).eval()
+    from tasks.quarot import install_runtime  # QuaRot online transforms, A/KV fake quantization (CPU torch path)
+
+    install_runtime(model, config_dict, qconfig.get("runtime"))
+    return model
 
 
 def _reset_rotary(model: Any, device: str) -> None:

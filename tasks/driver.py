@@ -139,6 +139,9 @@ class BlockStreamer:
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
         self.model.eval()
+        from tasks.quarot import install_runtime  # rotated checkpoints: online Hadamards before o/down_proj
+
+        install_runtime(self.model, json.loads((self.path / "config.json").read_text()))
         self.weights = _WeightIndex(self.path)
         rotary = self.module(self.mapping.rotary)
         self.rotary = type(rotary)(config=self.config).to(self.device)

@@ -177,6 +177,41 @@ def _plots(out: Path, layers: dict[str, Any], ppl: float, ppl_fp: float, bits: f
     return ["layer_error.png", "ppl_vs_bits.png"]
 
 
+_BPW_PARTS = ("codes", "positions", "offsets", "grids", "other")
+
+
+def _bits_plot(out: Path, layer_bpw: dict[str, dict[str, float]], layers: dict[str, Any], title: str) -> str:
+    """Stacked bar of the measured bits/weight of every packed layer (codes, positions, grids, other)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(layer_bpw, key=lambda n: (layers.get(n, {}).get("block", 0), n))
+    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.12), 3.5))
+    bottom = [0.0] * len(names)
+    for part in _BPW_PARTS:
+        vals = [layer_bpw[n].get(f"bpw_{part}", 0.0) for n in names]
+        ax.bar(range(len(names)), vals, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    ax.set_xlabel("layer (block order)")
+    ax.set_ylabel("stored bits / weight")
+    ax.set_title(f"{title}: measured bits per weight")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out / "layer_bits.png", dpi=100)
+    plt.close(fig)
+    return "layer_bits.png"
+
+
+def _layer_bits(ctx: StageContext, pack_ref: str) -> dict[str, dict[str, float]]:
+    """Per-layer measured bits/weight from the pack artifact ({} for packs written before it was recorded)."""
+    names = {f.name for f in ctx.store.manifest(pack_ref).files}
+    if "layer_bits.json" not in names:
+        return {}
+    return dict(json.loads(ctx.store.read_bytes(pack_ref, "layer_bits.json")))
+
+
 def run_evaluate(
     ctx: StageContext,
     model_path: Path,
@@ -215,22 +250,34 @@ def run_evaluate(
                 "bits_per_weight_stored": float(pack_meta["bits_per_weight_stored"]),
             }
         )
+        for key in ("bits_per_weight_codes", *(f"bits_per_weight_stored_{p}" for p in _BPW_PARTS)):
+            if key in pack_meta:  # realised average code bits (mixed precision) and the storage breakdown
+                metrics[key] = float(pack_meta[key])
         layers = json.loads(ctx.store.read_bytes(quant_ref, "index.json"))["layers"]
-        table = [{"layer": n, **{k: v for k, v in layers[n].items() if k != "ref"}} for n in sorted(layers)]
+        layer_bpw = _layer_bits(ctx, pack_ref)
+        table = [
+            {"layer": n, **{k: v for k, v in layers[n].items() if k != "ref"}, **layer_bpw.get(n, {})}
+            for n in sorted(layers)
+        ]
         w.add_bytes("metrics.json", json.dumps(metrics, indent=1).encode())
         w.add_bytes("layers.json", json.dumps(table, indent=1).encode())
         plots = _plots(w.dir, layers, metrics["ppl"], ppl_fp, metrics["bits_per_weight_stored"], title or "build")
+        if layer_bpw:
+            plots.append(_bits_plot(w.dir, layer_bpw, layers, title or "build"))
         for p in plots:
             w.path(p)
         w.metadata.update(metrics)
         if run is not None:
             run.log_metrics(metrics)
+            for step, row in enumerate(r for r in table if "bpw_total" in r):
+                run.log_metrics({"layer_bits_per_weight": float(row["bpw_total"])}, step=step)
             for p in plots:
                 run.log_figure_png(w.dir / p)
             run.log_artifact(w.dir / "layers.json")
 
     def after(ref: Any, run: Any, hit: bool) -> dict[str, Any]:
         meta = ctx.store.manifest(ref).metadata
-        return {k: meta[k] for k in ("ppl", "ppl_fp", "ppl_delta_rel", "bits_per_weight_stored")}
+        keys = ("ppl", "ppl_fp", "ppl_delta_rel", "bits_per_weight_stored", "bits_per_weight_codes")
+        return {k: meta[k] for k in (*keys, *(f"bits_per_weight_stored_{p}" for p in _BPW_PARTS)) if k in meta}
 
     return run_stage(ctx, "evaluate", STAGE_VERSION, cfg.key_config(), inputs, produce, after=after)

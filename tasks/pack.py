@@ -16,9 +16,9 @@ import torch
 
 from infra.errors import QuantpipeError
 from infra.safetensors_io import canonicalise_file
-from kernels.packing import pack_quantized_linear
 from quant.types import QuantizedWeight
 from tasks.checkpoint import QUANT_METHOD, copy_tokenizer
+from tasks.qlayer import LayerResult, layer_shape, native_tensors, stored_bits
 from tasks.recipe import PackConfig, QuantizeConfig
 from tasks.stage import StageContext, StageResult, run_stage
 
@@ -32,8 +32,16 @@ def _layers(ctx: StageContext, quant_ref: str) -> dict[str, str]:
     return {name: v["ref"] for name, v in index["layers"].items()}
 
 
-def compressed_tensors_reason(cfg: QuantizeConfig, qweights: dict[str, QuantizedWeight]) -> str | None:
+def compressed_tensors_reason(cfg: QuantizeConfig, qweights: dict[str, LayerResult]) -> str | None:
     """None when representable in compressed-tensors pack-quantized, else why not."""
+    if cfg.icquant_base() is not None:
+        return "ICQuant outlier grids and index-coded positions have no compressed-tensors representation"
+    if cfg.method == "gptqt":
+        return "GPTQT binary coding (bit-planes + α') has no compressed-tensors representation"
+    if cfg.bitalloc is not None or len({q.bits for q in qweights.values()}) > 1:
+        return "mixed per-layer bit-widths have no single compressed-tensors scheme"
+    if not all(isinstance(q, QuantizedWeight) for q in qweights.values()):
+        return "layers are not plain affine-grid weights"
     if cfg.transform_kind() is not None or any(q.transforms for q in qweights.values()):
         return f"{cfg.method} weights need the online incoherence transforms, which compressed-tensors cannot express"
     if cfg.bits not in (4, 8):
@@ -50,7 +58,10 @@ def compressed_tensors_reason(cfg: QuantizeConfig, qweights: dict[str, Quantized
     return None
 
 
-def _write_native(out: Path, model_path: Path, cfg: QuantizeConfig, qweights: dict[str, QuantizedWeight]) -> int:
+def _write_native(
+    out: Path, model_path: Path, cfg: QuantizeConfig, qweights: dict[str, LayerResult]
+) -> dict[str, dict[str, float]]:
+    """Write ``native/``; returns the measured bits per weight of every packed linear (``stored_bits``)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -61,14 +72,13 @@ def _write_native(out: Path, model_path: Path, cfg: QuantizeConfig, qweights: di
             for name in h.keys():  # noqa: SIM118
                 if name.removesuffix(".weight") not in qweights:
                     tensors[name] = h.get_tensor(name)
-    packed_bytes = 0
+    layer_bpw: dict[str, dict[str, float]] = {}
     for name, q in qweights.items():
-        for suffix, t in pack_quantized_linear(q.codes, q.scales, q.zeros, q.bits, q.group_size, q.g_idx).items():
+        packed = native_tensors(q)  # affine (+ transforms), ICQuant or binary-coded layout
+        for suffix, t in packed.items():
             tensors[f"{name}.{suffix}"] = t.contiguous()
-            packed_bytes += t.numel() * t.element_size()
-        for suffix, t in (q.transforms or {}).items():  # su, sv, perm_u, kron_v, fac_v0, rescale …
-            tensors[f"{name}.{suffix}"] = t.contiguous()
-            packed_bytes += t.numel() * t.element_size()
+        out_f, in_f = layer_shape(q)
+        layer_bpw[name] = {"bits": float(q.bits), "n_weights": float(out_f * in_f), **stored_bits(packed, out_f * in_f)}
     out.mkdir(parents=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "quant_method": QUANT_METHOD})
     canonicalise_file(out / "model.safetensors")  # safetensors writes metadata keys in random order
@@ -80,9 +90,18 @@ def _write_native(out: Path, model_path: Path, cfg: QuantizeConfig, qweights: di
         "bits": cfg.bits,
         "group_size": cfg.group_size,
         "sym": cfg.sym,
-        "method": cfg.method,
+        "method": cfg.effective_method(),
         "modules": sorted(qweights),
     }
+    if cfg.icquant_base() is not None:
+        config["quantization_config"]["outliers"] = cfg.outlier_config().model_dump(mode="json")
+    if cfg.method == "gptqt":
+        config["quantization_config"]["gptqt"] = cfg.gptqt.model_dump(mode="json")
+    if cfg.bitalloc is not None or len({q.bits for q in qweights.values()}) > 1:  # per-layer bits in the JSON
+        config["quantization_config"]["bits"] = None
+        config["quantization_config"]["layer_bits"] = {name: q.bits for name, q in sorted(qweights.items())}
+        if cfg.bitalloc is not None:
+            config["quantization_config"]["bitalloc"] = cfg.bitalloc.model_dump(mode="json")
     kind = cfg.transform_kind()
     if kind is not None:  # y = Uᵀ Ŵ̃ V diag(s)⁻¹ x, from each module's transform tensors
         config["quantization_config"]["transform"] = {
@@ -91,12 +110,10 @@ def _write_native(out: Path, model_path: Path, cfg: QuantizeConfig, qweights: di
         }
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     copy_tokenizer(model_path, out)
-    return packed_bytes
+    return layer_bpw
 
 
-def _write_compressed_tensors(
-    out: Path, model_path: Path, cfg: QuantizeConfig, qweights: dict[str, QuantizedWeight]
-) -> None:
+def _write_compressed_tensors(out: Path, model_path: Path, cfg: QuantizeConfig, qweights: dict[str, Any]) -> None:
     """Export via compressed-tensors' own compressor: weights = our fake-quantized values, qparams = our grids."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (
@@ -135,31 +152,57 @@ def _write_compressed_tensors(
 
 
 def run_pack(
-    ctx: StageContext, model_path: Path, model_ref: str, quant_ref: str, qcfg: QuantizeConfig, cfg: PackConfig
+    ctx: StageContext,
+    model_path: Path,
+    model_ref: str,
+    quant_ref: str,
+    qcfg: QuantizeConfig,
+    cfg: PackConfig,
+    *,
+    runtime: dict[str, Any] | None = None,
 ) -> StageResult:
+    """``runtime``: A/KV fake quantization the packed model applies (``Recipe.runtime_config``); keyed when set."""
     from tasks.quantize import load_qlayer
+    from tasks.quarot import runtime_reason
 
     config = {
         **cfg.model_dump(mode="json"),
         "bits": qcfg.bits,
         "sym": qcfg.sym,
         "group_size": qcfg.group_size,
-        "method": qcfg.method,
+        "method": qcfg.effective_method(),
     }
+
+    if runtime:
+        config["runtime"] = runtime
 
     def produce(w: Any, run: Any) -> None:
         qweights = {name: load_qlayer(ctx, ref) for name, ref in _layers(ctx, quant_ref).items()}
-        packed_bytes = _write_native(w.dir / "native", model_path, qcfg, qweights)
+        layer_bpw = _write_native(w.dir / "native", model_path, qcfg, qweights)
+        if runtime:  # read by load_packed_model → tasks.quarot.install_runtime
+            native_config = json.loads((w.dir / "native" / "config.json").read_text())
+            native_config["quantization_config"]["runtime"] = runtime
+            (w.dir / "native" / "config.json").write_text(json.dumps(native_config, indent=2, sort_keys=True))
         w.register_tree("native")
-        n_weights = sum(q.codes.numel() for q in qweights.values())
-        code_bits = sum(q.codes.numel() * q.bits for q in qweights.values())
+        w.add_bytes("layer_bits.json", json.dumps(layer_bpw, indent=1, sort_keys=True).encode())
+        n_weights = sum(v["n_weights"] for v in layer_bpw.values())
         meta: dict[str, Any] = {
-            "quantized_params": n_weights,
-            "bits_per_weight_codes": code_bits / max(n_weights, 1),
-            "bits_per_weight_stored": 8 * packed_bytes / max(n_weights, 1),
+            "quantized_params": int(n_weights),
+            "bits_per_weight_codes": sum(v["bits"] * v["n_weights"] for v in layer_bpw.values()) / max(n_weights, 1),
             "formats": ["native"],
         }
+        for part in (
+            "total",
+            "codes",
+            "positions",
+            "offsets",
+            "grids",
+            "other",
+        ):  # weighted by layer size = Σ bits / Σ weights
+            overall = sum(v[f"bpw_{part}"] * v["n_weights"] for v in layer_bpw.values()) / max(n_weights, 1)
+            meta["bits_per_weight_stored" if part == "total" else f"bits_per_weight_stored_{part}"] = overall
         reason = compressed_tensors_reason(qcfg, qweights) if cfg.compressed_tensors else "disabled in recipe"
+        reason = reason or runtime_reason(model_path, runtime)
         if reason is None:
             _write_compressed_tensors(w.dir / "compressed-tensors", model_path, qcfg, qweights)
             w.register_tree("compressed-tensors")

@@ -22,10 +22,11 @@ from torch import Tensor
 from infra.errors import ConfigError, QuantpipeError
 from quant.gptq import GPTQConfig, quantize_gptq
 from quant.hessian import check_finite, finalize
-from quant.incoherence import IncoherenceConfig, check_transform_size, dequantize_original, quantize_incoherent
+from quant.incoherence import IncoherenceConfig, check_transform_size, quantize_incoherent
 from quant.ldlq import LDLQConfig, quantize_ldlq
 from quant.rtn import quantize_rtn
 from quant.types import GridConfig, QuantizedWeight
+from tasks.qlayer import BCQLayer, LayerResult, fake_weight, layer_shape
 from tasks.recipe import QuantizeConfig
 from tasks.stage import StageContext, StageResult, ensure_artifact, run_stage, stage_key
 
@@ -46,7 +47,7 @@ __all__ = [
 STAGE_VERSION = 1
 LAYER_VERSION = 1
 
-Method = Callable[[Tensor, Tensor | None, QuantizeConfig, str], QuantizedWeight]
+Method = Callable[[Tensor, Tensor | None, QuantizeConfig, str], LayerResult]
 METHODS: dict[str, Method] = {}
 
 
@@ -133,14 +134,58 @@ def _quip(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str) -> Quanti
     )
 
 
+@register_method("icquant-rtn")
+@register_method("icquant-gptq")
+def _icquant(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str) -> LayerResult:
+    from quant.icquant import ICQuantConfig, quantize_icquant
+
+    base = cfg.icquant_base()
+    assert base is not None
+    if base == "gptq" and H is None:
+        raise ConfigError(f"icquant-gptq needs a Hessian for {name}")
+    o = cfg.outlier_config()
+    icfg = ICQuantConfig(
+        grid=grid_config(cfg), gamma=o.gamma, segment=o.segment, index_bits=o.index_bits, base=base,
+        damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order,
+    )  # fmt: skip
+    return quantize_icquant(W, H, icfg, name=name)
+
+
+@register_method("gptqt")
+def _gptqt(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str) -> LayerResult:
+    """Step-1 GPTQ at gptqt.linear_bits, exact binary coding at ``bits``; α', β' rounded to the fp16 the
+    checkpoint stores, and the proxy loss measured on exactly that weight."""
+    from kernels.bcq_linear import round_bcq_fp16
+    from quant.gptqt import GPTQTConfig, quantize_gptqt
+    from quant.hessian import proxy_loss
+
+    if H is None:
+        raise ConfigError(f"gptqt needs a Hessian for {name}")
+    grid = grid_config(cfg).model_copy(update={"bits": cfg.gptqt.linear_bits})
+    tcfg = GPTQTConfig(
+        grid=grid, bits=cfg.bits, base="gptq", share=cfg.gptqt.share, multipliers=cfg.gptqt.multipliers,
+        damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order,
+    )  # fmt: skip
+    res = quantize_gptqt(W, H, tcfg, name=name)
+    weight = round_bcq_fp16(res.weight)
+    stats = {k: float(v) for k, v in res.stats.items()}
+    stats["proxy_loss_exact"] = proxy_loss(W, weight.dequantize(torch.float64), H)
+    return BCQLayer(weight, stats)
+
+
 @dataclass(frozen=True)
 class LayerJob:
-    """One linear to quantize: its full module name, its block and Hessian group, the block's H artifact."""
+    """One linear to quantize: its full module name, its block and Hessian group, the block's H artifact, and
+    (mixed precision) the bits allocated to it."""
 
     name: str
     block: int
     group: str
     hessian_ref: str | None
+    bits: int | None = None
+
+    def config(self, cfg: QuantizeConfig) -> QuantizeConfig:
+        return cfg if self.bits is None else cfg.at_bits(self.bits)
 
 
 def plan_layers(model_path: Path, cfg: QuantizeConfig, block_refs: Sequence[str | None]) -> list[LayerJob]:
@@ -178,7 +223,7 @@ def check_transform_sizes(model_path: Path, cfg: QuantizeConfig) -> None:
 
 def _quantize_tensor(
     W: Tensor, H_sum: Tensor | None, n: int, cfg: QuantizeConfig, name: str, device: str = "cpu"
-) -> QuantizedWeight:
+) -> LayerResult:
     """Run the recipe's method on ``device`` (GPTQ on a GPU is what real users run); results come back on CPU."""
     W = W.to(device)
     H = None
@@ -191,13 +236,21 @@ def _quantize_tensor(
     if not bool(torch.isfinite(W).all()):
         raise QuantpipeError(f"weight of {name} has NaN/Inf entries; the checkpoint is corrupt")
     try:
-        return METHODS[cfg.method](W.float(), H, cfg, name)
+        return METHODS[cfg.effective_method()](W.float(), H, cfg, name)
     except ValueError as exc:  # quant/ raises one-line ValueErrors (Cholesky failure, shapes)
         raise QuantpipeError(str(exc)) from None
 
 
-def _qlayer_payload(q: QuantizedWeight) -> bytes:
+def _qlayer_payload(q: LayerResult) -> bytes:
     from safetensors.torch import save
+
+    from infra.safetensors_io import canonical_safetensors
+
+    if not isinstance(q, QuantizedWeight):  # ICQuant / binary coding: their lossless packed layout
+        from tasks.qlayer import save_coded
+
+        coded, meta = save_coded(q)
+        return canonical_safetensors(save({k: v.contiguous() for k, v in coded.items()}, metadata=meta))
 
     tensors = {
         "codes": q.codes.cpu().contiguous(),
@@ -213,7 +266,7 @@ def _qlayer_payload(q: QuantizedWeight) -> bytes:
     return canonical_safetensors(save(tensors, metadata={"bits": str(q.bits), "group_size": str(q.group_size)}))
 
 
-def load_qlayer(ctx: StageContext, ref: str) -> QuantizedWeight:
+def load_qlayer(ctx: StageContext, ref: str) -> LayerResult:
     from safetensors import safe_open
 
     path = ctx.store.get(ref).file("qweight.safetensors")
@@ -221,6 +274,10 @@ def load_qlayer(ctx: StageContext, ref: str) -> QuantizedWeight:
         meta = f.metadata()
         t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     stats = ctx.store.manifest(ref).metadata.get("stats", {})
+    if "format" in meta:
+        from tasks.qlayer import load_coded
+
+        return load_coded(t, meta, stats)
     transforms = {k.removeprefix("transform."): v for k, v in t.items() if k.startswith("transform.")}
     return QuantizedWeight(
         codes=t["codes"],
@@ -239,15 +296,15 @@ def _layer_stage(
     cfg: QuantizeConfig,
     job: LayerJob,
     inputs: dict[str, str],
-    compute: Callable[[], QuantizedWeight],
+    compute: Callable[[], LayerResult],
 ) -> str:
-    config = {**cfg.key_config(), "layer": job.name}
+    config = {**job.config(cfg).key_config(), "layer": job.name}
 
     def produce(w: Any, _run: Any) -> None:
         q = compute()
         w.add_bytes("qweight.safetensors", _qlayer_payload(q))
         w.metadata.update(
-            {"layer": job.name, "block": job.block, "stats": q.stats, "shape": [q.out_features, q.in_features]}
+            {"layer": job.name, "block": job.block, "stats": q.stats, "shape": list(layer_shape(q)), "bits": q.bits}
         )
 
     ref, _hit = ensure_artifact(ctx, "qlayer", LAYER_VERSION, config, inputs, produce)
@@ -261,10 +318,10 @@ def quantize_layer(ctx: StageContext, model_path: Path, model_ref: str, job: Lay
 
     assert job.hessian_ref is not None
 
-    def compute() -> QuantizedWeight:
+    def compute() -> LayerResult:
         W = _WeightIndex(Path(model_path)).get(f"{job.name}.weight")
         H_sum, n = load_block_hessians(ctx, job.hessian_ref, [job.group])[job.group]
-        return _quantize_tensor(W, H_sum, n, cfg, job.name, ctx.settings.resolved_device())
+        return _quantize_tensor(W, H_sum, n, job.config(cfg), job.name, ctx.settings.resolved_device())
 
     return _layer_stage(ctx, cfg, job, {"model": model_ref, "hessians": job.hessian_ref}, compute)
 
@@ -296,9 +353,14 @@ def run_quantize(
     config = cfg.key_config()
 
     def produce(w: Any, run: Any) -> None:
+        allocation: dict[str, Any] | None = None
         if cfg.mode == "parallel":
             assert block_refs is not None
             jobs = plan_layers(model_path, cfg, list(block_refs))
+            if cfg.bitalloc is not None:  # mixed precision: bits per layer from the cached Hessians
+                from tasks.allocation import allocate_layers
+
+                jobs, allocation = allocate_layers(ctx, model_path, jobs, cfg)
 
             def default_map(js: list[LayerJob]) -> list[str]:
                 return [quantize_layer(ctx, model_path, model_ref, j, cfg) for j in js]
@@ -309,10 +371,18 @@ def run_quantize(
         layers = {}
         for job, ref in zip(jobs, refs, strict=True):
             meta = ctx.store.manifest(ref).metadata
-            layers[job.name] = {"ref": ref, "block": job.block, **meta.get("stats", {})}
+            bits = meta.get("bits", job.bits or cfg.bits)
+            layers[job.name] = {"ref": ref, "block": job.block, "bits": bits, **meta.get("stats", {})}
         w.add_bytes("index.json", json.dumps({"layers": layers}, indent=1, sort_keys=True).encode())
         total = sum(float(v.get("proxy_loss_exact", v.get("proxy_loss", 0.0))) for v in layers.values())
         w.metadata.update({"n_layers": len(layers), "proxy_loss_total": total})
+        if allocation is not None:
+            w.add_bytes("allocation.json", json.dumps(allocation, indent=1, sort_keys=True).encode())
+            w.metadata.update({"bitalloc_budget": allocation["budget"], "bitalloc_avg_bits": allocation["avg_bits"]})
+            if run is not None:
+                run.log_metrics({"bitalloc_avg_bits": allocation["avg_bits"], "bitalloc_budget": allocation["budget"]})
+                for step, (_name, b) in enumerate(sorted(allocation["bits"].items())):
+                    run.log_metrics({"layer_bits": float(b)}, step=step)
         if run is not None:
             for step, (_name, v) in enumerate(sorted(layers.items())):
                 if "proxy_loss" in v:
@@ -353,7 +423,7 @@ def _run_sequential(
         prefix = streamer.block_name(i) + "."
         for job in (j for j in jobs if j.block == i):
             q = load_qlayer(ctx, refs[job.name])
-            block.get_submodule(job.name[len(prefix) :]).weight.data.copy_(dequantize_original(q))
+            block.get_submodule(job.name[len(prefix) :]).weight.data.copy_(fake_weight(q))
 
     def visit(i: int, block: Any, hidden: Tensor) -> Tensor:
         if block_done(i):
@@ -366,7 +436,7 @@ def _run_sequential(
                 W = block.get_submodule(job.name[len(prefix) :]).weight.detach().clone()
                 s = stats[job.group]
 
-                def compute(W: Tensor = W, s: Any = s, job: LayerJob = job) -> QuantizedWeight:
+                def compute(W: Tensor = W, s: Any = s, job: LayerJob = job) -> LayerResult:
                     return _quantize_tensor(W, s.H, s.n, cfg, job.name, streamer.device.type)
 
                 refs[job.name] = _layer_stage(ctx, cfg, job, inputs, compute)

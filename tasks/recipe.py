@@ -25,7 +25,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from infra.errors import ConfigError
 
 __all__ = [
+    "ActivationQuantConfig",
+    "KVCacheQuantConfig",
+    "ROTATION_WEIGHT_METHODS",
+    "RotationConfig",
+    "BitAllocRecipeConfig",
     "CalibrationConfig",
+    "GPTQTRecipeConfig",
+    "ICQUANT_METHODS",
+    "OutlierConfig",
     "EvalConfig",
     "HessianConfig",
     "PackConfig",
@@ -90,13 +98,100 @@ class TransformConfig(BaseModel):
     )
 
 
+ICQUANT_METHODS = ("icquant-rtn", "icquant-gptq")
+
+
+class OutlierConfig(BaseModel):
+    """ICQuant outlier handling: top γ |w| per row on their own grid, positions index-coded (ALGORITHMS.md §6)."""
+
+    model_config = _FROZEN
+
+    gamma: float = Field(default=0.05, description="Outlier fraction per row, in (0, 0.5).")
+    segment: int = Field(
+        default=0,
+        ge=0,
+        description="Columns per index-stream segment (0 = one stream per row); rows and segments "
+        "decode independently.",
+    )
+    index_bits: int | None = Field(
+        default=None, description="Gap-code width B in 1..16 bits; empty = chosen per layer to minimise the bits."
+    )
+
+    @field_validator("gamma")
+    @classmethod
+    def _gamma(cls, v: float) -> float:
+        if not (0.0 < v < 0.5):
+            raise ValueError(f"gamma (outlier fraction) must be in (0, 0.5), got {v}")
+        return v
+
+    @field_validator("index_bits")
+    @classmethod
+    def _index_bits(cls, v: int | None) -> int | None:
+        from quant.icquant import MAX_INDEX_BITS
+
+        if v is not None and not 1 <= v <= MAX_INDEX_BITS:
+            raise ValueError(f"index_bits {v} overflows the {MAX_INDEX_BITS}-bit index field (use 1..{MAX_INDEX_BITS})")
+        return v
+
+
+class GPTQTRecipeConfig(BaseModel):
+    """GPTQT (ALGORITHMS.md §7): step-1 linear bits n, re-exploration of the step-1 scale, coding share.
+    The binary bits k are ``quantize.bits``."""
+
+    model_config = _FROZEN
+
+    linear_bits: int = Field(default=4, ge=2, le=4, description="Step-1 linear (GPTQ) bits n, 2..4 (> bits).")
+    multipliers: tuple[float, ...] = Field(
+        default=tuple(round(0.8 + 0.05 * i, 3) for i in range(9)),
+        description="Multipliers of the step-1 scale searched with the two-step error as criterion.",
+    )
+    share: Literal["layer", "grid"] = Field(
+        default="layer", description="One binary coding per layer (paper) or per (row, group) grid."
+    )
+
+    @field_validator("multipliers")
+    @classmethod
+    def _multipliers(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or not all(0 < c < 10 for c in v):
+            raise ValueError(f"multipliers must be a non-empty list of values in (0, 10), got {list(v)}")
+        return v
+
+
+class BitAllocRecipeConfig(BaseModel):
+    """Mixed precision: bits per layer under an average-bits budget, sensitivities from the cached Hessians."""
+
+    model_config = _FROZEN
+
+    avg_bits: float = Field(default=3.0, description="Average code bits per weight over the quantized layers.")
+    candidate_bits: tuple[int, ...] = Field(default=(2, 3, 4), description="Bit-widths a layer may get (2/3/4/8).")
+    method: Literal["dp", "greedy"] = Field(default="dp", description="Exact knapsack DP, or greedy by Δloss/Δbits.")
+    granularity: Literal["layer"] = Field(
+        default="layer", description="Allocation unit: one bit-width per linear layer."
+    )
+
+    @field_validator("candidate_bits")
+    @classmethod
+    def _candidates(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or len(set(v)) != len(v) or any(b not in (2, 3, 4, 8) for b in v):
+            raise ValueError(f"candidate_bits must be distinct values of 2, 3, 4, 8 (packed formats), got {list(v)}")
+        return tuple(sorted(v))
+
+    @model_validator(mode="after")
+    def _budget(self) -> BitAllocRecipeConfig:
+        lo = self.candidate_bits[0]
+        if not (lo <= self.avg_bits):
+            raise ValueError(f"avg_bits budget {self.avg_bits} is below the smallest candidate bit-width {lo}")
+        return self
+
+
 class QuantizeConfig(BaseModel):
     model_config = _FROZEN
 
-    method: Literal["rtn", "gptq", "quip", "hadamard-gptq"] = Field(
+    method: Literal["rtn", "gptq", "quip", "hadamard-gptq", "icquant-rtn", "icquant-gptq", "gptqt"] = Field(
         default="gptq",
         description="Per-layer quantization method (quip: incoherence + LDLQ; hadamard-gptq: randomized Hadamard "
-        "+ GPTQ).",
+        "+ GPTQ; icquant-rtn/icquant-gptq: index-coded outliers on two grids; gptqt: linear n-bit GPTQ then "
+        "k-bit binary coding, k = bits).",
     )
     bits: int = Field(default=4, ge=1, le=8, description="Bits per weight code.")
     group_size: int = Field(default=128, ge=-1, description="Columns per grid; -1/0 = one grid per output channel.")
@@ -118,6 +213,19 @@ class QuantizeConfig(BaseModel):
         "already-quantized blocks (GPTQ-paper style, own keys).",
     )
     skip: tuple[str, ...] = Field(default=("lm_head",), description="Regexes of linears left in full precision.")
+    outliers: OutlierConfig | None = Field(
+        default=None,
+        description="ICQuant outliers (ALGORITHMS.md §6). Implied with defaults by icquant-rtn/icquant-gptq; "
+        "given with method rtn/gptq it turns them into icquant-rtn/icquant-gptq.",
+    )
+    gptqt: GPTQTRecipeConfig = Field(
+        default_factory=lambda: GPTQTRecipeConfig(), description="GPTQT settings (method gptqt only)."
+    )
+    bitalloc: BitAllocRecipeConfig | None = Field(
+        default=None,
+        description="Mixed precision (ALGORITHMS.md §8): bits per layer under an average budget, from the cached "
+        "Hessians; replaces `bits` (methods rtn, gptq, icquant-*; parallel mode).",
+    )
     workers: int = Field(default=2, ge=1, le=64, description="Concurrent layer tasks (not keyed).")
 
     @field_validator("bits")
@@ -143,6 +251,44 @@ class QuantizeConfig(BaseModel):
             raise ValueError("scale_mode 'rms' needs a symmetric grid (sym: true)")
         return self
 
+    @model_validator(mode="after")
+    def _method_options(self) -> QuantizeConfig:
+        if self.outliers is not None and self.method not in ("rtn", "gptq", *ICQUANT_METHODS):
+            raise ValueError(f"outliers (ICQuant) combine with rtn/gptq/icquant-*, not with method {self.method}")
+        if self.icquant_base() is not None and self.scale_mode != "minmax":
+            raise ValueError("ICQuant fits its two grids by min/max (scale_mode: minmax)")
+        if self.method == "gptqt":
+            n = self.gptqt.linear_bits
+            if not (1 <= self.bits <= 3 and self.bits < n):
+                raise ValueError(f"gptqt needs bits (binary k) in 1..3, below gptqt.linear_bits={n}; got {self.bits}")
+        if self.bitalloc is not None:
+            if self.icquant_base() is None and self.method not in ("rtn", "gptq"):
+                raise ValueError(f"bitalloc combines with rtn, gptq and icquant-*, not with method {self.method}")
+            if self.mode != "parallel":
+                raise ValueError("bitalloc needs mode 'parallel' (the allocation reads the cached fp Hessians)")
+        return self
+
+    def icquant_base(self) -> Literal["rtn", "gptq"] | None:
+        """The ICQuant base quantizer when outliers are index-coded, else None."""
+        if self.method in ICQUANT_METHODS:
+            return "rtn" if self.method == "icquant-rtn" else "gptq"
+        if self.outliers is not None and self.method in ("rtn", "gptq"):
+            return "rtn" if self.method == "rtn" else "gptq"
+        return None
+
+    def effective_method(self) -> str:
+        """The method that runs: rtn/gptq with an ``outliers`` block are icquant-rtn/icquant-gptq."""
+        base = self.icquant_base()
+        return f"icquant-{base}" if base is not None else self.method
+
+    def outlier_config(self) -> OutlierConfig:
+        return self.outliers or OutlierConfig()
+
+    def at_bits(self, bits: int) -> QuantizeConfig:
+        """This scheme at a fixed bit-width (one layer of a mixed-precision allocation): shares keys with the
+        uniform recipe at those bits, so layers already quantized there are reused."""
+        return self.model_copy(update={"bits": bits, "bitalloc": None})
+
     def transform_kind(self) -> str | None:
         """The transform kind this method uses (None: no transforms)."""
         if self.method not in TRANSFORM_METHODS:
@@ -160,7 +306,23 @@ class QuantizeConfig(BaseModel):
             exclude.add("transform")
         if self.scale_mode == "minmax":  # default: keeps the keys of recipes written before scale_mode existed
             exclude.add("scale_mode")
-        return self.model_dump(mode="json", exclude=exclude)
+        exclude |= {"outliers", "gptqt", "bitalloc"}  # added below only where they change the weights
+        out = self.model_dump(mode="json", exclude=exclude)
+        base = self.icquant_base()
+        if base is not None:  # method gptq + outliers ≡ icquant-gptq: one key
+            out["method"] = f"icquant-{base}"
+            out["outliers"] = self.outlier_config().model_dump(mode="json")
+            if base == "rtn":
+                for k in ("damp", "block_size", "act_order", "static_groups"):
+                    out.pop(k, None)
+            out.pop("static_groups", None)  # ICQuant grids are always static
+        if self.method == "gptqt":
+            out["gptqt"] = self.gptqt.model_dump(mode="json")
+            out.pop("static_groups", None)
+        if self.bitalloc is not None:
+            out["bitalloc"] = self.bitalloc.model_dump(mode="json")
+            out.pop("bits")  # per layer, from the allocation
+        return out
 
 
 class PackConfig(BaseModel):
@@ -193,6 +355,84 @@ class RegisterConfig(BaseModel):
     max_ppl: float | None = Field(default=None, gt=0, description="Promotion gate: absolute ppl ceiling.")
 
 
+ROTATION_WEIGHT_METHODS = ("rtn", "gptq")  # weight quantizers QuaRot runs on the rotated model
+
+
+class RotationConfig(BaseModel):
+    """Whole-model rotation before quantization (QuaRot, ALGORITHMS.md §5).
+
+    ``quarot`` folds the RMSNorms, untie the embedding, rotates the residual stream (R1), V/O and down_proj into a
+    derived fp checkpoint (a ``rotated-model`` artifact) with online Hadamards before o_proj/down_proj. Its
+    activations differ from the original's, so Hessians are collected on it: the hessians/quantize/pack keys take
+    the rotated model's key as input and differ from the unrotated recipe's. Sample YAML::
+
+        rotation: {kind: quarot, seed: 0, fallback: random_orthogonal}
+    """
+
+    model_config = _FROZEN
+
+    kind: Literal["none", "quarot"] = Field(
+        default="none", description="none, or quarot (RMSNorm folding + randomized Hadamard rotations)."
+    )
+    seed: int = Field(default=0, description="Seed of R1 and the online transforms (hash of seed and role).")
+    fallback: Literal["error", "random_orthogonal"] = Field(
+        default="random_orthogonal",
+        description="Sizes with no Hadamard matrix (e.g. 9 heads): a seeded random orthogonal factor, or refuse.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+
+class ActivationQuantConfig(BaseModel):
+    """Per-token symmetric fake quantization of every block linear's input (lm_head stays 16-bit), applied at
+    evaluation by the packed model (``kernels.actquant.ref``). Sample YAML: ``activations: {bits: 4, clip_ratio: 0.9}``.
+    """
+
+    model_config = _FROZEN
+
+    bits: int = Field(default=16, description="Activation bits, 2..8; 16 = not quantized.")
+    clip_ratio: float = Field(default=1.0, gt=0, le=1.0, description="Scale = clip_ratio·max|x| / (2^(b-1)-1).")
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v != 16 and not 2 <= v <= 8:
+            raise ValueError(f"activation bits must be in 2..8 or 16 (off), got {v}")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < 16
+
+
+class KVCacheQuantConfig(BaseModel):
+    """KV-cache fake quantization (K after RoPE and, when rotated, the q/k Hadamard; V at v_proj's output), per
+    token and head in groups of ``group_size`` along the head dim. Sample YAML::
+
+        kv_cache: {bits: 4, group_size: 64, sym: false, clip_ratio: 0.95}
+    """
+
+    model_config = _FROZEN
+
+    bits: int = Field(default=16, description="KV bits, 2..8; 16 = not quantized.")
+    group_size: int = Field(default=0, ge=0, description="Entries per grid along the head dim; 0 = the head dim.")
+    sym: bool = Field(default=False, description="Symmetric grid (QuaRot uses asymmetric for the KV cache).")
+    clip_ratio: float = Field(default=1.0, gt=0, le=1.0, description="Range shrink factor of each group.")
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v != 16 and not 2 <= v <= 8:
+            raise ValueError(f"kv_cache bits must be in 2..8 or 16 (off), got {v}")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return self.bits < 16
+
+
 class Recipe(BaseModel):
     model_config = _FROZEN
 
@@ -204,6 +444,13 @@ class Recipe(BaseModel):
     pack: PackConfig = Field(default_factory=PackConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegisterConfig = Field(default_factory=RegisterConfig)
+    rotation: RotationConfig = Field(default_factory=RotationConfig, description="QuaRot model rotation.")
+    activations: ActivationQuantConfig = Field(
+        default_factory=ActivationQuantConfig, description="Activation fake quantization at evaluation (A4)."
+    )
+    kv_cache: KVCacheQuantConfig = Field(
+        default_factory=KVCacheQuantConfig, description="KV-cache fake quantization at evaluation (KV4)."
+    )
 
     @field_validator("name")
     @classmethod
@@ -214,14 +461,36 @@ class Recipe(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
+        q = self.quantize
+        if self.rotation.enabled:
+            if q.method not in ROTATION_WEIGHT_METHODS or q.icquant_base() is not None or q.bitalloc is not None:
+                raise ValueError(
+                    f"rotation.kind {self.rotation.kind} rotates the whole model; combine it with quantize.method "
+                    f"rtn or gptq, not {q.effective_method()}{' + bitalloc' if q.bitalloc is not None else ''}"
+                )
+            if q.mode != "parallel":
+                raise ValueError("rotation.kind quarot needs quantize.mode parallel (Hessians of the rotated model)")
         return self
+
+    def runtime_config(self) -> dict[str, Any] | None:
+        """What the packed model applies online besides its weights (A/KV fake quantization); None if nothing."""
+        out: dict[str, Any] = {}
+        if self.activations.enabled:
+            out["activations"] = self.activations.model_dump(mode="json")
+        if self.kv_cache.enabled:
+            out["kv_cache"] = self.kv_cache.model_dump(mode="json")
+        return out or None
 
     def digest(self) -> str:
         import hashlib
 
         from infra.keys import canonical_json
 
-        return hashlib.sha256(canonical_json(self.model_dump(mode="json")).encode()).hexdigest()[:16]
+        data = self.model_dump(mode="json")
+        for section in ("rotation", "activations", "kv_cache"):  # defaults: digests of older recipes unchanged
+            if getattr(self, section) == type(getattr(self, section))():
+                data.pop(section)
+        return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:16]
 
     def with_overrides(self, overrides: list[str]) -> Recipe:
         """Apply ``--set section.field=value`` overrides (values parsed as YAML scalars)."""

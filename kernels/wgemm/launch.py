@@ -7,6 +7,12 @@
 Supported: bits 2/3/4/8; sym/asym (zeros are data); any group size, including a ragged last group and
 act-order g_idx (scales gathered per column, no reordering); any M (tuned for M <= 256). Config: explicit
 ``config`` > ``tuned`` table entry for this GPU/shape > ``default_config`` heuristic.
+Numerics: there is no fp16 accumulation. Weights are dequantized exactly in fp32, cast to x's dtype (as the
+reference does before ``F.linear``), multiplied with fp32 accumulation (``tl.dot(..., out_dtype=fp32)`` or an
+fp32 multiply-reduce), split-K partials are summed in fp32, and the result is rounded to x's dtype once. Measured
+max relative error vs the reference (interpreter): fp32 ~3e-7, fp16 ~9e-4, bf16 ~1.2e-2 (bf16's 8-bit mantissa).
+Unsupported combinations: bit widths other than 2/3/4/8 are refused at pack time; other cases make
+``kernel_unsupported_reason`` non-None, and ``QuantLinear`` then uses the reference with a one-time warning.
 Importing this module does not import triton; it registers the ``quantpipe::wgemm`` custom op (+ fake impl).
 """
 

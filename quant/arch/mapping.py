@@ -29,6 +29,7 @@ class ArchMapping(BaseModel):
     rotary: str = "model.rotary_emb"
     input_norm: str = "input_layernorm"
     post_attention_norm: str = "post_attention_layernorm"
+    value: str = "self_attn.v_proj"  # the linear whose output QuaRot rotates per head (V/O rotation)
     groups: tuple[LinearGroup, ...]
 
     def block_linears(self) -> list[str]:

@@ -95,3 +95,71 @@ def test_cpu_default_uses_reference() -> None:
     torch.testing.assert_close(hadamard_transform(x), fwht_ref(x), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="unsupported"):
         hadamard_transform(x.double(), use_kernel=True)
+
+
+# ---- all Paley orders of quant.hadamard, transpose, fused signs, incoherence transforms on the kernel ----------
+
+XCASES = [(36, False), (576, False), (576, True), (688, True), (1536, False), (112, True), (256, False)]
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize(("n", "transpose"), XCASES, ids=[f"n{n}-{'T' if t else 'N'}" for n, t in XCASES])
+def test_kernel_any_paley_size_signs_transpose_vs_dense(n: int, transpose: bool) -> None:
+    """576 = 36·16 (SmolLM2 hidden), 688 = 344·2 (the 11008 factor), 1536 = 12·128: vs the dense H_n."""
+    from quant.hadamard import dense_hadamard
+
+    if DEVICE == "cpu":
+        from kernels.hadamard.triton import fwht_kernel
+
+        if not is_interpreted(fwht_kernel):
+            pytest.skip("interpreter not active")
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(3, n, generator=gen, dtype=torch.float64)
+    d = (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).double()
+    H = dense_hadamard(n)
+    want = (x * d) @ (H if transpose else H.t())
+    got = hadamard_transform(x.float().to(DEVICE), use_kernel=True, transpose=transpose, signs=d.float().to(DEVICE))
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
+    ref_path = hadamard_transform(x.float(), use_kernel=False, transpose=transpose, signs=d.float())
+    torch.testing.assert_close(ref_path.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_launch_rejects_sizes_without_construction() -> None:
+    from quant.hadamard import HadamardSizeError
+
+    with pytest.raises(HadamardSizeError, match="unsupported Hadamard size 6"):
+        hadamard_transform(torch.randn(2, 6))
+    with pytest.raises(ValueError, match="signs"):
+        hadamard_transform(torch.randn(2, 8), signs=torch.ones(4))
+
+
+TCASES = [("hadamard", 64), ("hadamard", 576), ("hadamard", 40 * 3), ("kron", 48), ("hadamard", 144), ("hadamard", 90)]
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize(("kind", "n"), TCASES, ids=[f"{k}-n{n}" for k, n in TCASES])
+@pytest.mark.parametrize("rescale", [False, True], ids=["plain", "rescale"])
+def test_incoherence_transforms_on_kernel_match_quant(kind: str, n: int, rescale: bool) -> None:
+    """``incoherence_input/output`` (RotatedQuantLinear's CUDA path) == ``IncoherenceTransforms.input/output``;
+    144 = 36·4 uses Paley II; 90 = 45·2 has no construction, so it exercises the random-orthogonal ⊗ H_2 fallback."""
+    from kernels.hadamard.launch import incoherence_input, incoherence_output
+    from quant.incoherence import IncoherenceConfig, IncoherenceTransforms, make_transform
+
+    if DEVICE == "cpu":
+        from kernels.hadamard.triton import fwht_kernel
+
+        if not is_interpreted(fwht_kernel):
+            pytest.skip("interpreter not active")
+    gen = torch.Generator().manual_seed(n)
+    cfg = IncoherenceConfig(kind=kind)  # type: ignore[arg-type]
+    tr = IncoherenceTransforms(
+        make_transform(24, cfg, gen),
+        make_transform(n, cfg, gen),
+        torch.rand(n, generator=gen) + 0.5 if rescale else None,
+    )
+    x = torch.randn(2, 3, n, generator=gen)
+    y = torch.randn(2, 3, 24, generator=gen)
+    got_in = incoherence_input(tr, x.to(DEVICE), use_kernel=True).cpu()
+    got_out = incoherence_output(tr, y.to(DEVICE), use_kernel=True).cpu()
+    torch.testing.assert_close(got_in, tr.input(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_out, tr.output(y), rtol=1e-5, atol=1e-5)

@@ -187,7 +187,7 @@ def test_imports_work_without_triton_and_package_is_light() -> None:
         "assert not hasattr(kernels, '__version__')\n"
         "assert [n for n in vars(kernels) if not n.startswith('__')] == [], vars(kernels).keys()\n"
         "import kernels.packing, kernels.quant_linear, kernels.wgemm.launch, kernels.wgemm.configs\n"
-        "import kernels.hadamard.launch, kernels.hadamard.ref\n"
+        "import kernels.hadamard.launch, kernels.hadamard.ref, kernels.actquant.launch, kernels.actquant.ref\n"
         "from kernels.quant_linear import QuantLinear\n"
         "m = QuantLinear(64, 8, 4, 32)\n"
         "assert m(torch.randn(2, 64)).shape == (2, 8)\n"

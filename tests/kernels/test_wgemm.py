@@ -184,3 +184,23 @@ def test_quant_linear_cuda_uses_kernel(dt, M, recwarn) -> None:
     err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
     assert err <= TOL[dt]
     assert not [w for w in recwarn if "QuantLinear" in str(w.message)]
+
+
+def test_tuned_table_entry_is_used_and_reaches_quant_linears(monkeypatch) -> None:
+    """A tuned entry for this device/shape bucket replaces the heuristic (which is made to fail here)."""
+    import kernels.wgemm.launch as launch
+    from kernels.quant_linear import set_tuned_configs
+
+    gpu = launch._gpu_name(torch.device(DEVICE))
+    table = TunedConfigs({tune_key(gpu, 3, 48, 192, 32, 4): WGemmConfig(4, 16, 32, split_k=3)})
+
+    def no_heuristic(*a, **k):
+        raise AssertionError("default_config used although a tuned entry exists")
+
+    monkeypatch.setattr(launch, "default_config", no_heuristic)
+    t = _packed(48, 192, 4, 32)
+    x = torch.randn(3, 192, device=DEVICE)
+    args = (x, t["qweight"], t["scales"], t["zeros"], None, 4, 32, 192)
+    torch.testing.assert_close(launch.wgemm(*args, tuned=table), wgemm_ref(*args), rtol=1e-5, atol=1e-5)
+    model = torch.nn.Sequential(QuantLinear.from_packed({k: v.cpu() for k, v in t.items()}), torch.nn.ReLU())
+    assert set_tuned_configs(model, table) == 1 and model[0].tuned is table

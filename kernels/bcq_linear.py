@@ -1,0 +1,132 @@
+"""GPTQT merged binary-coding layout and its torch reference module ``BCQLinear`` (ALGORITHMS.md §7).
+
+Checkpoint tensors of one binary-coded linear [N = out, K = in], k bit-planes (``pack_bcq``)::
+
+    planes   int32 [k, ceil(K/32), N]   bit-plane B_i packed along K: bit j of word w, column n is B_i[n, 32w + j]
+                                        (1 ⇔ b = +1); N contiguous, like ``kernels.packing`` INT32_KPACKED
+    alpha    fp16  [k, G, N]            α'_i = s·α_i per (row, group)
+    beta     fp16  [G, N]               β' = s·(β − z)
+    bcqmeta  int32 [4]                  (format version, k, group_size, K)
+
+ŵ[n, j] = Σ_i α'_i[g(j), n] · (2·B_i[n, j] − 1) + β'[g(j), n] — what a LUT-GEMM kernel computes as
+Σ_i α'_i ⊙ (B_i x). The quantize stage rounds α', β' to fp16 before it records the layer, so unpacking gives back
+the exact ``quant.gptqt.BinaryCodedWeight`` and the module's weight equals the fake-quantized weight bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kernels.packing import SCALE_DTYPE
+from quant.gptqt import BinaryCodedWeight
+from quant.icquant import pack_bits
+
+__all__ = ["BCQ_FORMAT_VERSION", "BCQ_KEYS", "BCQLinear", "pack_bcq", "round_bcq_fp16", "unpack_bcq"]
+
+BCQ_FORMAT_VERSION = 1
+BCQ_KEYS = ("planes", "alpha", "beta", "bcqmeta")
+_FP16 = ("alpha", "beta")
+
+
+def round_bcq_fp16(w: BinaryCodedWeight) -> BinaryCodedWeight:
+    """α', β' rounded to the fp16 values the checkpoint stores (apply before recording the fake weight)."""
+    alpha, beta = w.alpha.to(SCALE_DTYPE), w.beta.to(SCALE_DTYPE)
+    if not (bool(torch.isfinite(alpha).all()) and bool(torch.isfinite(beta).all())):
+        raise ValueError("binary-coding scales α', β' overflow fp16")
+    return BinaryCodedWeight(w.planes, alpha.float(), beta.float(), w.in_features, w.group_size)
+
+
+def _pack_planes(bits: Tensor) -> Tensor:
+    """bool [k, N, K] → int32 [k, ceil(K/32), N]."""
+    k, N, K = bits.shape
+    Kw = math.ceil(K / 32)
+    b = F.pad(bits.to(torch.int64), (0, Kw * 32 - K)).reshape(k, N, Kw, 32)
+    words = (b << torch.arange(32, device=bits.device)).sum(-1)  # < 2^32
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)
+    return words.transpose(1, 2).to(torch.int32).contiguous()
+
+
+def _unpack_planes(planes: Tensor, K: int) -> Tensor:
+    """int32 [k, ceil(K/32), N] → bool [k, N, K]."""
+    w = planes.to(torch.int64) & 0xFFFFFFFF  # [k, Kw, N]
+    bits = (w.unsqueeze(-1) >> torch.arange(32, device=planes.device)) & 1  # [k, Kw, N, 32]
+    return bits.permute(0, 2, 1, 3).reshape(planes.shape[0], planes.shape[2], -1)[:, :, :K].bool()
+
+
+def pack_bcq(w: BinaryCodedWeight) -> dict[str, Tensor]:
+    """Checkpoint tensors (module docstring); α', β' must already be fp16-exact (``round_bcq_fp16``)."""
+    alpha, beta = w.alpha.to(SCALE_DTYPE), w.beta.to(SCALE_DTYPE)
+    if not (torch.equal(alpha.float(), w.alpha) and torch.equal(beta.float(), w.beta)):
+        raise ValueError("α', β' are not fp16-exact; round them with round_bcq_fp16 before recording the layer")
+    k = w.planes.shape[0]
+    return {
+        "planes": _pack_planes(w.bit_planes()),
+        "alpha": alpha.permute(2, 1, 0).contiguous(),  # [out, G, k] → [k, G, N]
+        "beta": beta.t().contiguous(),
+        "bcqmeta": torch.tensor([BCQ_FORMAT_VERSION, k, w.group_size, w.in_features], dtype=torch.int32),
+    }
+
+
+def unpack_bcq(t: dict[str, Tensor]) -> BinaryCodedWeight:
+    """Inverse of ``pack_bcq``."""
+    version, k, gs, K = (int(v) for v in t["bcqmeta"].tolist())
+    if version != BCQ_FORMAT_VERSION:
+        raise ValueError(f"unsupported binary-coding format version {version} (this code reads {BCQ_FORMAT_VERSION})")
+    bits = _unpack_planes(t["planes"], K)  # [k, N, K]
+    if bits.shape[0] != k:
+        raise ValueError(f"planes hold {bits.shape[0]} bit-planes, bcqmeta says {k}")
+    N = bits.shape[1]
+    nb = math.ceil(K / 8)
+    planes = pack_bits(F.pad(bits.to(torch.uint8), (0, nb * 8 - K)).reshape(-1), 1).reshape(k, N, nb)
+    alpha = t["alpha"].to(torch.float32).permute(2, 1, 0).contiguous()
+    beta = t["beta"].to(torch.float32).t().contiguous()
+    return BinaryCodedWeight(planes, alpha, beta, K, gs)
+
+
+class BCQLinear(nn.Module):
+    """y = F.linear(x, Ŵ, bias) with Ŵ = Σ_i α'_i B_i + β' (CPU reference: dequantize, then matmul)."""
+
+    def __init__(self, tensors: dict[str, Tensor], bias: Tensor | None = None) -> None:
+        super().__init__()
+        missing = [k for k in BCQ_KEYS if k not in tensors]
+        if missing:
+            raise ValueError(f"binary-coded packed tensors missing {missing}")
+        for k in BCQ_KEYS:
+            self.register_buffer(k, tensors[k].detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        meta, planes = tensors["bcqmeta"], tensors["planes"]
+        self.in_features, self.out_features, self.bits = int(meta[3]), int(planes.shape[2]), int(meta[1])
+        self.unpacked()  # validate now
+
+    @classmethod
+    def from_packed(cls, tensors: dict[str, Tensor], bias: Tensor | None = None) -> BCQLinear:
+        return cls(tensors, tensors.get("bias", bias))
+
+    def unpacked(self) -> BinaryCodedWeight:
+        return unpack_bcq({k: self._buffers[k] for k in BCQ_KEYS})  # type: ignore[misc]
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.unpacked().dequantize(torch.float32).to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, binary_bits={self.bits}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected last dim {self.in_features}, got input shape {tuple(x.shape)}")
+        b = self._buffers.get("bias")
+        return F.linear(x, self.dequantized_weight(x.dtype), None if b is None else b.to(x.dtype))
+
+    def _apply(self, fn: Callable, recurse: bool = True):  # type: ignore[override]
+        for name in _FP16:  # keep the fp16 α', β' exact under model.to(dtype)
+            self._buffers[name] = self._buffers[name].view(torch.int16)  # type: ignore[union-attr]
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for name in _FP16:
+                self._buffers[name] = self._buffers[name].view(SCALE_DTYPE)  # type: ignore[union-attr]

@@ -1,0 +1,54 @@
+"""Pre-flight checks of the ICQuant options against a model's layer shapes (before any artifact is written).
+
+An outlier fraction that rounds to no outlier in some layer would silently turn ICQuant into plain RTN/GPTQ with
+a wasted position stream, and an index stream whose worst-case code count exceeds the int32 offset field cannot
+be stored: both are refused with one line naming the field and the layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from infra.errors import ConfigError
+from tasks.recipe import QuantizeConfig
+
+__all__ = ["check_method_shapes", "max_index_codes"]
+
+_OFFSET_MAX = 2**31 - 1  # IndexStream offsets are int32
+
+
+def max_index_codes(rows: int, cols: int, n_outliers: int, segment: int, index_bits: int | None) -> int:
+    """Upper bound on the gap/escape codes of a [rows, cols] layer with ``n_outliers`` per row: per row
+    Σ_t (⌊d_t/E⌋ + 1) ≤ n_outliers + ⌊cols/E⌋ + segments (E = 2^B − 1; B = 1 when chosen per layer)."""
+    L = cols if segment <= 0 else min(segment, cols)
+    per_row_segments = math.ceil(cols / L)
+    E = (1 << (index_bits or 1)) - 1
+    return rows * (n_outliers + cols // E + per_row_segments)
+
+
+def check_method_shapes(model_path: Path, cfg: QuantizeConfig) -> None:
+    """Raise ConfigError if the ICQuant options cannot apply to some quantized linear of the model."""
+    if cfg.icquant_base() is None:
+        return
+    from tasks.driver import _WeightIndex
+    from tasks.quantize import plan_layers
+
+    o = cfg.outlier_config()
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    index = _WeightIndex(Path(model_path))
+    for job in plan_layers(model_path, cfg, [None] * int(config.get("num_hidden_layers", 0))):
+        rows, cols = (int(s) for s in index.entries[f"{job.name}.weight"][3])
+        k = math.floor(o.gamma * cols + 0.5)
+        if k == 0:
+            raise ConfigError(
+                f"quantize.outliers.gamma={o.gamma} selects no outlier in {job.name} ({cols} columns); "
+                f"use gamma >= {0.5 / cols:.3g}"
+            )
+        worst = max_index_codes(rows, cols, k, o.segment, o.index_bits)
+        if worst > _OFFSET_MAX:
+            raise ConfigError(
+                f"quantize.outliers: {job.name} may need {worst} index codes, overflowing the int32 index offset "
+                f"field (max {_OFFSET_MAX}); use more index_bits or split the stream into segments"
+            )

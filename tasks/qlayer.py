@@ -1,0 +1,138 @@
+"""The kinds of quantized layer a ``qlayer`` artifact can hold, and what every stage needs from each.
+
+* ``QuantizedWeight`` — codes + one affine grid per (row, group) (rtn, gptq, quip, hadamard-gptq);
+* ``ICQuantWeight`` — codes, inlier and outlier grids, index-coded outlier positions (icquant-*);
+* ``BCQLayer`` — GPTQT's merged pure binary coding (bit-planes + α', β'), with the layer's stats.
+
+ICQuant and binary-coded layers are recorded in their checkpoint layout (``kernels.icq_linear`` /
+``kernels.bcq_linear``, lossless), so the artifact, the packed checkpoint and the fake-quantized weight are one
+set of numbers. Stored bits are measured from the packed tensors' bytes (``stored_bits``), never from a formula.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from quant.gptqt import BinaryCodedWeight
+from quant.icquant import ICQuantWeight
+from quant.types import QuantizedWeight
+
+__all__ = [
+    "BCQLayer",
+    "LayerResult",
+    "fake_weight",
+    "layer_bits",
+    "layer_kind",
+    "layer_shape",
+    "load_coded",
+    "native_tensors",
+    "save_coded",
+    "stored_bits",
+]
+
+
+@dataclass(frozen=True, eq=False)
+class BCQLayer:
+    """A GPTQT layer: the merged binary-coded weight (α', β' fp16-exact) and its deterministic stats."""
+
+    weight: BinaryCodedWeight
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bits(self) -> int:
+        return int(self.weight.planes.shape[0])
+
+
+LayerResult = QuantizedWeight | ICQuantWeight | BCQLayer
+
+
+def layer_kind(q: LayerResult) -> str:
+    if isinstance(q, ICQuantWeight):
+        return "icquant"
+    if isinstance(q, BCQLayer):
+        return "bcq"
+    return "affine"
+
+
+def layer_shape(q: LayerResult) -> tuple[int, int]:
+    """(out_features, in_features)."""
+    if isinstance(q, BCQLayer):
+        return int(q.weight.alpha.shape[0]), q.weight.in_features
+    return int(q.codes.shape[0]), int(q.codes.shape[1])
+
+
+def layer_bits(q: LayerResult) -> int:
+    """Code bits per weight (b for grids and ICQuant, k bit-planes for binary coding)."""
+    return q.bits
+
+
+def fake_weight(q: LayerResult, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The weight the packed layer applies, in the original basis."""
+    if isinstance(q, BCQLayer):
+        return q.weight.dequantize(torch.float32).to(dtype)
+    if isinstance(q, ICQuantWeight):
+        return q.dequantize(torch.float32).to(dtype)
+    from quant.incoherence import dequantize_original
+
+    return dequantize_original(q, dtype)
+
+
+def native_tensors(q: LayerResult) -> dict[str, Tensor]:
+    """The checkpoint tensors of one linear in the native format (names = the reference module's buffers)."""
+    if isinstance(q, ICQuantWeight):
+        from kernels.icq_linear import pack_icquant
+
+        return pack_icquant(q)
+    if isinstance(q, BCQLayer):
+        from kernels.bcq_linear import pack_bcq
+
+        return pack_bcq(q.weight)
+    from kernels.packing import pack_quantized_linear
+
+    out = pack_quantized_linear(q.codes, q.scales, q.zeros, q.bits, q.group_size, q.g_idx)
+    out.update(q.transforms or {})  # su, sv, perm_u, kron_v, fac_v0, rescale …
+    return out
+
+
+_CODES = {"qweight", "planes"}
+_POSITIONS = {"pos_data"}
+_OFFSETS = {"pos_offsets"}
+_GRIDS = {"scales", "zeros", "oscales", "ozeros", "alpha", "beta"}
+
+
+def stored_bits(tensors: dict[str, Tensor], n_weights: int) -> dict[str, float]:
+    """Measured bits per weight of one packed linear: codes, outlier positions (the index-coded stream), offsets
+    (the int32 per-segment table that lets rows decode in parallel), grids (scales/zeros, both ICQuant grids,
+    α'/β') and the rest (metadata, g_idx, transforms)."""
+    parts = {"codes": 0, "positions": 0, "offsets": 0, "grids": 0, "other": 0}
+    for name, t in tensors.items():
+        nbits = 8 * t.numel() * t.element_size()
+        table = (("codes", _CODES), ("positions", _POSITIONS), ("offsets", _OFFSETS), ("grids", _GRIDS))
+        kinds = [k for k, names in table if name in names]
+        parts[kinds[0] if kinds else "other"] += nbits
+    out = {f"bpw_{k}": v / max(n_weights, 1) for k, v in parts.items()}
+    out["bpw_total"] = sum(parts.values()) / max(n_weights, 1)
+    return out
+
+
+def save_coded(q: ICQuantWeight | BCQLayer) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """qlayer payload tensors + safetensors metadata for the non-affine kinds (their lossless packed layout)."""
+    return native_tensors(q), {"format": layer_kind(q), "bits": str(q.bits)}
+
+
+def load_coded(tensors: dict[str, Tensor], meta: dict[str, str], stats: dict[str, float]) -> LayerResult:
+    """Inverse of ``save_coded``."""
+    from dataclasses import replace
+
+    if meta.get("format") == "icquant":
+        from kernels.icq_linear import unpack_icquant
+
+        return replace(unpack_icquant(tensors), stats=stats)
+    if meta.get("format") == "bcq":
+        from kernels.bcq_linear import unpack_bcq
+
+        return BCQLayer(unpack_bcq(tensors), stats)
+    raise ValueError(f"unknown qlayer format {meta.get('format')!r}")
