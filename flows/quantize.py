@@ -259,6 +259,7 @@ def _quantize_stage(
             block_refs=hessians.metadata["blocks"] if hessians else None,
             map_layers=map_layers,
             progress=adv,
+            forward=recipe.hessians,
         )
     del started
     return result

@@ -125,8 +125,12 @@ def _write_compressed_tensors(out: Path, model_path: Path, cfg: QuantizeConfig, 
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True)
-    group = next(iter(qweights.values())).group_size
-    wargs = QuantizationArgs(num_bits=cfg.bits, type="int", symmetric=cfg.sym, strategy="group", group_size=group)
+    if cfg.group_size <= 0:  # one grid per output channel: each layer's "group" is its own width
+        wargs = QuantizationArgs(num_bits=cfg.bits, type="int", symmetric=cfg.sym, strategy="channel")
+    else:
+        wargs = QuantizationArgs(
+            num_bits=cfg.bits, type="int", symmetric=cfg.sym, strategy="group", group_size=cfg.group_size
+        )
     qcfg = QuantizationConfig(
         config_groups={"group_0": QuantizationScheme(targets=sorted(qweights), weights=wargs)},
         quantization_status="frozen",

@@ -27,7 +27,7 @@ from quant.ldlq import LDLQConfig, quantize_ldlq
 from quant.rtn import quantize_rtn
 from quant.types import GridConfig, QuantizedWeight
 from tasks.qlayer import BCQLayer, LayerResult, fake_weight, layer_shape
-from tasks.recipe import QuantizeConfig
+from tasks.recipe import HessianConfig, QuantizeConfig
 from tasks.stage import StageContext, StageResult, ensure_artifact, run_stage, stage_key
 
 __all__ = [
@@ -291,14 +291,19 @@ def load_qlayer(ctx: StageContext, ref: str) -> LayerResult:
     )
 
 
+def _layer_key_config(cfg: QuantizeConfig, job: LayerJob, extra_key: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {**job.config(cfg).key_config(), **(extra_key or {}), "layer": job.name}
+
+
 def _layer_stage(
     ctx: StageContext,
     cfg: QuantizeConfig,
     job: LayerJob,
     inputs: dict[str, str],
     compute: Callable[[], LayerResult],
+    extra_key: dict[str, Any] | None = None,
 ) -> str:
-    config = {**job.config(cfg).key_config(), "layer": job.name}
+    config = _layer_key_config(cfg, job, extra_key)
 
     def produce(w: Any, _run: Any) -> None:
         q = compute()
@@ -340,8 +345,12 @@ def run_quantize(
     block_refs: Sequence[str] | None,
     map_layers: MapLayers | None = None,
     progress: Callable[[int], None] | None = None,
+    forward: HessianConfig | None = None,
 ) -> StageResult:
-    """``map_layers`` runs the per-layer jobs (Prefect task runner in flows; a plain loop by default)."""
+    """``map_layers`` runs the per-layer jobs (Prefect task runner in flows; a plain loop by default).
+
+    ``forward`` (the recipe's ``hessians`` section) sets the calibration forward of ``sequential`` mode, which
+    collects its Hessians itself; a non-default compute dtype is part of the sequential keys."""
     if cfg.mode == "parallel":
         if hessians_ref is None or block_refs is None:
             raise ConfigError("parallel quantization needs the hessians stage output")
@@ -350,7 +359,7 @@ def run_quantize(
         if cal_ref is None:
             raise ConfigError("sequential quantization needs the calibration stage output")
         inputs = {"model": model_ref, "calibration": cal_ref}
-    config = cfg.key_config()
+    config = {**cfg.key_config(), **_sequential_forward_key(cfg, forward)}
 
     def produce(w: Any, run: Any) -> None:
         allocation: dict[str, Any] | None = None
@@ -367,7 +376,7 @@ def run_quantize(
 
             refs = (map_layers or default_map)(jobs)
         else:
-            jobs, refs = _run_sequential(ctx, model_path, model_ref, cal_ref or "", cfg, progress)
+            jobs, refs = _run_sequential(ctx, model_path, model_ref, cal_ref or "", cfg, progress, forward)
         layers = {}
         for job, ref in zip(jobs, refs, strict=True):
             meta = ctx.store.manifest(ref).metadata
@@ -395,6 +404,14 @@ def run_quantize(
     return run_stage(ctx, "quantize", STAGE_VERSION, config, inputs, produce, after=after)
 
 
+def _sequential_forward_key(cfg: QuantizeConfig, forward: HessianConfig | None) -> dict[str, Any]:
+    """Sequential mode runs its own calibration forward, so its dtype is part of what the layers depend on;
+    the default (fp32) adds nothing, which keeps the keys of existing sequential builds."""
+    if cfg.mode != "sequential" or forward is None or forward.compute_dtype == "float32":
+        return {}
+    return {"forward_dtype": forward.compute_dtype}
+
+
 def _run_sequential(
     ctx: StageContext,
     model_path: Path,
@@ -402,19 +419,23 @@ def _run_sequential(
     cal_ref: str,
     cfg: QuantizeConfig,
     progress: Callable[[int], None] | None,
+    forward: HessianConfig | None = None,
 ) -> tuple[list[LayerJob], list[str]]:
     """Per block: Hessians from the *quantized* prefix's activations → quantize → re-forward quantized block."""
+    import contextlib
+
     from tasks.driver import BlockStreamer, collect_block_hessians, for_each_block
     from tasks.hessians import load_tokens
 
+    fwd = forward or HessianConfig()
     streamer = BlockStreamer(model_path, device=ctx.settings.resolved_device())
     jobs = plan_layers(model_path, cfg, [None] * streamer.n_blocks)
     inputs = {"model": model_ref, "calibration": cal_ref}
-    config = {**cfg.key_config(), "layer": ""}
+    fkey = _sequential_forward_key(cfg, forward)
     refs: dict[str, str] = {}
 
     def layer_ref(job: LayerJob) -> str:
-        return str(stage_key("qlayer", LAYER_VERSION, {**config, "layer": job.name}, inputs))
+        return str(stage_key("qlayer", LAYER_VERSION, _layer_key_config(cfg, job, fkey), inputs))
 
     def block_done(i: int) -> bool:
         return all(ctx.store.exists(layer_ref(j)) for j in jobs if j.block == i)
@@ -430,7 +451,7 @@ def _run_sequential(
             for job in (j for j in jobs if j.block == i):
                 refs[job.name] = layer_ref(job)
         else:
-            stats, _ = collect_block_hessians(streamer, block, hidden)
+            stats, _ = collect_block_hessians(streamer, block, hidden, micro_batch=fwd.micro_batch)
             prefix = streamer.block_name(i) + "."
             for job in (j for j in jobs if j.block == i):
                 W = block.get_submodule(job.name[len(prefix) :]).weight.detach().clone()
@@ -439,10 +460,16 @@ def _run_sequential(
                 def compute(W: Tensor = W, s: Any = s, job: LayerJob = job) -> LayerResult:
                     return _quantize_tensor(W, s.H, s.n, cfg, job.name, streamer.device.type)
 
-                refs[job.name] = _layer_stage(ctx, cfg, job, inputs, compute)
+                refs[job.name] = _layer_stage(ctx, cfg, job, inputs, compute, fkey)
         apply(block, i)
-        return streamer.run_block(block, hidden)
+        return streamer.run_block(block, hidden, micro_batch=fwd.micro_batch)
 
     ids = load_tokens(ctx, cal_ref)
-    for_each_block(streamer, ids, visit, progress=progress)
+    autocast = (
+        torch.autocast(streamer.device.type, dtype=torch.bfloat16)
+        if fwd.compute_dtype == "bfloat16"
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        for_each_block(streamer, ids, visit, progress=progress, micro_batch=fwd.micro_batch)
     return jobs, [refs[j.name] for j in jobs]

@@ -111,15 +111,17 @@ def test_packed_checkpoint_equals_fake_quantized_model(first_run: dict, home: Se
     assert "asymmetric" in pack.manifest.metadata["compressed_tensors_skipped"]
 
 
+@pytest.mark.parametrize("group_size", [32, -1], ids=["g32", "per-channel"])
 def test_compressed_tensors_export_loads_in_transformers(
-    prefect_harness: None, home: Settings, tiny_llama_dir: Path
+    prefect_harness: None, home: Settings, tiny_llama_dir: Path, group_size: int
 ) -> None:
-    """W4 g32 sym: the pack-quantized export loads in plain transformers and matches the native checkpoint."""
+    """W4 sym, grouped or per channel (layers of different widths): the pack-quantized export loads in plain
+    transformers and matches the native checkpoint."""
     from transformers import AutoModelForCausalLM
 
     from tasks.checkpoint import load_packed_model
 
-    out = quantize_model(str(tiny_llama_dir), tiny_recipe(sym=True))
+    out = quantize_model(str(tiny_llama_dir), tiny_recipe(sym=True, group_size=group_size))
     pack = open_store(settings=home).get(out["stages"]["pack"]["key"])
     assert pack.manifest.metadata["formats"] == ["native", "compressed-tensors"]
     ct = AutoModelForCausalLM.from_pretrained(pack.root / "compressed-tensors")
@@ -166,6 +168,13 @@ def test_sequential_mode_has_its_own_keys(prefect_harness: None, home: Settings,
     par = quantize_model(str(tiny_llama_dir), tiny_recipe())
     assert out["stages"]["quantize"]["key"] != par["stages"]["quantize"]["key"]
     assert out["metrics"]["ppl"] > 1
+    # sequential mode runs its own calibration forward: its dtype is part of the layers' keys
+    bf16 = quantize_model(
+        str(tiny_llama_dir), tiny_recipe(mode="sequential").with_overrides(["hessians.compute_dtype=bfloat16"])
+    )
+    assert bf16["stages"]["quantize"]["key"] != out["stages"]["quantize"]["key"]
+    assert not bf16["stages"]["quantize"]["cache_hit"]
+    assert abs(bf16["metrics"]["ppl"] - out["metrics"]["ppl"]) < 0.05 * out["metrics"]["ppl"]
 
 
 def test_rtn_and_s3_store(
