@@ -107,13 +107,32 @@ def _random_packed(K: int, N: int, bits: int, group: int, device: str) -> dict[s
     return {k: v.to(device) for k, v in {"qweight": qweight, "scales": scales, "zeros": zeros}.items()}
 
 
+def emit_quantized_matmul(
+    b: Bench, kind: str, K: int, N: int, M: int, bits: int, group: int, t: float, t16: float, bw: float
+) -> None:
+    """One row for a quantized matmul that took ``t`` µs: its roofline bound and the speedup over fp16 (``t16``)."""
+    from kernels.roofline import frac_of_limit, roofline_us, speedup
+
+    rl = roofline_us(K, N, M, bits, bw, group)
+    b.emit(
+        kind=kind,
+        K=K,
+        N=N,
+        M=M,
+        us=t,
+        roofline_us=rl,
+        frac_of_limit=frac_of_limit(rl, t),
+        speedup_vs_fp16=speedup(t16, t),
+    )
+
+
 def measure_matmuls(
     b: Bench, bw: float, shapes: list[tuple[int, int]], batches: tuple[int, ...], gemlite: Any, group: int = GROUP
 ) -> None:
     """fp16 matmul, our W4/W3/W2 kernels and gemlite per shape and M, each against the roofline."""
     import torch
 
-    from kernels.roofline import frac_of_limit, roofline_us, speedup
+    from kernels.roofline import frac_of_limit, roofline_us
     from kernels.wgemm.launch import wgemm
 
     dt = torch.float16
@@ -129,17 +148,7 @@ def measure_matmuls(
                 p = packed[bits]
                 args = (x, p["qweight"], p["scales"], p["zeros"], None, bits, group, K)
                 t = b.time_us(lambda a=args: wgemm(*a))
-                rl = roofline_us(K, N, M, bits, bw, group)
-                b.emit(
-                    kind=f"quantpipe_w{bits}g{group}",
-                    K=K,
-                    N=N,
-                    M=M,
-                    us=t,
-                    roofline_us=rl,
-                    frac_of_limit=frac_of_limit(rl, t),
-                    speedup_vs_fp16=speedup(t16, t),
-                )
+                emit_quantized_matmul(b, f"quantpipe_w{bits}g{group}", K, N, M, bits, group, t, t16, bw)
             if gemlite is not None:
                 measure_gemlite(b, gemlite, x, K, N, M, t16, bw, group)
 
@@ -147,8 +156,6 @@ def measure_matmuls(
 def measure_gemlite(b: Bench, gemlite: Any, x: Any, K: int, N: int, M: int, t16: float, bw: float, group: int) -> None:
     """The peer, exactly as ``shared/bench/roofline_peer.py`` drives it."""
     import torch
-
-    from kernels.roofline import frac_of_limit, roofline_us, speedup
 
     for bits in (4, 2):
         try:
@@ -166,17 +173,7 @@ def measure_gemlite(b: Bench, gemlite: Any, x: Any, K: int, N: int, M: int, t16:
             lin.pack(Wq, scales, zeros, None)
             lin(x)
             t = b.time_us(lambda lin=lin: lin(x))
-            rl = roofline_us(K, N, M, bits, bw, group)
-            b.emit(
-                kind=f"gemlite_w{bits}g{group}",
-                K=K,
-                N=N,
-                M=M,
-                us=t,
-                roofline_us=rl,
-                frac_of_limit=frac_of_limit(rl, t),
-                speedup_vs_fp16=speedup(t16, t),
-            )
+            emit_quantized_matmul(b, f"gemlite_w{bits}g{group}", K, N, M, bits, group, t, t16, bw)
         except Exception as e:  # the peer failing must not stop our measurements
             b.emit(kind=f"gemlite_w{bits}g{group}", K=K, N=N, M=M, error=repr(e)[:300])
 

@@ -16,12 +16,12 @@ the exact ``quant.gptqt.BinaryCodedWeight`` and the module's weight equals the f
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from kernels.coded_module import CodedLinear
 from kernels.packing import SCALE_DTYPE
 from quant.gptqt import BinaryCodedWeight
 from quant.icquant import pack_bits
@@ -88,45 +88,23 @@ def unpack_bcq(t: dict[str, Tensor]) -> BinaryCodedWeight:
     return BinaryCodedWeight(planes, alpha, beta, K, gs)
 
 
-class BCQLinear(nn.Module):
+class BCQLinear(CodedLinear):
     """y = F.linear(x, Ŵ, bias) with Ŵ = Σ_i α'_i B_i + β' (CPU reference: dequantize, then matmul)."""
 
-    def __init__(self, tensors: dict[str, Tensor], bias: Tensor | None = None) -> None:
-        super().__init__()
-        missing = [k for k in BCQ_KEYS if k not in tensors]
-        if missing:
-            raise ValueError(f"binary-coded packed tensors missing {missing}")
-        for k in BCQ_KEYS:
-            self.register_buffer(k, tensors[k].detach().clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        meta, planes = tensors["bcqmeta"], tensors["planes"]
-        self.in_features, self.out_features, self.bits = int(meta[3]), int(planes.shape[2]), int(meta[1])
-        self.unpacked()  # validate now
+    KEYS = BCQ_KEYS
+    FP16_KEYS = _FP16  # keep the fp16 α', β' exact under model.to(dtype)
+    LAYOUT = "binary-coded"
 
-    @classmethod
-    def from_packed(cls, tensors: dict[str, Tensor], bias: Tensor | None = None) -> BCQLinear:
-        return cls(tensors, tensors.get("bias", bias))
+    @staticmethod
+    def _unpack(tensors: dict[str, Tensor]) -> BinaryCodedWeight:
+        return unpack_bcq(tensors)
+
+    @staticmethod
+    def _shape(w: BinaryCodedWeight) -> tuple[int, int, int]:
+        return int(w.planes.shape[1]), w.in_features, int(w.planes.shape[0])
 
     def unpacked(self) -> BinaryCodedWeight:
         return unpack_bcq({k: self._buffers[k] for k in BCQ_KEYS})  # type: ignore[misc]
 
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        return self.unpacked().dequantize(torch.float32).to(dtype)
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, binary_bits={self.bits}"
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected last dim {self.in_features}, got input shape {tuple(x.shape)}")
-        b = self._buffers.get("bias")
-        return F.linear(x, self.dequantized_weight(x.dtype), None if b is None else b.to(x.dtype))
-
-    def _apply(self, fn: Callable, recurse: bool = True):  # type: ignore[override]
-        for name in _FP16:  # keep the fp16 α', β' exact under model.to(dtype)
-            self._buffers[name] = self._buffers[name].view(torch.int16)  # type: ignore[union-attr]
-        try:
-            return super()._apply(fn, recurse)
-        finally:
-            for name in _FP16:
-                self._buffers[name] = self._buffers[name].view(SCALE_DTYPE)  # type: ignore[union-attr]

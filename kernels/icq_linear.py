@@ -5,10 +5,14 @@ Checkpoint tensors of one ICQuant linear [N = out, K = in] (``pack_icquant``)::
     qweight      int32 [ceil(K/P), N]  codes, ``kernels.packing`` INT32_KPACKED (P = 32 // bits)
     scales       fp16  [G, N]          inlier grid scale      zeros   fp16 [G, N]  inlier zero (integer)
     oscales      fp16  [G, N]          outlier grid scale     ozeros  fp16 [G, N]  outlier zero (integer)
-    pos_data     uint8 [ceil(C·B/8)]   index-coded outlier positions, B-bit gap/escape codes LSB-first
-    pos_offsets  int32 [N·S + 1]       first code of each row segment (S segments per row): rows and
-                                       segments decode independently (prefix sum of gaps inside a segment)
-    icqmeta      int32 [7]             (format version, bits, group_size, K, B, segment length, sym)
+    pos_data     uint8 [⌈n·B/8⌉ + ⌈U/8⌉]  index-coded outlier positions (``quant.icquant``): n B-bit gap
+                                       remainders, then U escape/stop bits, each stream LSB-first
+    pos_offsets  int32 [2, T + 1]      per tile of R rows × L columns (T tiles): outliers before it and escape
+                                       bits before it, so tiles decode independently (one block per tile)
+    icqmeta      int32 [8]             (format version, bits, group_size, K, B, tile width L, sym, tile rows R)
+
+Format version 2 (tiles of R rows, 1-bit escapes); version 1 (per-row-segment offsets, B-bit escape codes)
+is refused on read.
 
 ŵ[n, k] = s_sel · (code − z_sel), (s_sel, z_sel) the outlier grid where the decoded bitmap is set, else the
 inlier grid. The quantizer's grids are fp16-rounded before coding, so ``unpack_icquant`` gives back the exact
@@ -17,18 +21,16 @@ inlier grid. The quantizer's grids are fp16-rounded before coding, so ``unpack_i
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from kernels.coded_module import CodedLinear
 from kernels.packing import SCALE_DTYPE, pack_codes, unpack_codes
 from quant.icquant import ICQuantWeight, IndexStream
 
 __all__ = ["ICQ_FORMAT_VERSION", "ICQ_KEYS", "ICQuantLinear", "pack_icquant", "unpack_icquant"]
 
-ICQ_FORMAT_VERSION = 1
+ICQ_FORMAT_VERSION = 2  # 2: tiles of R rows, 1-bit escapes, int32 [2, T + 1] table
 ICQ_KEYS = ("qweight", "scales", "zeros", "oscales", "ozeros", "pos_data", "pos_offsets", "icqmeta")
 _GRIDS = ("scales", "zeros", "oscales", "ozeros")
 
@@ -52,62 +54,42 @@ def pack_icquant(w: ICQuantWeight) -> dict[str, Tensor]:
         "pos_data": p.data.to(torch.uint8).contiguous(),
         "pos_offsets": p.offsets.to(torch.int32).contiguous(),
         "icqmeta": torch.tensor(
-            [ICQ_FORMAT_VERSION, w.bits, w.group_size, p.cols, p.index_bits, p.segment, int(w.sym)], dtype=torch.int32
+            [ICQ_FORMAT_VERSION, w.bits, w.group_size, p.cols, p.index_bits, p.segment, int(w.sym), p.group_rows],
+            dtype=torch.int32,
         ),
     }
 
 
 def unpack_icquant(t: dict[str, Tensor]) -> ICQuantWeight:
     """Inverse of ``pack_icquant`` (scale width 16 bits)."""
-    version, bits, gs, K, B, seg, sym = (int(v) for v in t["icqmeta"].tolist())
-    if version != ICQ_FORMAT_VERSION:
-        raise ValueError(f"unsupported ICQuant format version {version} (this code reads {ICQ_FORMAT_VERSION})")
+    meta = [int(v) for v in t["icqmeta"].tolist()]
+    if meta[0] != ICQ_FORMAT_VERSION or len(meta) != 8:
+        raise ValueError(f"unsupported ICQuant format version {meta[0]} (this code reads {ICQ_FORMAT_VERSION})")
+    _, bits, gs, K, B, seg, sym, rows_per_tile = meta
     codes = unpack_codes(t["qweight"], bits, K)
     N = codes.shape[0]
     s_in, z_in, s_out, z_out = (t[k].t().to(torch.float32).contiguous() for k in _GRIDS)
-    stream = IndexStream(t["pos_data"], t["pos_offsets"], B, N, K, seg)
+    stream = IndexStream(t["pos_data"], t["pos_offsets"], B, N, K, seg, rows_per_tile)
     return ICQuantWeight(codes, s_in, z_in, s_out, z_out, stream, bits, gs, scale_bits=16, sym=bool(sym))
 
 
-class ICQuantLinear(nn.Module):
+class ICQuantLinear(CodedLinear):
     """y = F.linear(x, Ŵ, bias), Ŵ dequantized on the fly (CPU reference: decode positions, pick grids, matmul)."""
 
-    def __init__(self, tensors: dict[str, Tensor], bias: Tensor | None = None) -> None:
-        super().__init__()
-        missing = [k for k in ICQ_KEYS if k not in tensors]
-        if missing:
-            raise ValueError(f"ICQuant packed tensors missing {missing}")
-        for k in ICQ_KEYS:
-            self.register_buffer(k, tensors[k].detach().clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        w = self.unpacked()  # validates the layout now, not at the first forward
-        self.out_features, self.in_features, self.bits = w.codes.shape[0], w.codes.shape[1], w.bits
+    KEYS = ICQ_KEYS
+    FP16_KEYS = _GRIDS
+    LAYOUT = "ICQuant"
 
-    @classmethod
-    def from_packed(cls, tensors: dict[str, Tensor], bias: Tensor | None = None) -> ICQuantLinear:
-        return cls(tensors, tensors.get("bias", bias))
+    @staticmethod
+    def _unpack(tensors: dict[str, Tensor]) -> ICQuantWeight:
+        return unpack_icquant(tensors)
+
+    @staticmethod
+    def _shape(w: ICQuantWeight) -> tuple[int, int, int]:
+        return int(w.codes.shape[0]), int(w.codes.shape[1]), w.bits
 
     def unpacked(self) -> ICQuantWeight:
         return unpack_icquant({k: self._buffers[k] for k in ICQ_KEYS})  # type: ignore[misc]
 
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        return self.unpacked().dequantize(torch.float32).to(dtype)
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, icquant"
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected last dim {self.in_features}, got input shape {tuple(x.shape)}")
-        b = self._buffers.get("bias")
-        return F.linear(x, self.dequantized_weight(x.dtype), None if b is None else b.to(x.dtype))
-
-    def _apply(self, fn: Callable, recurse: bool = True):  # type: ignore[override]
-        # model.to(dtype) must not round the fp16 grids: an int16 view only moves device (as QuantLinear)
-        for name in _GRIDS:
-            self._buffers[name] = self._buffers[name].view(torch.int16)  # type: ignore[union-attr]
-        try:
-            return super()._apply(fn, recurse)
-        finally:
-            for name in _GRIDS:
-                self._buffers[name] = self._buffers[name].view(SCALE_DTYPE)  # type: ignore[union-attr]

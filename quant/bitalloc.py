@@ -29,6 +29,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 from torch import Tensor
 
+from quant.types import ConfigVersion
+
 __all__ = ["BitAllocConfig", "BitAllocation", "Sensitivity", "allocate_bits", "hessian_sensitivity"]
 
 _BIT_TOL = 1e-6  # absolute slack (in bits) for float rounding of avg_bits · Σ n_i
@@ -52,7 +54,7 @@ class BitAllocConfig(BaseModel):
     candidate_bits: tuple[int, ...] = (2, 3, 4, 8)
     method: Literal["dp", "greedy"] = "dp"
     max_states: int = 1_000_000
-    version: int = 1
+    version: ConfigVersion = 1
 
     @field_validator("candidate_bits")
     @classmethod
@@ -73,13 +75,6 @@ class BitAllocConfig(BaseModel):
     def _states(cls, v: int) -> int:
         if v < 1:
             raise ValueError(f"max_states must be >= 1, got {v}")
-        return v
-
-    @field_validator("version")
-    @classmethod
-    def _version(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"BitAllocConfig version must be 1, got {v}")
         return v
 
 
@@ -108,11 +103,22 @@ class BitAllocation:
 
 
 def hessian_sensitivity(
-    name: str, W: Tensor, H: Tensor, candidate_bits: Sequence[int], group_size: int = -1
+    name: str,
+    W: Tensor,
+    H: Tensor,
+    candidate_bits: Sequence[int],
+    group_size: int = -1,
+    *,
+    relative: bool = False,
 ) -> Sensitivity:
     """L(b) = Σ_{r,g} ((max − min)_{r,g} / (2^b − 1))² / 12 · Σ_{j∈g} H_jj for W [out, in], H [in, in].
 
     Range over each (row, group) with 0 included (as the asymmetric grid of ALGORITHMS.md §1); float64.
+
+    ``relative=True`` divides by the layer's output energy tr(W H Wᵀ), so L is the expected *relative* output
+    error. Absolute proxy losses grow with depth with the residual stream's scale, and an absolute objective
+    then starves the early layers (measured on SmolLM2-135M at 3.0 average bits: 2-bit down_proj in blocks 1–5,
+    ppl 63.5 vs 43.3 uniform), although their errors propagate through every later block.
     """
     if W.dim() != 2 or tuple(H.shape) != (W.shape[1], W.shape[1]):
         raise ValueError(f"{name!r}: need W [out, in] and H [in, in], got {tuple(W.shape)} and {tuple(H.shape)}")
@@ -123,6 +129,11 @@ def hessian_sensitivity(
     rng = Wg.amax(-1).clamp(min=0) - Wg.amin(-1).clamp(max=0)  # [out, G]
     d = torch.nn.functional.pad(torch.diagonal(H).to(torch.float64), (0, G * gs - n)).reshape(G, gs).sum(-1)
     base = float((rng**2 * d[None, :]).sum()) / 12.0
+    if relative:
+        W64 = W.to(torch.float64)
+        energy = float(((W64 @ H.to(torch.float64)) * W64).sum())
+        if energy > 0:
+            base /= energy
     return Sensitivity(name, out * n, {b: base / ((1 << b) - 1) ** 2 for b in candidate_bits})
 
 

@@ -25,8 +25,8 @@ Precision: H is kept in float64 for dead-input fixing, damping, Cholesky and inv
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
@@ -35,16 +35,27 @@ from torch import Tensor
 from quant.grid import GRID_DTYPE, dequantize_codes, fit_grid, fit_group_grids, quantize_codes
 from quant.hessian import (
     HESSIAN_DTYPE,
+    DampFraction,
     add_damping,
+    check_damp_max,
     check_finite,
     cholesky_failure,
     damp_schedule,
     fix_dead_inputs,
     proxy_loss,
 )
-from quant.types import GridConfig, QuantizedWeight
+from quant.types import ConfigVersion, GridConfig, QuantizedWeight
 
-__all__ = ["SWEEP_DTYPE", "GPTQConfig", "inverse_cholesky", "quantize_gptq", "validate_inputs"]
+__all__ = [
+    "SWEEP_DTYPE",
+    "GPTQConfig",
+    "SweepStart",
+    "inverse_cholesky",
+    "quantize_gptq",
+    "start_sweep",
+    "validate_inputs",
+    "with_sweep_stats",
+]
 
 SWEEP_DTYPE = torch.float32
 
@@ -67,19 +78,12 @@ class GPTQConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     grid: GridConfig
-    damp: float = 0.01
+    damp: DampFraction = 0.01
     damp_max: float = 1.0
     block_size: int = 128
     act_order: bool = True
     static_groups: bool = True
-    version: int = 1
-
-    @field_validator("damp")
-    @classmethod
-    def _check_damp(cls, v: float) -> float:
-        if not (v > 0 and math.isfinite(v)):
-            raise ValueError(f"damp must be a finite fraction > 0, got {v}")
-        return v
+    version: ConfigVersion = 1
 
     @field_validator("block_size")
     @classmethod
@@ -88,17 +92,9 @@ class GPTQConfig(BaseModel):
             raise ValueError(f"block_size must be >= 1, got {v}")
         return v
 
-    @field_validator("version")
-    @classmethod
-    def _check_version(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"GPTQConfig version must be 1, got {v}")
-        return v
-
     @model_validator(mode="after")
     def _check_damp_max(self) -> GPTQConfig:
-        if not (self.damp_max >= self.damp and math.isfinite(self.damp_max)):
-            raise ValueError(f"damp_max must be finite and >= damp={self.damp}, got {self.damp_max}")
+        check_damp_max(self.damp, self.damp_max)
         return self
 
 
@@ -130,6 +126,48 @@ def validate_inputs(W: Tensor, H: Tensor, name: str) -> None:
         raise ValueError(f"weight of {name!r} has NaN/Inf entries")
 
 
+class SweepStart(NamedTuple):
+    """What a column sweep (GPTQ, LDLQ) starts from, as built by :func:`start_sweep`."""
+
+    W: Tensor  # [m, n] sweep_dtype copy of the weight, dead input columns zeroed
+    H: Tensor  # [n, n] the Hessian with dead inputs fixed (H_ii = 1)
+    dead: Tensor  # [n] bool, inputs with H_ii = 0
+    group_size: int  # effective group size (n for per-channel grids)
+    scales: Tensor  # [m, G] GRID_DTYPE: fitted on W (static groups) or zeros the sweep fills in
+    zeros: Tensor  # [m, G] GRID_DTYPE, likewise
+
+
+def start_sweep(
+    W: Tensor, H: Tensor, grid: GridConfig, *, static_groups: bool, name: str, sweep_dtype: torch.dtype
+) -> SweepStart:
+    """Validate W [m, n] and H [n, n], fix dead inputs (H_ii = 0 → H_ii = 1, W[:, i] = 0), allocate the grids."""
+    validate_inputs(W, H, name)
+    m, n = W.shape
+    H_fixed, dead = fix_dead_inputs(H)
+    W = W.to(sweep_dtype, copy=True)
+    W[:, dead] = 0
+    if static_groups:
+        scales, zeros = fit_group_grids(W, grid)
+    else:
+        scales = torch.zeros(m, grid.n_groups(n), dtype=GRID_DTYPE, device=W.device)
+        zeros = torch.zeros_like(scales)
+    return SweepStart(W, H_fixed, dead, grid.effective_group_size(n), scales, zeros)
+
+
+def with_sweep_stats(
+    qw: QuantizedWeight, losses: Tensor, W: Tensor, H: Tensor, lam: float, dead: Tensor
+) -> QuantizedWeight:
+    """``qw`` with stats: proxy_loss (Σ of the sweep's per-row ``losses``, damped H), proxy_loss_exact
+    (tr((Ŵ − W) H (Ŵ − W)ᵀ) for the original W and undamped H), damp (λ used), n_dead."""
+    stats = {
+        "proxy_loss": float(losses.to(HESSIAN_DTYPE).sum()),
+        "proxy_loss_exact": proxy_loss(W, qw.dequantize(HESSIAN_DTYPE), H),
+        "damp": float(lam),
+        "n_dead": float(dead.sum()),
+    }
+    return replace(qw, stats=stats)
+
+
 def quantize_gptq(
     W: Tensor, H: Tensor, cfg: GPTQConfig, *, name: str = "layer", sweep_dtype: torch.dtype = SWEEP_DTYPE
 ) -> QuantizedWeight:
@@ -138,22 +176,12 @@ def quantize_gptq(
     stats: proxy_loss (Σ (w_i − q_i)²/U_ii², damped H), proxy_loss_exact (undamped H), damp (λ used),
     n_dead (count of inputs with H_ii = 0, whose weight columns are set to zero).
     """
-    validate_inputs(W, H, name)
     grid = cfg.grid
-    m, n = W.shape
-    gs = grid.effective_group_size(n)
-    G = grid.n_groups(n)
-
-    H_fixed, dead = fix_dead_inputs(H)
     W_in = W
-    W = W.to(sweep_dtype, copy=True)
-    W[:, dead] = 0
-
-    if cfg.static_groups:
-        scales, zeros = fit_group_grids(W, grid)
-    else:
-        scales = torch.zeros(m, G, dtype=GRID_DTYPE, device=W.device)
-        zeros = torch.zeros_like(scales)
+    W, H_fixed, dead, gs, scales, zeros = start_sweep(
+        W_in, H, grid, static_groups=cfg.static_groups, name=name, sweep_dtype=sweep_dtype
+    )
+    m, n = W.shape
 
     if cfg.act_order:
         perm = torch.argsort(torch.diagonal(H_fixed), descending=True, stable=True)
@@ -202,10 +230,4 @@ def quantize_gptq(
     if cfg.act_order and not cfg.static_groups:
         g_idx = (inv // gs).to(torch.int32)  # original column j sits at sweep position inv[j]
     qw = QuantizedWeight(codes=codes_u8, scales=scales, zeros=zeros, bits=grid.bits, group_size=gs, g_idx=g_idx)
-    stats = {
-        "proxy_loss": float(losses.to(HESSIAN_DTYPE).sum()),
-        "proxy_loss_exact": proxy_loss(W_in, qw.dequantize(HESSIAN_DTYPE), H),
-        "damp": float(lam),
-        "n_dead": float(dead.sum()),
-    }
-    return replace(qw, stats=stats)
+    return with_sweep_stats(qw, losses, W_in, H, lam, dead)

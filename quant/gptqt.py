@@ -44,13 +44,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import field_validator, model_validator
 from torch import Tensor
 
 from quant.gptq import SWEEP_DTYPE, validate_inputs
 from quant.grid import fit_group_grids, quantize_codes
 from quant.hessian import HESSIAN_DTYPE, proxy_loss
-from quant.icquant import gptq_sweep, pack_bits, unpack_bits
+from quant.icquant import GPTQSweepFields, gptq_sweep, pack_bits, unpack_bits
 from quant.types import GridConfig, QuantizedWeight
 
 __all__ = [
@@ -71,7 +71,7 @@ _CHUNK = 1 << 23  # (histogram, partition, level) gathers held at once
 _EIG_RTOL = 1e-10
 
 
-class GPTQTConfig(BaseModel):
+class GPTQTConfig(GPTQSweepFields):
     """GPTQT settings: ``grid`` is the step-1 linear grid (n = grid.bits), ``bits`` the binary-coding k.
 
     Sample YAML::
@@ -88,18 +88,11 @@ class GPTQTConfig(BaseModel):
         version: 1
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
     grid: GridConfig
     bits: int
     base: Literal["rtn", "gptq"] = "gptq"
     share: Literal["layer", "grid"] = "layer"
     multipliers: tuple[float, ...] = DEFAULT_MULTIPLIERS
-    damp: float = 0.01
-    damp_max: float = 1.0
-    block_size: int = 128
-    act_order: bool = True
-    version: int = 1
 
     @field_validator("multipliers")
     @classmethod
@@ -108,20 +101,11 @@ class GPTQTConfig(BaseModel):
             raise ValueError(f"multipliers must be a non-empty list of finite values > 0, got {v}")
         return v
 
-    @field_validator("version")
-    @classmethod
-    def _version(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"GPTQTConfig version must be 1, got {v}")
-        return v
-
     @model_validator(mode="after")
     def _sizes(self) -> GPTQTConfig:
         n, k = self.grid.bits, self.bits
         if not (1 <= k <= 3 and k < n <= 4):
             raise ValueError(f"exact binary coding needs 1 <= bits (k) <= 3 and k < grid.bits (n) <= 4, got {k=}, {n=}")
-        if not (0 < self.damp <= self.damp_max and math.isfinite(self.damp_max)) or self.block_size < 1:
-            raise ValueError("need 0 < damp <= damp_max < inf and block_size >= 1")
         return self
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "HadamardSizeError",
     "dense_hadamard",
     "fwht",
+    "fwht_pow2",
     "hadamard_factorization",
     "hadamard_matrix",
     "paley_matrix",
@@ -227,8 +228,8 @@ def dense_hadamard(n: int, *, normalize: bool = True, dtype: torch.dtype = torch
 # ---- fast transform -----------------------------------------------------------------------------------------
 
 
-def _fwht_pow2(x: Tensor) -> Tensor:
-    """Unnormalised Sylvester butterfly over the last dim (size 2^k), O(n log n)."""
+def fwht_pow2(x: Tensor) -> Tensor:
+    """Unnormalised Sylvester butterfly x ↦ x H_{2^k} over the last dim (size 2^k), O(n log n), in x's dtype."""
     n = x.shape[-1]
     lead = x.shape[:-1]
     h = 1
@@ -251,7 +252,7 @@ def fwht(x: Tensor, *, transpose: bool = False) -> Tensor:
         raise _size_error(n)
     m, p = fac
     work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    z = _fwht_pow2(x.to(work).reshape(*x.shape[:-1], m, p))  # [..., m, p]
+    z = fwht_pow2(x.to(work).reshape(*x.shape[:-1], m, p))  # [..., m, p]
     if m > 1:
         Hm = _paley(m).to(device=x.device, dtype=work)
         z = torch.matmul(Hm.t() if transpose else Hm, z)  # H_m (or H_mᵀ) along the m axis

@@ -6,13 +6,19 @@ token counts); ``finalize`` normalises; quantizers dampen.  The proxy loss of Ŵ
 
 from __future__ import annotations
 
+import math
+from typing import Annotated
+
 import torch
+from pydantic import AfterValidator
 from torch import Tensor
 
 __all__ = [
     "HESSIAN_DTYPE",
+    "DampFraction",
     "accumulate",
     "add_damping",
+    "check_damp_max",
     "check_finite",
     "cholesky_failure",
     "damp_schedule",
@@ -69,6 +75,22 @@ def fix_dead_inputs(H: Tensor) -> tuple[Tensor, Tensor]:
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     return H, dead
+
+
+def _check_damp(v: float) -> float:
+    if not (v > 0 and math.isfinite(v)):
+        raise ValueError(f"damp must be a finite fraction > 0, got {v}")
+    return v
+
+
+DampFraction = Annotated[float, AfterValidator(_check_damp)]
+"""Config field type for λ, the damping as a fraction of mean(diag H): finite and > 0."""
+
+
+def check_damp_max(damp: float, damp_max: float) -> None:
+    """Raise unless ``damp_max`` (the end of ``damp_schedule``) is finite and >= ``damp``."""
+    if not (damp_max >= damp and math.isfinite(damp_max)):
+        raise ValueError(f"damp_max must be finite and >= damp={damp}, got {damp_max}")
 
 
 def damp_schedule(damp: float, damp_max: float) -> list[float]:

@@ -8,13 +8,37 @@ sets, each with its own affine grid at the same b bits (per row, or per (row, gr
 so the inlier grid spans only the bulk of the row (≈ one extra bit of resolution). Both grids follow
 ALGORITHMS.md §1 (range contains 0, zero ∈ [0, 2^b − 1]); a set with no members gets scale 1.
 
-Outlier positions are stored by index coding (§3 of the paper). Within each row segment (a whole row, or
-``segment`` columns so segments decode in parallel) the sorted positions p_1 < p_2 < ... give gaps
-d_t = p_t − p_{t−1} − 1 (p_0 = −1). With E = 2^B − 1 every gap becomes ⌊d/E⌋ escape codes E (each moves the
-cursor E columns on without an outlier) followed by the B-bit code d mod E. Bits per weight
-≈ γ·B / (1 − (1 − γ)^E)  (γ = 5 %: B=5 → 0.314, B=6 → 0.312; entropy floor H₂(γ) = 0.286); B is chosen per
-layer as argmin_B B·Σ_t (⌊d_t/E⌋ + 1) over the actual gaps. Codes are packed LSB-first into a uint8
-stream; ``offsets`` (int32, in codes) give each segment's first code.
+Outlier positions are stored by index coding (§3 of the paper), tile by tile. A tile is R = ``group_rows``
+rows × L = ``segment`` columns (L = cols when ``segment`` is 0; the last row group / column segment ragged),
+read row-major as one sequence of rows_tile·width positions; tiles are ordered row-major over (row group,
+column segment). Inside a tile the sorted positions p_1 < p_2 < ... give gaps d_t = p_t − p_{t−1} − 1
+(p_0 = −1); gaps run across the tile's row boundaries, so rows need no terminator and no offset of their own.
+Each gap is a fixed B-bit code d mod 2^B plus ⌊d / 2^B⌋ escapes, each advancing the cursor 2^B columns;
+an escape costs one bit: the escape stream holds, per outlier, ⌊d / 2^B⌋ one-bits then a zero (stop) bit.
+
+    data    = [remainder stream: n B-bit codes, LSB-first][escape stream: U bits, LSB-first]  (uint8, each
+              byte-padded)
+    offsets = int32 [2, tiles + 1]: outliers before each tile, escape bits before each tile
+
+Parallel decode (one GPU block per tile, no serial parse): remainder t sits at bit t·B; the escape count of
+outlier t is z_t − z_{t−1} − 1 with z_t the t-th zero of the escape stream (a select: per-word popcounts and a
+prefix sum); positions are the tile's prefix sum of d + 1. Bits per outlier B + 1 + ⌊d / 2^B⌋, B chosen per
+layer as argmin_B Σ_t (B + 1 + ⌊d_t / 2^B⌋) over the actual gaps (1..16, smallest on ties).
+
+Why this layout (measured, γ = 5 % top-|w| outliers of Laplace weights; stream + offset table, bits/weight):
+
+    layout                                    576×576        192×576        1536×576       576×1536
+    §6 B-bit escape codes, per-row int32      0.311+0.056    0.312+0.056    0.310+0.056    0.312+0.021
+    B-bit escapes, R = 16 tiles, 1 int32      0.313+0.004    0.314+0.004    0.313+0.004    0.313+0.001
+    1-bit escapes, R = 16 tiles, 2 int32      0.291+0.007    0.290+0.008    0.291+0.007    0.290+0.003
+
+A B-bit escape code wastes B − 1 bits per escape; 1-bit escapes (B = 4 at γ = 5 %: γ·(B + 1 + q/(1 − q)),
+q = (1 − γ)^(2^B), = 0.289; measured 0.290–0.291) sit within 0.005 of the entropy floor H₂(γ) = 0.286, and
+the per-row int32 table (32/cols bits per weight, 0.056 on 576 columns) shrinks R-fold when a block decodes R
+rows. R = 16 keeps the
+table ≤ 0.008 on every SmolLM2 shape at 16 × cols positions per tile (~9k, ~460 outliers, one block). A
+per-tile choice of B (4 bits per tile to store it) measured 0.0002–0.0005 bit/weight *worse* than one B per
+layer; 16-bit tile-relative offsets would save ≤ 0.004 at R = 16 and are not used.
 
 Base quantizers: RTN (round each element to its own grid) or GPTQ with error feedback where column i's
 quantizer picks, per element, the grid selected by the mask (``gptq_sweep`` takes per-element grids; grids
@@ -25,7 +49,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Self
 
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
@@ -34,10 +58,13 @@ from torch import Tensor
 from quant.gptq import SWEEP_DTYPE, inverse_cholesky, validate_inputs
 from quant.grid import GRID_DTYPE, MSE_CLIP_FACTORS, MSE_NORM, dequantize_codes, quantize_codes
 from quant.hessian import HESSIAN_DTYPE, check_finite, fix_dead_inputs, proxy_loss
-from quant.types import GridConfig
+from quant.types import ConfigVersion, GridConfig
 
 __all__ = [
+    "DEFAULT_GROUP_ROWS",
+    "GPTQSweepFields",
     "MAX_INDEX_BITS",
+    "STREAM_VERSION",
     "ICQuantConfig",
     "ICQuantWeight",
     "IndexStream",
@@ -47,6 +74,7 @@ __all__ = [
     "encode_positions",
     "entropy_floor",
     "expected_overhead",
+    "expected_stream_overhead",
     "fit_masked_grids",
     "gptq_sweep",
     "index_code_count",
@@ -57,6 +85,8 @@ __all__ = [
 ]
 
 MAX_INDEX_BITS = 16
+DEFAULT_GROUP_ROWS = 16  # R: rows per tile of the index stream (one int32 pair per tile)
+STREAM_VERSION = 2  # 2: tiles of R rows, 1-bit escapes (1: per-row-segment offsets, B-bit escape codes)
 OFFSET_DTYPE = torch.int32
 _MAX_STREAM_CODES = 2**31 - 1  # offsets are int32
 _TINY = torch.finfo(GRID_DTYPE).tiny
@@ -68,17 +98,40 @@ def _check_gamma(gamma: float) -> float:
     return gamma
 
 
-class ICQuantConfig(BaseModel):
+class GPTQSweepFields(BaseModel):
+    """GPTQ error-feedback fields shared by the configs whose base quantizer is ``gptq_sweep`` (ICQuant, GPTQT):
+    damp / damp_max (λ schedule), block_size (lazy batch), act_order, and the schema ``version``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    damp: float = 0.01
+    damp_max: float = 1.0
+    block_size: int = 128
+    act_order: bool = True
+    version: ConfigVersion = 1
+
+    @model_validator(mode="after")
+    def _damping(self) -> Self:
+        if not (0 < self.damp <= self.damp_max and math.isfinite(self.damp_max)) or self.block_size < 1:
+            raise ValueError(
+                f"need 0 < damp <= damp_max < inf and block_size >= 1, got damp={self.damp}, "
+                f"damp_max={self.damp_max}, block_size={self.block_size}"
+            )
+        return self
+
+
+class ICQuantConfig(GPTQSweepFields):
     """ICQuant settings: ``grid`` gives b (both sets), group size, sym, mse_clip and scale dtype.
 
-    ``segment`` 0 = one index stream per row; ``index_bits`` None = choose B per layer. ``base`` picks RTN or
-    GPTQ (GPTQ fields as in GPTQConfig; grids are always static).
+    Index-stream tiles are ``group_rows`` rows × ``segment`` columns (0 = whole rows); ``index_bits`` None =
+    choose B per layer. ``base`` picks RTN or GPTQ (GPTQ fields as in GPTQConfig; grids are always static).
 
     Sample YAML::
 
         grid: {bits: 2, group_size: -1, sym: false, scale_dtype: float16}
         gamma: 0.05
         segment: 0
+        group_rows: 16
         index_bits: null
         base: gptq
         damp: 0.01
@@ -88,18 +141,12 @@ class ICQuantConfig(BaseModel):
         version: 1
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
     grid: GridConfig
     gamma: float = 0.05
     segment: int = 0
+    group_rows: int = DEFAULT_GROUP_ROWS
     index_bits: int | None = None
     base: Literal["rtn", "gptq"] = "gptq"
-    damp: float = 0.01
-    damp_max: float = 1.0
-    block_size: int = 128
-    act_order: bool = True
-    version: int = 1
 
     @field_validator("gamma")
     @classmethod
@@ -113,6 +160,13 @@ class ICQuantConfig(BaseModel):
             raise ValueError(f"segment must be 0 (whole row) or >= 1 columns, got {v}")
         return v
 
+    @field_validator("group_rows")
+    @classmethod
+    def _group_rows(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"group_rows must be >= 1 rows per index-stream tile, got {v}")
+        return v
+
     @field_validator("index_bits")
     @classmethod
     def _index_bits(cls, v: int | None) -> int | None:
@@ -120,26 +174,21 @@ class ICQuantConfig(BaseModel):
             raise ValueError(f"index_bits must be 1..{MAX_INDEX_BITS} or null, got {v}")
         return v
 
-    @field_validator("version")
-    @classmethod
-    def _version(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"ICQuantConfig version must be 1, got {v}")
-        return v
-
-    @model_validator(mode="after")
-    def _damping(self) -> ICQuantConfig:
-        if not (0 < self.damp <= self.damp_max and math.isfinite(self.damp_max)) or self.block_size < 1:
-            raise ValueError(f"need 0 < damp <= damp_max < inf and block_size >= 1, got {self}")
-        return self
-
 
 # ---------------------------------------------------------------- index coding
 
 
 def expected_overhead(gamma: float, index_bits: int) -> float:
-    """E[bits/weight] of B-bit gap codes on i.i.d. Bernoulli(γ) positions: γ·B / (1 − (1 − γ)^(2^B − 1))."""
+    """E[bits/weight] of the §6 B-bit gap codes with B-bit escapes on i.i.d. Bernoulli(γ) positions:
+    γ·B / (1 − (1 − γ)^(2^B − 1)). (The stored stream uses 1-bit escapes, ``expected_stream_overhead``.)"""
     return gamma * index_bits / (1.0 - (1.0 - gamma) ** ((1 << index_bits) - 1))
+
+
+def expected_stream_overhead(gamma: float, index_bits: int) -> float:
+    """E[bits/weight] of the stored stream (B-bit remainder + 1-bit escapes + 1 stop bit per outlier) on i.i.d.
+    Bernoulli(γ) positions: γ·(B + 1 + q/(1 − q)), q = (1 − γ)^(2^B)  (γ = 5 %, B = 4: 0.2893)."""
+    q = (1.0 - gamma) ** (1 << index_bits)
+    return gamma * (index_bits + 1 + q / (1.0 - q))
 
 
 def entropy_floor(gamma: float) -> float:
@@ -166,58 +215,95 @@ def unpack_bits(data: Tensor, bits: int, count: int) -> Tensor:
     return (planes << torch.arange(bits, device=data.device)).sum(dim=1)
 
 
-def _segments(rows: int, cols: int, segment: int) -> tuple[int, int]:
-    """(effective segment length L, segments per row ⌈cols / L⌉)."""
+class _Tiling(NamedTuple):
+    """Tiles of R rows × L columns, row-major over (row group, column segment); the last ones ragged."""
+
+    rows: int
+    cols: int
+    L: int  # segment length (≤ cols)
+    R: int  # rows per group (≤ rows)
+    S: int  # column segments per row
+    G: int  # row groups
+
+    @property
+    def n_tiles(self) -> int:
+        return self.G * self.S
+
+    def tile_of(self, r: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """(tile id, position inside the tile, row-major over the tile's own width) of elements (r, c)."""
+        g, s = r // self.R, c // self.L
+        width = (self.cols - s * self.L).clamp(max=self.L)
+        return g * self.S + s, (r - g * self.R) * width + (c - s * self.L)
+
+    def origin(self, tile: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(first row, first column, rows, width) of each tile id."""
+        g, s = tile // self.S, tile % self.S
+        return (
+            g * self.R,
+            s * self.L,
+            (self.rows - g * self.R).clamp(max=self.R),
+            (self.cols - s * self.L).clamp(max=self.L),
+        )
+
+
+def _tiling(rows: int, cols: int, segment: int, group_rows: int) -> _Tiling:
+    if group_rows < 1:
+        raise ValueError(f"group_rows must be >= 1, got {group_rows}")
     L = cols if segment <= 0 else min(segment, cols)
-    return L, math.ceil(cols / L) if cols else 0
+    R = min(group_rows, rows)
+    S = math.ceil(cols / L) if cols else 0
+    G = math.ceil(rows / R) if rows else 0
+    return _Tiling(rows, cols, max(L, 1), max(R, 1), S, G)
 
 
-def _gaps(mask: Tensor, segment: int) -> tuple[Tensor, Tensor, int]:
-    """(gaps d_t int64, segment id of each outlier, number of segments) in row-major segment order."""
+def _gaps(mask: Tensor, segment: int, group_rows: int) -> tuple[Tensor, Tensor, _Tiling]:
+    """(gaps d_t int64, tile id of each outlier, tiling), outliers in stream order (tile, then position)."""
     if mask.dim() != 2 or mask.dtype != torch.bool:
         raise ValueError(f"outlier mask must be a 2-D bool tensor, got {mask.dtype} {tuple(mask.shape)}")
     rows, cols = mask.shape
-    L, spr = _segments(rows, cols, segment)
-    if cols == 0:
-        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), 0
-    padded = torch.nn.functional.pad(mask, (0, spr * L - cols)).reshape(rows * spr, L)
-    seg, pos = padded.nonzero(as_tuple=True)
+    t = _tiling(rows, cols, segment, group_rows)
+    r, c = mask.nonzero(as_tuple=True)
+    tile, pos = t.tile_of(r, c)
+    if t.S > 1:  # row-major nonzero order is already stream order when tiles span whole rows
+        order = torch.argsort(tile * (t.R * t.L) + pos)
+        tile, pos = tile[order], pos[order]
     prev = torch.full_like(pos, -1)
     if pos.numel() > 1:
-        prev[1:] = torch.where(seg[1:] == seg[:-1], pos[:-1], -1)
-    return pos - prev - 1, seg, rows * spr
+        prev[1:] = torch.where(tile[1:] == tile[:-1], pos[:-1], -1)
+    return pos - prev - 1, tile, t
 
 
-def index_code_count(gaps: Tensor, index_bits: int) -> int:
-    """Number of B-bit codes for these gaps: Σ_t (⌊d_t / E⌋ + 1), E = 2^B − 1."""
-    return int((gaps // ((1 << index_bits) - 1) + 1).sum())
+def _stream_bits(gaps: Tensor, index_bits: Tensor | int) -> Tensor:
+    """Stream bits Σ_t (B + 1 + ⌊d_t / 2^B⌋) for each B (broadcast over a [K] tensor of B)."""
+    B = torch.as_tensor(index_bits, device=gaps.device)
+    return B * gaps.numel() + (gaps[:, None] >> B.reshape(1, -1)).sum(dim=0) + gaps.numel()
 
 
 def _best_index_bits(gaps: Tensor) -> int:
-    B = torch.arange(1, MAX_INDEX_BITS + 1, device=gaps.device)
-    costs = B * (gaps[:, None] // ((1 << B) - 1) + 1).sum(dim=0)
+    costs = _stream_bits(gaps, torch.arange(1, MAX_INDEX_BITS + 1, device=gaps.device))
     return 1 + int(torch.argmin(costs))  # first minimum: smallest B on ties
 
 
-def choose_index_bits(mask: Tensor, segment: int = 0) -> int:
-    """argmin_B B·(number of codes) over B = 1..MAX_INDEX_BITS (smallest B on ties)."""
-    return _best_index_bits(_gaps(mask, segment)[0])
+def index_code_count(gaps: Tensor, index_bits: int) -> int:
+    """Stored bits of these gaps at B = ``index_bits``: Σ_t (B + 1 + ⌊d_t / 2^B⌋) (both streams, unpadded)."""
+    return int(_stream_bits(gaps, index_bits)[0])
+
+
+def choose_index_bits(mask: Tensor, segment: int = 0, group_rows: int = DEFAULT_GROUP_ROWS) -> int:
+    """argmin_B of the stream bits over B = 1..MAX_INDEX_BITS (smallest B on ties)."""
+    return _best_index_bits(_gaps(mask, segment, group_rows)[0])
 
 
 @dataclass(frozen=True, eq=False)
 class IndexStream:
-    """Index-coded outlier positions of a [rows, cols] bitmap.
-
-    Layout: segments are row-major (row r owns segments r·S .. r·S + S − 1, S = ⌈cols / segment⌉, the last
-    one ragged); segment t's codes are codes[offsets[t] : offsets[t+1]], each ``index_bits`` wide, bit-packed
-    LSB-first in ``data``. A segment decodes alone: cursor c = 0; code E = 2^B − 1 → c += E; code d < E →
-    outlier at c + d, c += d + 1.
+    """Index-coded outlier positions of a [rows, cols] bitmap (layout in the module docstring).
 
     Attributes:
-        data: uint8 [⌈n_codes·B / 8⌉].
-        offsets: int32 [n_segments + 1], first code of each segment (prefix sum of codes per segment).
-        index_bits: B.
-        rows, cols, segment: bitmap shape and effective segment length (≤ cols).
+        data: uint8, the remainder stream (⌈n·B/8⌉ bytes: n B-bit codes d_t mod 2^B) followed by the escape
+            stream (⌈U/8⌉ bytes: per outlier ⌊d_t / 2^B⌋ one-bits then a zero-bit), both LSB-first.
+        offsets: int32 [2, n_tiles + 1]: row 0 = outliers before each tile (index into the remainder stream),
+            row 1 = escape-stream bits before each tile; column n_tiles holds the totals n and U.
+        index_bits: B; rows, cols: bitmap shape; segment: tile width L (≤ cols); group_rows: tile height R.
     """
 
     data: Tensor
@@ -226,72 +312,100 @@ class IndexStream:
     rows: int
     cols: int
     segment: int
+    group_rows: int = DEFAULT_GROUP_ROWS
 
     @property
-    def n_codes(self) -> int:
-        return int(self.offsets[-1])
+    def n_outliers(self) -> int:
+        return int(self.offsets[0, -1])
 
     @property
-    def n_segments(self) -> int:
-        return int(self.offsets.numel()) - 1
+    def escape_bits(self) -> int:
+        return int(self.offsets[1, -1])
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self.offsets.shape[-1]) - 1
+
+    def split(self) -> tuple[Tensor, Tensor]:
+        """(remainder bytes, escape bytes) of ``data``."""
+        cut = math.ceil(self.n_outliers * self.index_bits / 8)
+        return self.data[:cut], self.data[cut:]
 
     def stored_bits(self) -> dict[str, int]:
-        """Bits actually stored: ``positions`` (the uint8 stream) and ``offsets`` (int32 table + B as a byte)."""
-        return {"positions": 8 * int(self.data.numel()), "offsets": 32 * int(self.offsets.numel()) + 8}
+        """Bits actually stored: ``positions`` = both byte-padded streams (``data``), ``offsets`` = the int32
+        tile table (B, L and R are three fields of the packed layer metadata, counted there)."""
+        return {"positions": 8 * int(self.data.numel()), "offsets": 32 * int(self.offsets.numel())}
 
 
-def encode_positions(mask: Tensor, *, segment: int = 0, index_bits: int | None = None) -> IndexStream:
+def encode_positions(
+    mask: Tensor, *, segment: int = 0, group_rows: int = DEFAULT_GROUP_ROWS, index_bits: int | None = None
+) -> IndexStream:
     """Index-code a bool bitmap [rows, cols]; B = ``choose_index_bits`` when ``index_bits`` is None."""
-    gaps, seg, n_seg = _gaps(mask, segment)
+    gaps, tile, t = _gaps(mask, segment, group_rows)
     B = _best_index_bits(gaps) if index_bits is None else index_bits
     if not 1 <= B <= MAX_INDEX_BITS:
         raise ValueError(f"index_bits must be 1..{MAX_INDEX_BITS}, got {B}")
-    rows, cols = mask.shape
-    E = (1 << B) - 1
-    counts = gaps // E + 1
-    total = int(counts.sum())
-    if total > _MAX_STREAM_CODES:
+    dev = mask.device
+    esc = gaps >> B
+    steps = esc + 1  # escape bits of each outlier, its stop bit included
+    total = int(steps.sum())
+    if max(total, gaps.numel()) > _MAX_STREAM_CODES:
         raise ValueError(
-            f"index stream needs {total} codes of {B} bits, overflowing the int32 offset field "
-            f"(max {_MAX_STREAM_CODES}); use a larger segment count per stream or more index bits"
+            f"index stream needs {total} escape bits for {gaps.numel()} outliers at B = {B}, overflowing the "
+            f"int32 offset field (max {_MAX_STREAM_CODES}); use more index bits or smaller tiles"
         )
-    codes = torch.full((total,), E, dtype=torch.int64, device=mask.device)
-    codes[torch.cumsum(counts, 0) - 1] = gaps % E
-    per_seg = torch.zeros(n_seg, dtype=torch.int64, device=mask.device).index_add_(0, seg, counts)
-    offsets = torch.cat([per_seg.new_zeros(1), torch.cumsum(per_seg, 0)]).to(OFFSET_DTYPE)
-    L, _ = _segments(rows, cols, segment)
-    return IndexStream(pack_bits(codes, B), offsets, B, rows, cols, L)
+    escapes = torch.ones(total, dtype=torch.int64, device=dev)
+    escapes[torch.cumsum(steps, 0) - 1] = 0
+    zero = torch.zeros(t.n_tiles, dtype=torch.int64, device=dev)
+    count = zero.index_add(0, tile, torch.ones_like(tile))
+    ebits = zero.index_add(0, tile, steps)
+    offsets = torch.cat([torch.zeros(2, 1, dtype=torch.int64, device=dev), torch.stack([count, ebits]).cumsum(1)], 1)
+    data = torch.cat([pack_bits(gaps & ((1 << B) - 1), B), pack_bits(escapes, 1)])
+    return IndexStream(data, offsets.to(OFFSET_DTYPE), B, t.rows, t.cols, t.L, t.R)
 
 
 def decode_positions(stream: IndexStream) -> Tensor:
-    """Bool bitmap [rows, cols] from an ``IndexStream``; raises ValueError on a corrupt stream."""
-    B, rows, cols, L = stream.index_bits, stream.rows, stream.cols, stream.segment
+    """Bool bitmap [rows, cols] from an ``IndexStream``; raises ValueError on a corrupt stream.
+
+    Vectorised like the parallel kernel: remainders at fixed offsets, escape counts from the stop-bit positions
+    (a select over the escape stream), positions by a prefix sum of d + 1 restarted at each tile."""
+    B, rows, cols = stream.index_bits, stream.rows, stream.cols
     if not 1 <= B <= MAX_INDEX_BITS:
         raise ValueError(f"index_bits must be 1..{MAX_INDEX_BITS}, got {B}")
-    spr = math.ceil(cols / L) if cols else 0
-    n_seg = rows * spr
-    if stream.n_segments != n_seg:
-        raise ValueError(f"stream has {stream.n_segments} segments, expected {n_seg} for {rows}x{cols} / {L}")
+    t = _tiling(rows, cols, stream.segment, stream.group_rows)
+    if tuple(stream.offsets.shape) != (2, t.n_tiles + 1):
+        raise ValueError(
+            f"stream has an offset table of shape {tuple(stream.offsets.shape)}, expected (2, {t.n_tiles + 1}) "
+            f"tiles for {rows}x{cols} in tiles of {t.R}x{t.L}"
+        )
     dev = stream.data.device
-    out = torch.zeros(n_seg, L, dtype=torch.bool, device=dev)
-    offsets = stream.offsets.to(torch.int64)
-    per_seg = offsets.diff()
-    if bool((per_seg < 0).any()):
-        raise ValueError("corrupt index stream: offsets are not non-decreasing")
-    E = (1 << B) - 1
-    codes = unpack_bits(stream.data, B, stream.n_codes)
-    seg = torch.repeat_interleave(torch.arange(n_seg, device=dev), per_seg)
-    cum = torch.cumsum(torch.where(codes == E, E, codes + 1), 0)
-    base = torch.cat([cum.new_zeros(1), cum])[offsets[:-1]]
-    cursor = cum - base[seg]  # cursor after each code, within its segment
-    seg_len = torch.full((n_seg,), L, dtype=torch.int64, device=dev)
-    if spr:
-        seg_len[spr - 1 :: spr] = cols - (spr - 1) * L
-    if bool((cursor > seg_len[seg]).any()):
-        raise ValueError("corrupt index stream: a segment decodes past its length (index field overflow)")
-    hit = codes != E
-    out[seg[hit], cursor[hit] - 1] = True
-    return out.reshape(rows, spr * L)[:, :cols]
+    off = stream.offsets.to(torch.int64)
+    per_tile = off.diff(dim=1)
+    if bool((off[:, 0] != 0).any()) or bool((per_tile < 0).any()):
+        raise ValueError("corrupt index stream: offsets are not non-decreasing from 0")
+    n, U = stream.n_outliers, stream.escape_bits
+    low, high = stream.split()
+    if high.numel() != math.ceil(U / 8):
+        raise ValueError(f"stream of {stream.data.numel()} bytes is too short or too long for {n} codes + {U} bits")
+    rem = unpack_bits(low, B, n)
+    stops = (unpack_bits(high, 1, U) == 0).nonzero()[:, 0]
+    nonempty = per_tile[0] > 0
+    if (
+        stops.numel() != n
+        or not torch.equal(stops[off[0, 1:][nonempty] - 1], off[1, 1:][nonempty] - 1)
+        or bool((per_tile[1][~nonempty] != 0).any())
+    ):
+        raise ValueError("corrupt index stream: the escape stream does not match the tile table")
+    gaps = ((stops.diff(prepend=stops.new_full((1,), -1)) - 1) << B) + rem
+    tile = torch.repeat_interleave(torch.arange(t.n_tiles, device=dev), per_tile[0])
+    cum = torch.cumsum(gaps + 1, 0)
+    pos = cum - torch.cat([cum.new_zeros(1), cum])[off[0, :-1]][tile] - 1  # position inside its tile
+    r0, c0, height, width = t.origin(tile)
+    if bool((pos >= height * width).any()):
+        raise ValueError("corrupt index stream: a tile decodes past its length (index field overflow)")
+    out = torch.zeros(rows, cols, dtype=torch.bool, device=dev)
+    out[r0 + pos // width, c0 + pos % width] = True
+    return out
 
 
 # ---------------------------------------------------------------- outliers and grids
@@ -481,7 +595,8 @@ class ICQuantWeight:
         return dequantize_codes(self.codes, s, z).to(dtype)
 
     def bits_per_weight(self) -> dict[str, float]:
-        """Measured storage per weight: codes + positions (stream) + offsets + scales (2 grids × (scale + zero))."""
+        """Measured storage per weight: codes + positions (both streams, byte-padded) + offsets (int32 tile table)
+        + scales (2 grids × (scale + zero))."""
         numel = self.codes.numel()
         idx = self.positions.stored_bits()
         zero_bits = 0 if self.sym else self.bits
@@ -532,7 +647,7 @@ def quantize_icquant(
         stats.update(proxy_loss=sw.proxy_loss, damp=sw.damp, n_dead=float(sw.n_dead))
     else:
         codes = quantize_codes(W32, S, Z, grid.bits).to(torch.uint8)
-    stream = encode_positions(O, segment=cfg.segment, index_bits=cfg.index_bits)
+    stream = encode_positions(O, segment=cfg.segment, group_rows=cfg.group_rows, index_bits=cfg.index_bits)
     qw = ICQuantWeight(
         codes, s_in, z_in, s_out, z_out, stream, grid.bits, gs,
         scale_bits=16 if grid.scale_dtype == "float16" else 32, sym=grid.sym,
@@ -540,5 +655,7 @@ def quantize_icquant(
     if H is not None:
         check_finite(H, name)
         stats["proxy_loss_exact"] = proxy_loss(W, dequantize_codes(codes, S, Z).to(HESSIAN_DTYPE), H)
-    stats.update(n_outliers=float(O.sum()), index_bits=float(stream.index_bits), **qw.bits_per_weight())
+    bpw = qw.bits_per_weight()
+    stats.update(n_outliers=float(O.sum()), index_bits=float(stream.index_bits), **bpw)
+    stats["bpw_position_overhead"] = bpw["bpw_positions"] + bpw["bpw_offsets"]
     return replace(qw, stats=stats)

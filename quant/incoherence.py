@@ -29,12 +29,12 @@ from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from quant.hadamard import HadamardSizeError, fwht, hadamard_factorization, random_orthogonal, random_signs
 from quant.hessian import HESSIAN_DTYPE, proxy_loss
-from quant.types import QuantizedWeight
+from quant.types import ConfigVersion, QuantizedWeight
 
 __all__ = [
     "TRANSFORM_DTYPE",
@@ -72,14 +72,7 @@ class IncoherenceConfig(BaseModel):
     kind: Literal["kron", "hadamard"] = "hadamard"
     rescale: bool = False
     fallback: Literal["error", "random_orthogonal"] = "random_orthogonal"
-    version: int = 1
-
-    @field_validator("version")
-    @classmethod
-    def _check_version(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"IncoherenceConfig version must be 1, got {v}")
-        return v
+    version: ConfigVersion = 1
 
 
 def is_transform_key(key: str) -> bool:

@@ -20,17 +20,14 @@ single column reduces to the LDLQ feedback above. No act-order (columns are roun
 
 from __future__ import annotations
 
-import math
-from dataclasses import replace
-
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 from torch import Tensor
 
-from quant.gptq import SWEEP_DTYPE, validate_inputs
-from quant.grid import GRID_DTYPE, dequantize_codes, fit_grid, fit_group_grids, quantize_codes
-from quant.hessian import HESSIAN_DTYPE, add_damping, cholesky_failure, damp_schedule, fix_dead_inputs, proxy_loss
-from quant.types import GridConfig, QuantizedWeight
+from quant.gptq import SWEEP_DTYPE, start_sweep, with_sweep_stats
+from quant.grid import dequantize_codes, fit_grid, quantize_codes
+from quant.hessian import HESSIAN_DTYPE, DampFraction, add_damping, check_damp_max, cholesky_failure, damp_schedule
+from quant.types import ConfigVersion, GridConfig, QuantizedWeight
 
 __all__ = ["LDLQConfig", "ldl_upper", "quantize_ldlq"]
 
@@ -50,29 +47,14 @@ class LDLQConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     grid: GridConfig
-    damp: float = 0.01
+    damp: DampFraction = 0.01
     damp_max: float = 1.0
     static_groups: bool = True
-    version: int = 1
-
-    @field_validator("damp")
-    @classmethod
-    def _check_damp(cls, v: float) -> float:
-        if not (v > 0 and math.isfinite(v)):
-            raise ValueError(f"damp must be a finite fraction > 0, got {v}")
-        return v
-
-    @field_validator("version")
-    @classmethod
-    def _check_version(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"LDLQConfig version must be 1, got {v}")
-        return v
+    version: ConfigVersion = 1
 
     @model_validator(mode="after")
     def _check_damp_max(self) -> LDLQConfig:
-        if not (self.damp_max >= self.damp and math.isfinite(self.damp_max)):
-            raise ValueError(f"damp_max must be finite and >= damp={self.damp}, got {self.damp_max}")
+        check_damp_max(self.damp, self.damp_max)
         return self
 
 
@@ -100,25 +82,15 @@ def quantize_ldlq(
     Dead inputs (H_ii = 0) as in GPTQ: H_ii = 1, W[:, i] = 0. stats: proxy_loss (Σ_k D_k‖x_k − Ŵ_k‖²,
     damped H), proxy_loss_exact (undamped H), damp (λ used), n_dead.
     """
-    validate_inputs(W, H, name)
     grid = cfg.grid
-    m, n = W.shape
-    gs = grid.effective_group_size(n)
-    G = grid.n_groups(n)
-
-    H_fixed, dead = fix_dead_inputs(H)
     W_in = W
-    W = W.to(sweep_dtype, copy=True)
-    W[:, dead] = 0
+    W, H_fixed, dead, gs, scales, zeros = start_sweep(
+        W_in, H, grid, static_groups=cfg.static_groups, name=name, sweep_dtype=sweep_dtype
+    )
+    m, n = W.shape
     Lt64, D64, lam = ldl_upper(H_fixed, cfg.damp, cfg.damp_max, name)
     Lt, D = Lt64.to(sweep_dtype), D64.to(sweep_dtype)
     A = Lt - torch.eye(n, dtype=sweep_dtype, device=W.device)  # Ú = Lᵀ − I, strictly upper
-
-    if cfg.static_groups:
-        scales, zeros = fit_group_grids(W, grid)
-    else:
-        scales = torch.zeros(m, G, dtype=GRID_DTYPE, device=W.device)
-        zeros = torch.zeros_like(scales)
 
     Delta = torch.zeros_like(W)  # W − Ŵ for the columns rounded so far
     codes = torch.zeros_like(W)
@@ -139,10 +111,4 @@ def quantize_ldlq(
         losses += D[k] * (x - q) ** 2
 
     qw = QuantizedWeight(codes=codes.to(torch.uint8), scales=scales, zeros=zeros, bits=grid.bits, group_size=gs)
-    stats = {
-        "proxy_loss": float(losses.to(HESSIAN_DTYPE).sum()),
-        "proxy_loss_exact": proxy_loss(W_in, qw.dequantize(HESSIAN_DTYPE), H),
-        "damp": float(lam),
-        "n_dead": float(dead.sum()),
-    }
-    return replace(qw, stats=stats)
+    return with_sweep_stats(qw, losses, W_in, H, lam, dead)

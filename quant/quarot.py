@@ -28,12 +28,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from quant.arch.mapping import ArchMapping
 from quant.grid import _grid_from_range, dequantize_codes, quantize_codes
 from quant.incoherence import IncoherenceConfig, OrthogonalTransform, check_transform_size, make_transform
+from quant.types import ConfigVersion
 
 __all__ = [
     "QUAROT_DTYPE",
@@ -65,14 +66,7 @@ class QuaRotConfig(BaseModel):
 
     seed: int = 0
     fallback: Literal["error", "random_orthogonal"] = "random_orthogonal"
-    version: int = 1
-
-    @field_validator("version")
-    @classmethod
-    def _check_version(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"QuaRotConfig version must be 1, got {v}")
-        return v
+    version: ConfigVersion = 1
 
 
 class QuaRotDims(BaseModel):

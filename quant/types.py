@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 from torch import Tensor
 
-__all__ = ["GridConfig", "QuantizedWeight"]
+__all__ = ["ConfigVersion", "GridConfig", "QuantizedWeight"]
+
+
+def _check_config_version(v: int, info: ValidationInfo) -> int:
+    if v != 1:
+        raise ValueError(f"{info.config['title'] if info.config else 'config'} version must be 1, got {v}")
+    return v
+
+
+ConfigVersion = Annotated[int, AfterValidator(_check_config_version)]
+"""``version`` field of every quant config: schema version 1 (the error names the config class)."""
 
 
 class GridConfig(BaseModel):
@@ -46,7 +56,7 @@ class GridConfig(BaseModel):
     mse_clip: bool = False
     scale_dtype: Literal["float32", "float16"] = "float32"
     scale_mode: Literal["minmax", "rms"] = "minmax"
-    version: int = 1
+    version: ConfigVersion = 1
 
     @field_validator("bits")
     @classmethod
@@ -60,13 +70,6 @@ class GridConfig(BaseModel):
     def _check_group_size(cls, v: int) -> int:
         if v < -1:
             raise ValueError(f"group_size must be -1 or 0 (per channel) or >= 1, got {v}")
-        return v
-
-    @field_validator("version")
-    @classmethod
-    def _check_version(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"GridConfig version must be 1, got {v}")
         return v
 
     @model_validator(mode="after")

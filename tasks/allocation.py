@@ -43,7 +43,16 @@ def allocate_layers(
         for job in block_jobs:
             H_sum, n = hs[job.group]
             W = index.get(f"{job.name}.weight").float()
-            items.append(hessian_sensitivity(job.name, W, finalize(H_sum, n), ba.candidate_bits, cfg.group_size))
+            items.append(
+                hessian_sensitivity(
+                    job.name,
+                    W,
+                    finalize(H_sum, n),
+                    ba.candidate_bits,
+                    cfg.group_size,
+                    relative=ba.sensitivity == "relative",
+                )
+            )
     try:
         res = allocate_bits(
             items, BitAllocConfig(avg_bits=ba.avg_bits, candidate_bits=ba.candidate_bits, method=ba.method)
@@ -60,5 +69,6 @@ def allocate_layers(
         "method": res.method,
         "exact": res.exact,
         "granularity": ba.granularity,
+        "sensitivity": ba.sensitivity,
     }
     return [replace(j, bits=res.bits[j.name]) for j in jobs], summary

@@ -1,8 +1,8 @@
 """Pre-flight checks of the ICQuant options against a model's layer shapes (before any artifact is written).
 
 An outlier fraction that rounds to no outlier in some layer would silently turn ICQuant into plain RTN/GPTQ with
-a wasted position stream, and an index stream whose worst-case code count exceeds the int32 offset field cannot
-be stored: both are refused with one line naming the field and the layer.
+a wasted position stream, and an index stream whose worst-case escape-stream length exceeds the int32 tile offset
+field cannot be stored: both are refused with one line naming the field and the layer.
 """
 
 from __future__ import annotations
@@ -16,16 +16,15 @@ from tasks.recipe import QuantizeConfig
 
 __all__ = ["check_method_shapes", "max_index_codes"]
 
-_OFFSET_MAX = 2**31 - 1  # IndexStream offsets are int32
+_OFFSET_MAX = 2**31 - 1  # IndexStream tile offsets are int32
 
 
-def max_index_codes(rows: int, cols: int, n_outliers: int, segment: int, index_bits: int | None) -> int:
-    """Upper bound on the gap/escape codes of a [rows, cols] layer with ``n_outliers`` per row: per row
-    Σ_t (⌊d_t/E⌋ + 1) ≤ n_outliers + ⌊cols/E⌋ + segments (E = 2^B − 1; B = 1 when chosen per layer)."""
-    L = cols if segment <= 0 else min(segment, cols)
-    per_row_segments = math.ceil(cols / L)
-    E = (1 << (index_bits or 1)) - 1
-    return rows * (n_outliers + cols // E + per_row_segments)
+def max_index_codes(rows: int, cols: int, n_outliers: int, index_bits: int | None) -> int:
+    """Upper bound on the largest int32 entry of the index-stream tile table (``quant.icquant``) of a [rows, cols]
+    layer with ``n_outliers`` per row: the escape-stream length Σ_t (⌊d_t / 2^B⌋ + 1) ≤ rows·n_outliers +
+    ⌊rows·cols / 2^B⌋ (the gaps of a tile sum to less than its size), which also bounds the outlier count.
+    Holds for every tiling (segment, group_rows); B = 1 when B is chosen per layer."""
+    return rows * n_outliers + (rows * cols >> (index_bits or 1))
 
 
 def check_method_shapes(model_path: Path, cfg: QuantizeConfig) -> None:
@@ -46,9 +45,9 @@ def check_method_shapes(model_path: Path, cfg: QuantizeConfig) -> None:
                 f"quantize.outliers.gamma={o.gamma} selects no outlier in {job.name} ({cols} columns); "
                 f"use gamma >= {0.5 / cols:.3g}"
             )
-        worst = max_index_codes(rows, cols, k, o.segment, o.index_bits)
+        worst = max_index_codes(rows, cols, k, o.index_bits)
         if worst > _OFFSET_MAX:
             raise ConfigError(
-                f"quantize.outliers: {job.name} may need {worst} index codes, overflowing the int32 index offset "
-                f"field (max {_OFFSET_MAX}); use more index_bits or split the stream into segments"
+                f"quantize.outliers: {job.name} may need {worst} index-stream escape bits, overflowing the int32 "
+                f"index offset field (max {_OFFSET_MAX}); set more index_bits"
             )

@@ -18,7 +18,7 @@ from infra.errors import QuantpipeError
 from infra.safetensors_io import canonicalise_file
 from quant.types import QuantizedWeight
 from tasks.checkpoint import QUANT_METHOD, copy_tokenizer
-from tasks.qlayer import LayerResult, layer_shape, native_tensors, stored_bits
+from tasks.qlayer import BPW_COUNTED, LayerResult, layer_shape, native_tensors, stored_bits
 from tasks.recipe import PackConfig, QuantizeConfig
 from tasks.stage import StageContext, StageResult, run_stage
 
@@ -202,9 +202,11 @@ def run_pack(
             "offsets",
             "grids",
             "other",
+            "position_overhead",
         ):  # weighted by layer size = Σ bits / Σ weights
             overall = sum(v[f"bpw_{part}"] * v["n_weights"] for v in layer_bpw.values()) / max(n_weights, 1)
             meta["bits_per_weight_stored" if part == "total" else f"bits_per_weight_stored_{part}"] = overall
+        meta["layer_bits_counted"] = {f"bpw_{k}": v for k, v in BPW_COUNTED.items()}  # what layer_bits.json sums
         reason = compressed_tensors_reason(qcfg, qweights) if cfg.compressed_tensors else "disabled in recipe"
         reason = reason or runtime_reason(model_path, runtime)
         if reason is None:

@@ -21,6 +21,7 @@ from quant.icquant import ICQuantWeight
 from quant.types import QuantizedWeight
 
 __all__ = [
+    "BPW_COUNTED",
     "BCQLayer",
     "LayerResult",
     "fake_weight",
@@ -101,12 +102,24 @@ _CODES = {"qweight", "planes"}
 _POSITIONS = {"pos_data"}
 _OFFSETS = {"pos_offsets"}
 _GRIDS = {"scales", "zeros", "oscales", "ozeros", "alpha", "beta"}
+# what each bpw_* part of a layer counts (stored in the pack artifact's metadata next to layer_bits.json)
+BPW_COUNTED = {
+    "codes": "qweight / planes: the packed weight codes (binary-coding bit-planes)",
+    "positions": "pos_data: the ICQuant index stream, B-bit gap remainders + 1-bit escape/stop bits, each stream "
+    "byte-padded",
+    "offsets": "pos_offsets: the int32 [2, tiles + 1] table locating each tile of R rows x L columns in both "
+    "streams (what lets tiles decode in parallel)",
+    "grids": "scales, zeros, oscales, ozeros, alpha, beta",
+    "other": "every other packed tensor: qmeta / icqmeta / bcqmeta (incl. B, L, R), g_idx, transforms",
+    "position_overhead": "positions + offsets: the full cost of locating the outliers (ICQuant target <= 0.32)",
+    "total": "codes + positions + offsets + grids + other",
+}
 
 
 def stored_bits(tensors: dict[str, Tensor], n_weights: int) -> dict[str, float]:
-    """Measured bits per weight of one packed linear: codes, outlier positions (the index-coded stream), offsets
-    (the int32 per-segment table that lets rows decode in parallel), grids (scales/zeros, both ICQuant grids,
-    α'/β') and the rest (metadata, g_idx, transforms)."""
+    """Measured bits per weight of one packed linear, from the tensors' bytes, split as ``BPW_COUNTED`` says:
+    codes, outlier positions, offsets, grids and the rest; ``bpw_position_overhead`` = positions + offsets
+    (not a separate part: ``bpw_total`` is the sum of the five parts)."""
     parts = {"codes": 0, "positions": 0, "offsets": 0, "grids": 0, "other": 0}
     for name, t in tensors.items():
         nbits = 8 * t.numel() * t.element_size()
@@ -115,6 +128,7 @@ def stored_bits(tensors: dict[str, Tensor], n_weights: int) -> dict[str, float]:
         parts[kinds[0] if kinds else "other"] += nbits
     out = {f"bpw_{k}": v / max(n_weights, 1) for k, v in parts.items()}
     out["bpw_total"] = sum(parts.values()) / max(n_weights, 1)
+    out["bpw_position_overhead"] = (parts["positions"] + parts["offsets"]) / max(n_weights, 1)
     return out
 
 

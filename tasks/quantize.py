@@ -145,7 +145,8 @@ def _icquant(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str) -> Lay
         raise ConfigError(f"icquant-gptq needs a Hessian for {name}")
     o = cfg.outlier_config()
     icfg = ICQuantConfig(
-        grid=grid_config(cfg), gamma=o.gamma, segment=o.segment, index_bits=o.index_bits, base=base,
+        grid=grid_config(cfg), gamma=o.gamma, segment=o.segment, group_rows=o.group_rows,
+        index_bits=o.index_bits, base=base,
         damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order,
     )  # fmt: skip
     return quantize_icquant(W, H, icfg, name=name)

@@ -110,8 +110,13 @@ class OutlierConfig(BaseModel):
     segment: int = Field(
         default=0,
         ge=0,
-        description="Columns per index-stream segment (0 = one stream per row); rows and segments "
-        "decode independently.",
+        description="Columns per index-stream tile (0 = whole rows); tiles decode independently.",
+    )
+    group_rows: int = Field(
+        default=16,
+        ge=1,
+        description="Rows per index-stream tile: one int32 pair (outliers, escape bits) locates each tile, so a "
+        "GPU block decodes R rows; 16 keeps the table ≤ 0.008 bit/weight on 576+ columns.",
     )
     index_bits: int | None = Field(
         default=None, description="Gap-code width B in 1..16 bits; empty = chosen per layer to minimise the bits."
@@ -167,6 +172,11 @@ class BitAllocRecipeConfig(BaseModel):
     method: Literal["dp", "greedy"] = Field(default="dp", description="Exact knapsack DP, or greedy by Δloss/Δbits.")
     granularity: Literal["layer"] = Field(
         default="layer", description="Allocation unit: one bit-width per linear layer."
+    )
+    sensitivity: Literal["relative", "absolute"] = Field(
+        default="relative",
+        description="Layer loss estimate: rounding noise relative to the layer's output energy tr(W H Wᵀ) "
+        "(relative), or the raw Hessian-weighted noise (absolute, which favours late layers).",
     )
 
     @field_validator("candidate_bits")
@@ -311,7 +321,9 @@ class QuantizeConfig(BaseModel):
         base = self.icquant_base()
         if base is not None:  # method gptq + outliers ≡ icquant-gptq: one key
             out["method"] = f"icquant-{base}"
-            out["outliers"] = self.outlier_config().model_dump(mode="json")
+            from quant.icquant import STREAM_VERSION
+
+            out["outliers"] = {**self.outlier_config().model_dump(mode="json"), "stream_version": STREAM_VERSION}
             if base == "rtn":
                 for k in ("damp", "block_size", "act_order", "static_groups"):
                     out.pop(k, None)

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from quant.hadamard import paley_matrix
+from quant.hadamard import dense_hadamard, fwht_pow2, paley_matrix
 
 __all__ = [
     "PALEY_SIZES",
@@ -60,30 +60,13 @@ def split_hadamard_size(n: int) -> tuple[int, int]:
 
 
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64, normalize: bool = True) -> Tensor:
-    """Dense H_n = H_m ⊗ H_{2^k} (Sylvester for the 2^k part), optionally divided by sqrt(n)."""
-    m, p = split_hadamard_size(n)
-    H = torch.ones(1, 1, dtype=torch.float64)
-    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
-    for _ in range(p.bit_length() - 1):
-        H = torch.kron(H, h2)
-    if m > 1:
-        H = torch.kron(_paley(m), H)
-    if normalize:
-        H = H / math.sqrt(n)
-    return H.to(dtype)
+    """Dense H_n = H_m ⊗ H_{2^k} (Sylvester for the 2^k part), optionally divided by sqrt(n).
 
-
-def _fwht_pow2(x: Tensor) -> Tensor:
-    """Unnormalised butterfly over the last dim (size 2^k), O(n log n); x is float32/float64."""
-    n = x.shape[-1]
-    lead = x.shape[:-1]
-    h = 1
-    while h < n:
-        y = x.reshape(*lead, n // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, n)
-        h *= 2
-    return x
+    Sizes are those of ``split_hadamard_size``; the matrix is ``quant.hadamard.dense_hadamard`` (the same
+    factorization n = m·2^k for these sizes), so quantizer and kernels apply one construction.
+    """
+    split_hadamard_size(n)  # the kernels' size contract: refuse what the Triton transform cannot do
+    return dense_hadamard(n, normalize=normalize, dtype=dtype)
 
 
 def fwht_ref(x: Tensor) -> Tensor:
@@ -91,7 +74,7 @@ def fwht_ref(x: Tensor) -> Tensor:
     n = x.shape[-1]
     m, p = split_hadamard_size(n)
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    z = _fwht_pow2(x.to(work).reshape(*x.shape[:-1], m, p))  # [..., m, p]
+    z = fwht_pow2(x.to(work).reshape(*x.shape[:-1], m, p))  # [..., m, p]
     if m > 1:
         z = torch.matmul(_paley(m).to(work), z)  # H_m along the m axis
     return (z.reshape(x.shape) / math.sqrt(n)).to(x.dtype)

@@ -89,20 +89,31 @@ def write_corpus(path: Path, n_lines: int, seed: int) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-@pytest.fixture(scope="session")
-def wikitext_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("wikitext")
+def write_wikitext(d: Path) -> Path:
+    """Fill ``d`` as a tiny WikiText-2 raw dir: wiki.valid.raw (calibration) and wiki.test.raw (evaluation)."""
     write_corpus(d / "wiki.valid.raw", 400, 1)
     write_corpus(d / "wiki.test.raw", 300, 2)
     return d
 
 
+def isolated_home(mp: pytest.MonkeyPatch, home_dir: Path, wikitext_dir: Path) -> Iterator[Settings]:
+    """Fixture body: QUANTPIPE_HOME = ``home_dir`` (local store, sqlite MLflow) and the tiny corpus, yielding the
+    settings; on teardown the environment is restored and the settings cache refreshed from it."""
+    mp.setenv("QUANTPIPE_HOME", str(home_dir))
+    mp.setenv("QUANTPIPE_WIKITEXT_DIR", str(wikitext_dir))
+    yield get_settings(refresh=True)
+    mp.undo()
+    get_settings(refresh=True)
+
+
+@pytest.fixture(scope="session")
+def wikitext_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_wikitext(tmp_path_factory.mktemp("wikitext"))
+
+
 @pytest.fixture
 def home(tmp_path: Path, wikitext_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
-    monkeypatch.setenv("QUANTPIPE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("QUANTPIPE_WIKITEXT_DIR", str(wikitext_dir))
-    yield get_settings(refresh=True)
-    get_settings(refresh=True)
+    yield from isolated_home(monkeypatch, tmp_path / "home", wikitext_dir)
 
 
 def tiny_recipe(**quantize: object) -> Recipe:

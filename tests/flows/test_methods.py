@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from infra.errors import ConfigError
-from infra.settings import Settings, get_settings
+from infra.settings import Settings
 from infra.store import open_store
 from tasks.recipe import parse_recipe
-from tests.flows.conftest import tiny_recipe
+from tests.flows.conftest import isolated_home, tiny_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS: dict[str, dict[str, Any]] = {
@@ -27,7 +27,12 @@ METHODS: dict[str, dict[str, Any]] = {
     "icquant-gptq": {"method": "gptq", "bits": 3, "outliers": {"gamma": 0.1, "segment": 24}},  # ≡ icquant-gptq
     "gptqt": {"method": "gptqt", "bits": 2, "gptqt": {"multipliers": [0.9, 1.0, 1.1]}},
     "mixed-gptq": {"method": "gptq", "bitalloc": {"avg_bits": 2.5, "candidate_bits": [2, 3, 4]}},
-    "mixed-icquant": {"method": "icquant-gptq", "bitalloc": {"avg_bits": 3.0}, "outliers": {"gamma": 0.1}},
+    # absolute sensitivities (the random tiny model's layers differ in scale, not in relative sensitivity)
+    "mixed-icquant": {
+        "method": "icquant-gptq",
+        "bitalloc": {"avg_bits": 3.0, "sensitivity": "absolute"},
+        "outliers": {"gamma": 0.1},
+    },
 }
 MODULE = {"icquant": "ICQuantLinear", "bcq": "BCQLinear", "affine": "QuantLinear"}
 SKIP_REASON = {"icquant": "ICQuant", "bcq": "binary coding", "affine": "mixed per-layer bit-widths"}
@@ -37,10 +42,7 @@ OUTCOMES: dict[str, Any] = {}
 @pytest.fixture(scope="module")
 def module_home(tmp_path_factory: pytest.TempPathFactory, wikitext_dir: Path) -> Iterator[Settings]:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("QUANTPIPE_HOME", str(tmp_path_factory.mktemp("methods") / "home"))
-        mp.setenv("QUANTPIPE_WIKITEXT_DIR", str(wikitext_dir))
-        yield get_settings(refresh=True)
-    get_settings(refresh=True)
+        yield from isolated_home(mp, tmp_path_factory.mktemp("methods") / "home", wikitext_dir)
 
 
 @pytest.fixture(scope="module")
@@ -188,8 +190,8 @@ def test_bad_method_options_are_one_line_errors(quantize: dict, message: str) ->
 def test_index_field_overflow_is_refused() -> None:
     from tasks.method_checks import max_index_codes
 
-    assert max_index_codes(4096, 14336, 717, 0, 6) < 2**31 - 1  # a real 70B-size layer fits
-    assert max_index_codes(2**16, 2**16, 3277, 0, None) > 2**31 - 1  # worst case of B = 1 on a 4G-weight layer
+    assert max_index_codes(4096, 14336, 717, 6) < 2**31 - 1  # a real 70B-size layer fits
+    assert max_index_codes(2**16, 2**16, 3277, None) > 2**31 - 1  # worst case of B = 1 on a 4G-weight layer
 
 
 @pytest.mark.slow

@@ -122,3 +122,20 @@ def test_hessian_sensitivity_formula_and_rtn_agreement() -> None:
     for b in (3, 4, 8):  # the uniform-noise proxy tracks measured RTN proxy losses (measured ratio 0.97–1.02)
         measured = quantize_rtn(W, GridConfig(bits=b, group_size=32), H).stats["proxy_loss"]
         assert 0.5 < measured / sens.loss[b] < 2.0
+
+
+def test_relative_sensitivity_is_scale_invariant_and_normalised_by_output_energy() -> None:
+    """Relative L(b) = absolute L(b) / tr(W H Wᵀ): scaling the layer's inputs (as depth does to the residual
+    stream) changes every absolute loss but no relative one, so an allocation cannot be driven by scale alone."""
+    W, H = random_weight(32, 128, 13), random_spd(128, 13)
+    absolute = hessian_sensitivity("l", W, H, BITS, group_size=32)
+    relative = hessian_sensitivity("l", W, H, BITS, group_size=32, relative=True)
+    energy = float(((W.double() @ H.double()) * W.double()).sum())
+    for b in BITS:
+        assert relative.loss[b] == pytest.approx(absolute.loss[b] / energy, rel=1e-12)
+    scaled = hessian_sensitivity("l", W, 100.0 * H, BITS, group_size=32, relative=True)
+    for b in BITS:
+        assert scaled.loss[b] == pytest.approx(relative.loss[b], rel=1e-12)
+        assert hessian_sensitivity("l", W, 100.0 * H, BITS, group_size=32).loss[b] == pytest.approx(
+            100.0 * absolute.loss[b], rel=1e-12
+        )

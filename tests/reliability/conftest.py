@@ -43,12 +43,11 @@ def rel_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def rel_inputs(rel_tmp: Path, tiny_llama_dir: Path) -> PipelineInputs:
-    from tests.flows.conftest import write_corpus
+    from tests.flows.conftest import write_wikitext
 
     wiki = rel_tmp / "wikitext"
     wiki.mkdir()
-    write_corpus(wiki / "wiki.valid.raw", 400, 1)
-    write_corpus(wiki / "wiki.test.raw", 300, 2)
+    write_wikitext(wiki)
     recipe = rel_tmp / "tiny-gptq.yaml"
     recipe.write_text(TINY_RECIPE_YAML)
     return PipelineInputs(model_dir=tiny_llama_dir, wikitext_dir=wiki, recipe=recipe)
