@@ -111,9 +111,16 @@ class Job:
     env: dict[str, str | None]
     log: Path
     kill_after: float | None = None
+    kill_anchor: str | None = None  # glob: the kill clock starts when a file matching it first appears
 
     def as_json(self) -> dict[str, Any]:
-        return {"argv": self.argv, "env": self.env, "log": str(self.log), "kill_after": self.kill_after}
+        return {
+            "argv": self.argv,
+            "env": self.env,
+            "log": str(self.log),
+            "kill_after": self.kill_after,
+            "kill_anchor": self.kill_anchor,
+        }
 
 
 @dataclass
@@ -217,6 +224,7 @@ class PipelineInputs:
         log: Path,
         *,
         kill_after: float | None = None,
+        kill_anchor: str | None = None,
         extra_env: dict | None = None,
         extra_argv: list[str] | None = None,
     ) -> Job:
@@ -228,4 +236,4 @@ class PipelineInputs:
         }
         argv = ["quantize", "--model", str(self.model_dir), "--recipe", str(self.recipe), "--json"]
         argv += extra_argv or []
-        return Job(argv=argv, env=env, log=log, kill_after=kill_after)
+        return Job(argv=argv, env=env, log=log, kill_after=kill_after, kill_anchor=kill_anchor)

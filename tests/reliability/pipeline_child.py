@@ -10,12 +10,14 @@ object per line on stdin / stdout::
       -> {"results": [{"rc": 0, "killed": false, "seconds": 7.1}, ...]}
     {"op": "exit"}
 
-``kill_after`` seconds after the fork the child's process group gets SIGKILL (unless it exited before).
+``kill_after`` seconds after the fork — or, with ``kill_anchor`` (a glob), after the first file matching it
+appears — the child's process group gets SIGKILL (unless it exited before).
 Run: ``python -m tests.reliability.pipeline_child``.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -100,16 +102,22 @@ def _run(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             pass
         started.append((pid, time.monotonic(), job))
     results: dict[int, dict[str, Any]] = {}
+    anchored: dict[int, float] = {}  # pid -> when its anchor file appeared (the kill clock's zero)
     while len(results) < len(started):
         for pid, t0, job in started:
             if pid in results:
                 continue
             done, status = os.waitpid(pid, os.WNOHANG)
-            elapsed = time.monotonic() - t0
+            now = time.monotonic()
+            elapsed = now - t0
+            anchor = job.get("kill_anchor")
+            if anchor and pid not in anchored and glob.glob(anchor):
+                anchored[pid] = now
+            clock = now - anchored[pid] if pid in anchored else (None if anchor else elapsed)
             if done:
                 rc = os.waitstatus_to_exitcode(status)
                 results[pid] = {"rc": rc, "killed": rc == -signal.SIGKILL, "seconds": round(elapsed, 3)}
-            elif job.get("kill_after") is not None and elapsed >= float(job["kill_after"]):
+            elif job.get("kill_after") is not None and clock is not None and clock >= float(job["kill_after"]):
                 try:
                     os.killpg(pid, signal.SIGKILL)
                 except ProcessLookupError:
