@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
+
+# Prefect's ephemeral API server gets 20 s to start by default; on a loaded 2-core machine that is not enough
+# (measured: "Timed out while attempting to connect to ephemeral Prefect API server" with other jobs running).
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import typer
 from rich.console import Console

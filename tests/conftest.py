@@ -21,12 +21,19 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["MLFLOW_ENABLE_TELEMETRY"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ.setdefault("PREFECT_HOME", str(_SESSION_TMP / "prefect-home"))
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # loaded CI machines
 os.environ["QUANTPIPE_HOME"] = str(_SESSION_TMP / "quantpipe-home")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.pop("QUANTPIPE_STORE_URL", None)
 os.environ.pop("QUANTPIPE_CONFIG", None)
+
+# Prefect sets up its console log handler when first imported, binding the sys.stderr of that moment. Imported here
+# it binds pytest's session-long capture stream; first imported inside a CliRunner.invoke it would bind that
+# invocation's stream, closed right after, and every later Prefect log line in the session would fail
+# ("I/O operation on closed file", then RecursionError in threaded flow runs).
+import prefect  # noqa: E402, F401
 
 
 def free_port() -> int:
