@@ -95,19 +95,26 @@ class LocalStore(ArtifactStore):
                     winner = Manifest.model_validate_json(existing)
                 except ValueError:
                     winner = None
-                if winner is not None and not self._verify_files(winner):
+                if winner is not None and winner.digest_ok() and not self._verify_files(winner):
                     shutil.rmtree(staging_dir, ignore_errors=True)
                     return winner
             self._quarantine(final)
         raise StoreError(f"cannot commit artifact {manifest.ref}: the final directory keeps reappearing")
 
     def _quarantine(self, path: Path) -> None:
+        """Move ``path`` out of the artifact tree. Another thread may empty ``.trash`` (rmtree) between our mkdir and
+        rename; the rename then fails with FileNotFoundError although ``path`` still exists, and swallowing that
+        left a corrupt artifact in place (seen with parallel layer tasks repairing corrupt artifacts), so retry."""
         trash = self.root / ".trash"
-        trash.mkdir(parents=True, exist_ok=True)
-        try:
-            os.rename(path, trash / f"{path.name}-{uuid.uuid4().hex[:8]}")
-        except FileNotFoundError:
-            pass
+        for _attempt in range(20):
+            trash.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(path, trash / f"{path.name}-{uuid.uuid4().hex[:8]}")
+                return
+            except FileNotFoundError:
+                if not path.exists():
+                    return  # already gone (another deleter won)
+        raise StoreError(f"cannot move {path} aside: {trash} keeps disappearing")
 
     def _read_manifest_bytes(self, stage: str, key: str) -> bytes | None:
         try:

@@ -237,3 +237,45 @@ def test_bad_file_names_rejected(store: ArtifactStore) -> None:
 def test_path_traversal_refs_rejected(store: ArtifactStore, ref: str) -> None:
     with pytest.raises(ConfigError):
         store.get(ref)
+
+
+def test_delete_survives_trash_emptied_by_another_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A parallel deleter's rmtree of ``.trash`` can land between our mkdir and rename; the artifact must still
+    leave the tree (it used to stay, and a corrupt one was then trusted as a racing writer's winner)."""
+    store = LocalStore(tmp_path / "store")
+    ref = _put(store)
+    real_rename = os.rename
+    calls = {"n": 0}
+
+    def flaky_rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:  # the trash directory vanished under us once
+            raise FileNotFoundError(dst)
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", flaky_rename)
+    store.delete(ref)
+    assert calls["n"] == 2
+    assert not store.exists(ref)
+
+
+def test_racing_writer_never_adopts_an_edited_manifest(tmp_path: Path) -> None:
+    """Commit finding the final name taken keeps the existing artifact only if it is intact, manifest included."""
+    store = LocalStore(tmp_path / "store")
+    ref = _put(store, payload=b"first")
+    path = tmp_path / "store" / "artifacts" / ArtifactRef(ref).stage / ArtifactRef(ref).key / "manifest.json"
+    data = json.loads(path.read_text())
+    data["metadata"] = {"rows": 99}
+    path.write_text(json.dumps(data))
+    assert not store.verify(ref).ok
+    store.put(
+        "calibration",
+        ArtifactRef(ref).key,
+        {"data.bin": b"first", "meta.json": b"{}"},
+        stage_version=1,
+        config={"n": 0},
+        inputs={},
+        metadata={"rows": 0},
+    )
+    assert store.verify(ref).ok
+    assert store.manifest(ref).metadata == {"rows": 0}
