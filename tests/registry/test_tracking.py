@@ -91,7 +91,7 @@ def test_stage_runs_from_worker_threads(settings):
 
 
 def test_params_flattened_truncated_and_secrets_never_logged(settings):
-    secrets = ["hf_abcdef123", "AKIAXXXXXXXX", "wJalrXUtnFEMI", "hunter2", "s3cr3t-pw", "sk-live-1"]
+    secrets = ["hf_abcdef123", "fake-aws-key-id-x", "wJalrXUtnFEMI", "hunter2", "s3cr3t-pw", "sk-live-1"]
     params = {
         "recipe": {"method": "gptq", "bits": 4, "quant": {"group": 64, "sym": True}},
         "hf_token": secrets[0],

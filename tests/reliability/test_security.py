@@ -106,7 +106,7 @@ def test_servers_bind_loopback_by_default() -> None:
 
 
 SECRET = "qp-SECRET-aws-9f8e7d6c5b4a"
-SECRET_KEY_ID = "AKIAQPSECRETKEYID0001"
+SECRET_KEY_ID = "fake-key-id-qp-SECRET-0001"
 HF_SECRET = "hf_qpSECRETtoken1234567890"
 PLAIN_SECRET = "plain-aws-SECRET-0a1b2c3d"
 SECRETS = [("aws secret", SECRET), ("aws key id", SECRET_KEY_ID), ("hf token", HF_SECRET), ("env", PLAIN_SECRET)]

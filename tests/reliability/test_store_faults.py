@@ -244,7 +244,7 @@ def test_revoked_credentials_fail_clearly(moto_server: str, s3_bucket: str, tmp_
     settings = Settings(
         home=tmp_path / "home",
         s3_endpoint_url=moto_server,
-        aws_access_key_id="AKIAREVOKED000000000",
+        aws_access_key_id="fake-revoked-key-id",
         aws_secret_access_key="revoked-secret-value-123",
     )
     with enable_iam_authentication():  # moto now checks keys: ours are unknown, as after a revocation
