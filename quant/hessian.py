@@ -6,6 +6,7 @@ token counts); ``finalize`` normalises; quantizers dampen.  The proxy loss of Ŵ
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Annotated
 
@@ -45,8 +46,24 @@ def accumulate(H: Tensor | None, n: int, x: Tensor) -> tuple[Tensor, int]:
         raise ValueError(
             f"accumulator must be {HESSIAN_DTYPE} [{X.shape[1]}, {X.shape[1]}], got {H.dtype} {tuple(H.shape)}"
         )
-    H.add_((X.T @ X).to(HESSIAN_DTYPE))
+    _add_gram(H, X)
     return H, n + X.shape[0]
+
+
+_GRAM_PANELS = 4
+
+
+def _add_gram(H: Tensor, X: Tensor) -> None:
+    """H += Xᵀ X computing only the upper block triangle (panels of columns; ~40 % fewer flops than the full
+    GEMM at 4 panels) and mirroring it, which also makes the off-diagonal blocks exactly symmetric."""
+    d = X.shape[1]
+    edges = [round(i * d / _GRAM_PANELS) for i in range(_GRAM_PANELS + 1)]
+    for a, b in itertools.pairwise(edges):
+        if a == b:
+            continue
+        panel = (X[:, a:b].T @ X[:, a:]).to(HESSIAN_DTYPE)  # rows a:b, columns a:
+        H[a:b, a:].add_(panel)
+        H[b:, a:b].add_(panel[:, b - a :].T)
 
 
 def finalize(H_sum: Tensor, n: int) -> Tensor:

@@ -21,7 +21,7 @@ from torch import nn
 from quant.arch import ArchMapping, mapping_for
 from quant.hessian import accumulate
 
-__all__ = ["BlockStreamer", "GroupStats", "collect_block_hessians", "peak_rss_mb"]
+__all__ = ["BlockStreamer", "GroupStats", "collect_block_hessians", "peak_rss_mb", "quantize_block_by_group"]
 
 
 def _release_freed_memory() -> None:
@@ -251,3 +251,119 @@ def for_each_block(
         hidden = out
         if progress is not None:
             progress(i)
+
+
+class _StopForwardError(Exception):
+    """Raised by a capture hook: the rest of the block is not needed for this input."""
+
+
+def _capture_input(module: nn.Module, run: Callable[[], Any]) -> torch.Tensor:
+    """``module``'s input (after its other pre-hooks, e.g. QuaRot's online transform) when ``run()`` reaches it."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
+        seen.append(args[0].detach())
+        raise _StopForwardError
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        run()
+    except _StopForwardError:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError(f"the block forward never reached {type(module).__name__}; check the architecture mapping")
+    return seen[0]
+
+
+@contextmanager
+def _replaced_forward(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    module.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del module.forward
+
+
+def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The linear map alone: ``x`` was captured after the module's pre-hooks, which must not run twice."""
+    return torch.nn.functional.linear(x, module.weight, getattr(module, "bias", None))
+
+
+@torch.no_grad()
+def quantize_block_by_group(
+    streamer: BlockStreamer,
+    block: nn.Module,
+    hidden: torch.Tensor,
+    quantize_group: Callable[[str, GroupStats], None],
+    *,
+    micro_batch: int = 8,
+    keep_bytes: int = 2 << 30,
+) -> torch.Tensor:
+    """True-sequential quantization of one block in a single calibration forward; returns the block's outputs.
+
+    Each linear group's Hessian is collected from the outputs of the groups before it *after* they were quantized
+    (``quantize_group(name, stats)`` must write the group's quantized weights into ``block``): q/k/v from the
+    input norm; o_proj from attention over the quantized q/k/v; gate/up from the norm of the residual with the
+    quantized o_proj; down_proj from the quantized gate/up. Every intermediate is computed once and kept per
+    micro-batch (attention output, MLP input; the down_proj input too unless it exceeds ``keep_bytes``, then it
+    is recomputed), so the block costs one forward instead of llm-compressor's two (calibrate, then propagate).
+    """
+    m = streamer.mapping
+    by_name = {g.name: g for g in m.groups}
+    if set(by_name) != {"attn_in", "o_in", "mlp_in", "down_in"}:
+        raise ValueError(f"group-wise sequential quantization needs the Llama-family groups, got {sorted(by_name)}")
+    first = {name: block.get_submodule(g.linears[0]) for name, g in by_name.items()}
+    attn, mlp = block.get_submodule(m.attention), block.get_submodule(m.mlp)
+    pe = streamer.position_embeddings(hidden[:1])
+    chunks = [hidden[s : s + micro_batch] for s in range(0, hidden.shape[0], micro_batch)]
+
+    def call(x: torch.Tensor) -> Any:
+        return block(x, attention_mask=None, position_embeddings=pe)
+
+    def run_group(name: str, inputs: Callable[[int], torch.Tensor], keep: bool) -> list[torch.Tensor]:
+        stats, kept = GroupStats(), []
+        for i in range(len(chunks)):
+            x = inputs(i)
+            stats.add(x)
+            if keep:
+                kept.append(x)
+        quantize_group(name, stats)
+        return kept
+
+    run_group("attn_in", lambda i: _capture_input(first["attn_in"], lambda: call(chunks[i])), keep=False)
+    attn_in = run_group("o_in", lambda i: _capture_input(first["o_in"], lambda: call(chunks[i])), keep=True)
+    attn_out = [_linear(first["o_in"], a) for a in attn_in]
+    del attn_in
+    current = 0
+
+    def cached_attention(*_args: Any, **_kwargs: Any) -> tuple[torch.Tensor, None]:
+        return attn_out[current], None
+
+    def mlp_input(i: int) -> torch.Tensor:
+        nonlocal current
+        current = i
+        with _replaced_forward(attn, cached_attention):
+            return _capture_input(first["mlp_in"], lambda: call(chunks[i]))
+
+    mlp_in = run_group("mlp_in", mlp_input, keep=True)
+    d_bytes = sum(x[..., :1].numel() for x in mlp_in) * first["down_in"].in_features * hidden.element_size()
+    down_in = run_group(
+        "down_in", lambda i: _capture_input(first["down_in"], lambda: mlp(mlp_in[i])), keep=d_bytes <= keep_bytes
+    )
+
+    mlp_forward = mlp.forward  # the real MLP, for a down_proj input too large to keep
+
+    def cached_mlp(x: torch.Tensor) -> torch.Tensor:
+        return _linear(first["down_in"], down_in[current]) if down_in else mlp_forward(x)
+
+    out = torch.empty_like(hidden)
+    start = 0
+    for i, chunk in enumerate(chunks):
+        current = i
+        with _replaced_forward(attn, cached_attention), _replaced_forward(mlp, cached_mlp):
+            res = call(chunk)
+        out[start : start + chunk.shape[0]] = res[0] if isinstance(res, tuple) else res
+        start += chunk.shape[0]
+    return out

@@ -18,7 +18,7 @@ from tasks.stage import StageContext, StageResult, ensure_artifact, run_stage, s
 
 __all__ = ["BLOCK_VERSION", "STAGE_VERSION", "load_block_hessians", "load_tokens", "run_hessians"]
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: Gram matrices from the upper block triangle (ULP-level changes)
 BLOCK_VERSION = 1
 
 

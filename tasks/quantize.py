@@ -406,11 +406,16 @@ def run_quantize(
 
 
 def _sequential_forward_key(cfg: QuantizeConfig, forward: HessianConfig | None) -> dict[str, Any]:
-    """Sequential mode runs its own calibration forward, so its dtype is part of what the layers depend on;
-    the default (fp32) adds nothing, which keeps the keys of existing sequential builds."""
-    if cfg.mode != "sequential" or forward is None or forward.compute_dtype == "float32":
+    """Sequential mode collects its own Hessians, so the collector's version and the forward's dtype (when not
+    the default fp32) are part of what its layers depend on."""
+    if cfg.mode != "sequential":
         return {}
-    return {"forward_dtype": forward.compute_dtype}
+    from tasks.hessians import STAGE_VERSION as HESSIANS_VERSION
+
+    key: dict[str, Any] = {"hessians_version": HESSIANS_VERSION}
+    if forward is not None and forward.compute_dtype != "float32":
+        key["forward_dtype"] = forward.compute_dtype
+    return key
 
 
 def _run_sequential(
@@ -425,7 +430,7 @@ def _run_sequential(
     """Per block: Hessians from the *quantized* prefix's activations → quantize → re-forward quantized block."""
     import contextlib
 
-    from tasks.driver import BlockStreamer, collect_block_hessians, for_each_block
+    from tasks.driver import BlockStreamer, collect_block_hessians, for_each_block, quantize_block_by_group
     from tasks.hessians import load_tokens
 
     fwd = forward or HessianConfig()
@@ -447,10 +452,30 @@ def _run_sequential(
             q = load_qlayer(ctx, refs[job.name])
             block.get_submodule(job.name[len(prefix) :]).weight.data.copy_(fake_weight(q))
 
+    def quantize_group(i: int, block: Any, group: str, s: Any) -> None:
+        prefix = streamer.block_name(i) + "."
+        for job in (j for j in jobs if j.block == i and j.group == group):
+            W = block.get_submodule(job.name[len(prefix) :]).weight.detach().clone()
+
+            def compute(W: Tensor = W, job: LayerJob = job) -> LayerResult:
+                return _quantize_tensor(W, s.H, s.n, cfg, job.name, streamer.device.type)
+
+            refs[job.name] = _layer_stage(ctx, cfg, job, inputs, compute, fkey)
+            q = load_qlayer(ctx, refs[job.name])
+            block.get_submodule(job.name[len(prefix) :]).weight.data.copy_(fake_weight(q))
+
     def visit(i: int, block: Any, hidden: Tensor) -> Tensor:
         if block_done(i):
             for job in (j for j in jobs if j.block == i):
                 refs[job.name] = layer_ref(job)
+        elif cfg.sequential_scope == "group":
+            return quantize_block_by_group(
+                streamer,
+                block,
+                hidden,
+                lambda group, s: quantize_group(i, block, group, s),
+                micro_batch=fwd.micro_batch,
+            )
         else:
             stats, _ = collect_block_hessians(streamer, block, hidden, micro_batch=fwd.micro_batch)
             prefix = streamer.block_name(i) + "."

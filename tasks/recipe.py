@@ -222,6 +222,12 @@ class QuantizeConfig(BaseModel):
         description="parallel: layers independent given fp Hessians; sequential: inputs propagated through "
         "already-quantized blocks (GPTQ-paper style, own keys).",
     )
+    sequential_scope: Literal["group", "block"] = Field(
+        default="group",
+        description="Sequential mode: group — each linear group's Hessian comes from the outputs of the already "
+        "quantized groups before it in the block (GPTQ's true-sequential; one calibration forward per block); "
+        "block — all groups of a block see its fp weights (llm-compressor's pipeline; two forwards per block).",
+    )
     skip: tuple[str, ...] = Field(default=("lm_head",), description="Regexes of linears left in full precision.")
     outliers: OutlierConfig | None = Field(
         default=None,
@@ -308,6 +314,8 @@ class QuantizeConfig(BaseModel):
     def key_config(self) -> dict[str, Any]:
         """What changes the quantized weights: everything but scheduling knobs and other methods' fields."""
         exclude = {"workers"}
+        if self.mode != "sequential" or self.sequential_scope == "block":  # block: keys of earlier sequential builds
+            exclude.add("sequential_scope")
         if self.method == "rtn":
             exclude |= {"damp", "block_size", "act_order", "static_groups"}
         if self.method == "quip":  # LDLQ: columns in order, no lazy batches

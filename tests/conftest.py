@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,27 @@ os.environ.pop("QUANTPIPE_CONFIG", None)
 # invocation's stream, closed right after, and every later Prefect log line in the session would fail
 # ("I/O operation on closed file", then RecursionError in threaded flow runs).
 import prefect  # noqa: E402, F401
+
+
+@pytest.fixture(autouse=True)
+def _log_handlers_on_open_streams() -> Iterator[None]:
+    """Prefect re-runs its logging set-up from scratch when an incremental update fails (ephemeral-server start,
+    ``prefect`` CLI), re-binding its console handler to whatever sys.stderr is then — a CliRunner's or a capture
+    fixture's stream, closed when that test ends. Re-point such handlers at the session's stderr after each test."""
+    yield
+    import logging
+
+    loggers = [
+        logging.getLogger(),
+        *(lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)),
+    ]
+    for handler in {h for lg in loggers for h in lg.handlers}:
+        stream = getattr(handler, "stream", None)
+        if isinstance(handler, logging.StreamHandler) and getattr(stream, "closed", False):
+            handler.stream = sys.stderr  # not setStream: it flushes the closed stream first
+            console = getattr(handler, "console", None)
+            if console is not None:
+                console.file = sys.stderr
 
 
 def free_port() -> int:

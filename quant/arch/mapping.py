@@ -29,6 +29,8 @@ class ArchMapping(BaseModel):
     rotary: str = "model.rotary_emb"
     input_norm: str = "input_layernorm"
     post_attention_norm: str = "post_attention_layernorm"
+    attention: str = "self_attn"  # block submodule returning (attn_output, weights); its output joins the residual
+    mlp: str = "mlp"  # block submodule mapping the post-attention norm's output to the residual update
     value: str = "self_attn.v_proj"  # the linear whose output QuaRot rotates per head (V/O rotation)
     groups: tuple[LinearGroup, ...]
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quant.hessian import (
     HESSIAN_DTYPE,
@@ -27,6 +29,19 @@ def test_accumulate_matches_float64_gram_over_chunks() -> None:
     assert H is not None and H.dtype == HESSIAN_DTYPE and n == 5 * 2 * 37
     torch.testing.assert_close(H, X.T @ X, rtol=1e-5, atol=1e-5)  # float32 per-chunk GEMM
     torch.testing.assert_close(finalize(H, n), 2.0 / n * X.T @ X, rtol=1e-5, atol=1e-7)
+
+
+@settings(max_examples=40, deadline=None)
+@given(d=st.integers(1, 19), tokens=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_block_triangle_gram_is_the_full_symmetric_gram(d: int, tokens: int, seed: int) -> None:
+    """Any width (fewer columns than panels included): every entry of Xᵀ X; off-diagonal panels exactly symmetric."""
+    x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(seed))
+    H, _ = accumulate(None, 0, x)
+    X = x.to(torch.float64)
+    torch.testing.assert_close(H, X.T @ X, rtol=1e-5, atol=1e-5)
+    panel = torch.tensor([next(i for i in range(4) if c < round((i + 1) * d / 4)) for c in range(d)])
+    across = panel[:, None] != panel[None, :]  # entries of off-diagonal panels are mirrored copies
+    assert torch.equal(H[across], H.T[across])
 
 
 def test_accumulate_is_mergeable() -> None:
