@@ -25,6 +25,7 @@ Precision: H is kept in float64 for dead-input fixing, damping, Cholesky and inv
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -44,6 +45,7 @@ from quant.hessian import (
     fix_dead_inputs,
     proxy_loss,
 )
+from quant.mixed import check_group_bits, fit_mixed_group_grids
 from quant.types import ConfigVersion, GridConfig, QuantizedWeight
 
 __all__ = [
@@ -138,15 +140,25 @@ class SweepStart(NamedTuple):
 
 
 def start_sweep(
-    W: Tensor, H: Tensor, grid: GridConfig, *, static_groups: bool, name: str, sweep_dtype: torch.dtype
+    W: Tensor,
+    H: Tensor,
+    grid: GridConfig,
+    *,
+    static_groups: bool,
+    name: str,
+    sweep_dtype: torch.dtype,
+    group_bits: Tensor | None = None,
 ) -> SweepStart:
-    """Validate W [m, n] and H [n, n], fix dead inputs (H_ii = 0 → H_ii = 1, W[:, i] = 0), allocate the grids."""
+    """Validate W [m, n] and H [n, n], fix dead inputs (H_ii = 0 → H_ii = 1, W[:, i] = 0), allocate the grids
+    (static grids of group g at ``group_bits[g]`` bits when given)."""
     validate_inputs(W, H, name)
     m, n = W.shape
     H_fixed, dead = fix_dead_inputs(H)
     W = W.to(sweep_dtype, copy=True)
     W[:, dead] = 0
-    if static_groups:
+    if group_bits is not None:
+        scales, zeros = fit_mixed_group_grids(W, grid, group_bits)
+    elif static_groups:
         scales, zeros = fit_group_grids(W, grid)
     else:
         scales = torch.zeros(m, grid.n_groups(n), dtype=GRID_DTYPE, device=W.device)
@@ -169,19 +181,35 @@ def with_sweep_stats(
 
 
 def quantize_gptq(
-    W: Tensor, H: Tensor, cfg: GPTQConfig, *, name: str = "layer", sweep_dtype: torch.dtype = SWEEP_DTYPE
+    W: Tensor,
+    H: Tensor,
+    cfg: GPTQConfig,
+    *,
+    name: str = "layer",
+    sweep_dtype: torch.dtype = SWEEP_DTYPE,
+    group_bits: Sequence[int] | Tensor | None = None,
 ) -> QuantizedWeight:
     """GPTQ-quantize W [out, in] (any float dtype) against the proxy Hessian H [in, in] (undamped).
 
     stats: proxy_loss (Σ (w_i − q_i)²/U_ii², damped H), proxy_loss_exact (undamped H), damp (λ used),
     n_dead (count of inputs with H_ii = 0, whose weight columns are set to zero).
+
+    ``group_bits`` [n_groups] (static groups only): group g is rounded on a ``group_bits[g]``-bit grid — the
+    sweep's error feedback is unchanged — and the result's ``bits`` is the widest; split it with
+    ``quant.mixed.split_by_bits``.
     """
     grid = cfg.grid
     W_in = W
+    gb = None
+    if group_bits is not None:
+        if not cfg.static_groups:
+            raise ValueError(f"{name!r}: per-group bit-widths need static_groups (grids fixed before the sweep)")
+        gb = check_group_bits(group_bits, grid.n_groups(W.shape[1]), name)
     W, H_fixed, dead, gs, scales, zeros = start_sweep(
-        W_in, H, grid, static_groups=cfg.static_groups, name=name, sweep_dtype=sweep_dtype
+        W_in, H, grid, static_groups=cfg.static_groups, name=name, sweep_dtype=sweep_dtype, group_bits=gb
     )
     m, n = W.shape
+    bits_of = [grid.bits] * scales.shape[1] if gb is None else gb.tolist()
 
     if cfg.act_order:
         perm = torch.argsort(torch.diagonal(H_fixed), descending=True, stable=True)
@@ -215,7 +243,7 @@ def quantize_gptq(
             s, z = scales[:, g], zeros[:, g]
             w = W1[:, i]
             d = U1[i, i]
-            c = quantize_codes(w, s, z, grid.bits)
+            c = quantize_codes(w, s, z, bits_of[g])
             q = dequantize_codes(c, s, z).to(sweep_dtype)
             codes[:, col] = c
             losses += (w - q) ** 2 / d**2
@@ -229,5 +257,5 @@ def quantize_gptq(
     g_idx = None
     if cfg.act_order and not cfg.static_groups:
         g_idx = (inv // gs).to(torch.int32)  # original column j sits at sweep position inv[j]
-    qw = QuantizedWeight(codes=codes_u8, scales=scales, zeros=zeros, bits=grid.bits, group_size=gs, g_idx=g_idx)
+    qw = QuantizedWeight(codes=codes_u8, scales=scales, zeros=zeros, bits=max(bits_of), group_size=gs, g_idx=g_idx)
     return with_sweep_stats(qw, losses, W_in, H, lam, dead)

@@ -37,7 +37,9 @@ def accumulate(H: Tensor | None, n: int, x: Tensor) -> tuple[Tensor, int]:
 
     Each chunk's Xᵀ X is computed in float32 (fast GEMM; a chunk of a few thousand tokens loses ~1e-7
     relative) and added into the float64 accumulator, so the error does not grow with the number of
-    chunks. ``H`` is the accumulator: it is updated in place and returned (None starts a new one).
+    chunks. Autocast is switched off for it: under a bf16 autocast forward the product would otherwise round
+    every partial sum to 8 mantissa bits. ``H`` is the accumulator: it is updated in place and returned (None
+    starts a new one).
     """
     X = x.reshape(-1, x.shape[-1]).to(torch.float32)
     if H is None:
@@ -46,7 +48,8 @@ def accumulate(H: Tensor | None, n: int, x: Tensor) -> tuple[Tensor, int]:
         raise ValueError(
             f"accumulator must be {HESSIAN_DTYPE} [{X.shape[1]}, {X.shape[1]}], got {H.dtype} {tuple(H.shape)}"
         )
-    _add_gram(H, X)
+    with torch.autocast(X.device.type, enabled=False):  # a bf16 forward still gets float32 Gram products
+        _add_gram(H, X)
     return H, n + X.shape[0]
 
 

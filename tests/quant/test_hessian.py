@@ -90,3 +90,12 @@ def test_proxy_loss_is_trace_form() -> None:
     H = X.T @ X
     D = W_hat.double() - W.double()
     assert proxy_loss(W, W_hat, H) == pytest.approx(float(torch.trace(D @ H @ D.T)), rel=1e-12)
+
+
+def test_gram_is_float32_under_bf16_autocast() -> None:
+    """A bf16 autocast forward must not round the Gram products to bf16 (H would keep 8 mantissa bits)."""
+    x = torch.randn(64, 24, generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        H, _ = accumulate(None, 0, x)
+    X = x.to(torch.float64)
+    torch.testing.assert_close(H, X.T @ X, rtol=1e-5, atol=1e-5)
