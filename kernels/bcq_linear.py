@@ -11,6 +11,9 @@ Checkpoint tensors of one binary-coded linear [N = out, K = in], k bit-planes (`
 ŵ[n, j] = Σ_i α'_i[g(j), n] · (2·B_i[n, j] − 1) + β'[g(j), n] — what a LUT-GEMM kernel computes as
 Σ_i α'_i ⊙ (B_i x). The quantize stage rounds α', β' to fp16 before it records the layer, so unpacking gives back
 the exact ``quant.gptqt.BinaryCodedWeight`` and the module's weight equals the fake-quantized weight bit for bit.
+
+``BCQLinear.forward`` runs the Triton kernel ``kernels.bcq.launch.bcq_gemm`` on CUDA (straight from the planes,
+no dequantized weight in memory) and the reference elsewhere (dispatch rules in ``kernels.coded_module``).
 """
 
 from __future__ import annotations
@@ -89,11 +92,16 @@ def unpack_bcq(t: dict[str, Tensor]) -> BinaryCodedWeight:
 
 
 class BCQLinear(CodedLinear):
-    """y = F.linear(x, Ŵ, bias) with Ŵ = Σ_i α'_i B_i + β' (CPU reference: dequantize, then matmul)."""
+    """y = F.linear(x, Ŵ, bias) with Ŵ = Σ_i α'_i B_i + β' (CUDA: Triton kernel; CPU: dequantize, then matmul)."""
 
     KEYS = BCQ_KEYS
     FP16_KEYS = _FP16  # keep the fp16 α', β' exact under model.to(dtype)
     LAYOUT = "binary-coded"
+
+    planes: Tensor
+    alpha: Tensor
+    beta: Tensor
+    bcqmeta: Tensor
 
     @staticmethod
     def _unpack(tensors: dict[str, Tensor]) -> BinaryCodedWeight:
@@ -105,6 +113,20 @@ class BCQLinear(CodedLinear):
 
     def unpacked(self) -> BinaryCodedWeight:
         return unpack_bcq({k: self._buffers[k] for k in BCQ_KEYS})  # type: ignore[misc]
+
+    def _group_size(self) -> int:
+        """Group size from ``bcqmeta``, read on the host once per buffer (no device sync per forward)."""
+        return self._cached("group_size", ("bcqmeta",), lambda: int(self.bcqmeta[2]))
+
+    def _kernel_reason(self, x: Tensor) -> str | None:
+        from kernels.bcq.launch import kernel_unsupported_reason
+
+        return kernel_unsupported_reason(x, self.planes, self.alpha, self.beta)
+
+    def _kernel_forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        from kernels.bcq.launch import bcq_gemm
+
+        return bcq_gemm(x, self.planes, self.alpha, self.beta, self._group_size(), self.in_features, bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, binary_bits={self.bits}"

@@ -17,6 +17,11 @@ is refused on read.
 ŵ[n, k] = s_sel · (code − z_sel), (s_sel, z_sel) the outlier grid where the decoded bitmap is set, else the
 inlier grid. The quantizer's grids are fp16-rounded before coding, so ``unpack_icquant`` gives back the exact
 ``quant.icquant.ICQuantWeight`` and the module's weight equals the fake-quantized weight bit for bit.
+
+``ICQuantLinear.forward`` on CUDA chains two Triton kernels (``kernels.icq.launch``, why chained is explained
+there): the tile-parallel decode of the position stream into a packed 1-bit outlier mask, run once per device
+and cached on the module (not a buffer: the checkpoint keeps the compact stream), then the GEMM that selects
+the grid per weight from the mask. Elsewhere the reference runs (dispatch rules in ``kernels.coded_module``).
 """
 
 from __future__ import annotations
@@ -74,11 +79,20 @@ def unpack_icquant(t: dict[str, Tensor]) -> ICQuantWeight:
 
 
 class ICQuantLinear(CodedLinear):
-    """y = F.linear(x, Ŵ, bias), Ŵ dequantized on the fly (CPU reference: decode positions, pick grids, matmul)."""
+    """y = F.linear(x, Ŵ, bias): CUDA, decode-once mask + Triton GEMM; CPU reference, decode, pick grids, matmul."""
 
     KEYS = ICQ_KEYS
     FP16_KEYS = _GRIDS
     LAYOUT = "ICQuant"
+
+    qweight: Tensor
+    scales: Tensor
+    zeros: Tensor
+    oscales: Tensor
+    ozeros: Tensor
+    pos_data: Tensor
+    pos_offsets: Tensor
+    icqmeta: Tensor
 
     @staticmethod
     def _unpack(tensors: dict[str, Tensor]) -> ICQuantWeight:
@@ -90,6 +104,38 @@ class ICQuantLinear(CodedLinear):
 
     def unpacked(self) -> ICQuantWeight:
         return unpack_icquant({k: self._buffers[k] for k in ICQ_KEYS})  # type: ignore[misc]
+
+    def _meta(self) -> tuple[int, ...]:
+        """``icqmeta`` as host ints (version, bits, group_size, K, B, L, sym, R), read once per buffer."""
+        return self._cached("meta", ("icqmeta",), lambda: tuple(int(v) for v in self.icqmeta.tolist()))
+
+    def outlier_mask_words(self) -> Tensor:
+        """Packed outlier mask int32 [ceil(K/32), N] (``kernels.bitwords``) decoded by the Triton kernel, cached
+        until the stream buffers change; needs CUDA (or the interpreter), see ``_kernel_reason``."""
+        from kernels.icq.launch import decode_mask
+
+        _, _, _, K, B, L, _, R = self._meta()
+
+        def build() -> Tensor:
+            return decode_mask(self.pos_data, self.pos_offsets, B, self.out_features, K, L, R)
+
+        return self._cached("mask", ("pos_data", "pos_offsets", "icqmeta"), build)
+
+    def _kernel_reason(self, x: Tensor) -> str | None:
+        from kernels.icq.launch import decode_unsupported_reason, gemm_unsupported_reason
+
+        _, bits, _, _, B, _, _, _ = self._meta()
+        grids = (self.scales, self.zeros, self.oscales, self.ozeros)
+        return decode_unsupported_reason(self.pos_data, self.pos_offsets, B) or gemm_unsupported_reason(
+            x, self.qweight, grids, self.pos_data, bits
+        )
+
+    def _kernel_forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        from kernels.icq.launch import icq_gemm
+
+        _, bits, gs, K, _, _, _, _ = self._meta()
+        grids = (self.scales, self.zeros, self.oscales, self.ozeros)
+        return icq_gemm(x, self.qweight, *grids, self.outlier_mask_words(), bits, gs, K, bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, icquant"

@@ -260,6 +260,10 @@ class RotatedQuantLinear(QuantLinear):
 def _module_class(tensors: dict[str, Tensor]) -> Any:
     """The module for one packed linear, told by its tensors: ICQuant (``icqmeta``), binary coding (``bcqmeta``),
     incoherence-processed (transform keys) or plain ``QuantLinear``."""
+    if "group_bits" in tensors:  # group-wise mixed precision: one plain part per width
+        from kernels.mixed_linear import MixedQuantLinear
+
+        return MixedQuantLinear
     if "icqmeta" in tensors:
         from kernels.icq_linear import ICQuantLinear
 

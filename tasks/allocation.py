@@ -1,4 +1,5 @@
-"""Mixed precision inside the quantize stage: bits per layer from the cached fp Hessians (no forward pass).
+"""Mixed precision inside the quantize stage: bits per layer (or per column group) from the cached fp Hessians
+(no forward pass).
 
 Each linear's sensitivity L(b) is the expected proxy loss of b-bit rounding on its own grids
 (``quant.bitalloc.hessian_sensitivity``: Σ_{r,g} Δ_{r,g}²/12 · Σ_{j∈g} H_jj), and ``allocate_bits`` picks the
@@ -24,7 +25,7 @@ def allocate_layers(
     ctx: StageContext, model_path: Path, jobs: Sequence[Any], cfg: QuantizeConfig
 ) -> tuple[list[Any], dict[str, Any]]:
     """(jobs with ``bits`` set, summary {budget, avg_bits, bits, loss, uniform_*}) for ``cfg.bitalloc``."""
-    from quant.bitalloc import BitAllocConfig, allocate_bits, hessian_sensitivity
+    from quant.bitalloc import GROUP_SEP, BitAllocConfig, allocate_bits, hessian_group_sensitivity, hessian_sensitivity
     from quant.hessian import finalize
     from tasks.driver import _WeightIndex
     from tasks.hessians import load_block_hessians
@@ -43,16 +44,12 @@ def allocate_layers(
         for job in block_jobs:
             H_sum, n = hs[job.group]
             W = index.get(f"{job.name}.weight").float()
-            items.append(
-                hessian_sensitivity(
-                    job.name,
-                    W,
-                    finalize(H_sum, n),
-                    ba.candidate_bits,
-                    cfg.group_size,
-                    relative=ba.sensitivity == "relative",
-                )
-            )
+            args = (job.name, W, finalize(H_sum, n), ba.candidate_bits, cfg.group_size)
+            relative = ba.sensitivity == "relative"
+            if ba.granularity == "group":
+                items.extend(hessian_group_sensitivity(*args, relative=relative))
+            else:
+                items.append(hessian_sensitivity(*args, relative=relative))
     try:
         res = allocate_bits(
             items, BitAllocConfig(avg_bits=ba.avg_bits, candidate_bits=ba.candidate_bits, method=ba.method)
@@ -71,4 +68,17 @@ def allocate_layers(
         "granularity": ba.granularity,
         "sensitivity": ba.sensitivity,
     }
-    return [replace(j, bits=res.bits[j.name]) for j in jobs], summary
+    if ba.granularity == "layer":
+        return [replace(j, bits=res.bits[j.name]) for j in jobs], summary
+    n_params = {it.name: it.n_params for it in items}
+    groups: dict[str, dict[int, int]] = {}
+    stored: dict[str, list[int]] = {}  # layer → [Σ n·b, Σ n]
+    for item, b in res.bits.items():
+        name, _, g = item.rpartition(GROUP_SEP)
+        groups.setdefault(name, {})[int(g)] = b
+        acc = stored.setdefault(name, [0, 0])
+        acc[0] += b * n_params[item]
+        acc[1] += n_params[item]
+    widths = {name: tuple(gb[g] for g in range(len(gb))) for name, gb in groups.items()}
+    summary["layer_avg_bits"] = {name: nb / n for name, (nb, n) in stored.items()}
+    return [replace(j, group_bits=widths[j.name]) for j in jobs], summary

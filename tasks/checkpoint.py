@@ -27,7 +27,10 @@ __all__ = ["QUANT_METHOD", "load_packed_model", "packed_modules"]
 QUANT_METHOD = "quantpipe"
 _PACKED_SUFFIXES = ("qweight", "scales", "zeros", "qmeta", "g_idx")
 # ICQuant (kernels.icq_linear) and GPTQT binary coding (kernels.bcq_linear); replace_linears picks the module
-_CODED_SUFFIXES = ("oscales", "ozeros", "pos_data", "pos_offsets", "icqmeta", "planes", "alpha", "beta", "bcqmeta")
+_CODED_SUFFIXES = (
+    *("oscales", "ozeros", "pos_data", "pos_offsets", "icqmeta", "planes", "alpha", "beta", "bcqmeta"),
+    "group_bits",  # group-wise mixed precision (kernels.mixed_linear)
+)
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -51,11 +54,21 @@ def packed_modules(config: dict[str, Any]) -> list[str]:
     return list(qc["modules"])
 
 
+def _under(key: str, modules: dict[str, Any]) -> bool:
+    """Whether a state-dict key belongs to a packed module (its own buffers, or its parts' for mixed layers)."""
+    while "." in key:
+        key = key.rpartition(".")[0]
+        if key in modules:
+            return True
+    return False
+
+
 def load_packed_model(path: Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
     """A HF causal LM whose quantized linears are ``QuantLinear`` modules reading the packed tensors."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from kernels.mixed_linear import part_key
     from kernels.quant_linear import replace_linears
     from quant.incoherence import is_transform_key
 
@@ -70,7 +83,11 @@ def load_packed_model(path: Path, *, device: str = "cpu", dtype: torch.dtype = t
     plain: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         mod, _, suffix = name.rpartition(".")
-        if mod in packed and (suffix in _PACKED_SUFFIXES or suffix in _CODED_SUFFIXES or is_transform_key(suffix)):
+        if mod in packed and (
+            part_key(suffix) in _PACKED_SUFFIXES  # a group-wise mixed layer's parts: "b3_qweight", ...
+            or suffix in _CODED_SUFFIXES
+            or is_transform_key(suffix)
+        ):
             packed[mod][suffix] = tensor
         else:
             plain[name] = tensor
@@ -78,7 +95,7 @@ def load_packed_model(path: Path, *, device: str = "cpu", dtype: torch.dtype = t
     model.to_empty(device=device)
     replace_linears(model, packed)
     missing, unexpected = model.load_state_dict(plain, strict=False)
-    missing = [m for m in missing if m.rpartition(".")[0] not in packed and "rotary_emb" not in m]
+    missing = [m for m in missing if not _under(m, packed) and "rotary_emb" not in m]
     if config.tie_word_embeddings:
         model.tie_weights()
         missing = [m for m in missing if m != "lm_head.weight"]

@@ -18,7 +18,7 @@ from infra.errors import QuantpipeError
 from infra.safetensors_io import canonicalise_file
 from quant.types import QuantizedWeight
 from tasks.checkpoint import QUANT_METHOD, copy_tokenizer
-from tasks.qlayer import BPW_COUNTED, LayerResult, layer_shape, native_tensors, stored_bits
+from tasks.qlayer import BPW_COUNTED, LayerResult, layer_bits, layer_kind, layer_shape, native_tensors, stored_bits
 from tasks.recipe import PackConfig, QuantizeConfig
 from tasks.stage import StageContext, StageResult, run_stage
 
@@ -78,7 +78,7 @@ def _write_native(
         for suffix, t in packed.items():
             tensors[f"{name}.{suffix}"] = t.contiguous()
         out_f, in_f = layer_shape(q)
-        layer_bpw[name] = {"bits": float(q.bits), "n_weights": float(out_f * in_f), **stored_bits(packed, out_f * in_f)}
+        layer_bpw[name] = {"bits": layer_bits(q), "n_weights": float(out_f * in_f), **stored_bits(packed, out_f * in_f)}
     out.mkdir(parents=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "quant_method": QUANT_METHOD})
     canonicalise_file(out / "model.safetensors")  # safetensors writes metadata keys in random order
@@ -99,7 +99,9 @@ def _write_native(
         config["quantization_config"]["gptqt"] = cfg.gptqt.model_dump(mode="json")
     if cfg.bitalloc is not None or len({q.bits for q in qweights.values()}) > 1:  # per-layer bits in the JSON
         config["quantization_config"]["bits"] = None
-        config["quantization_config"]["layer_bits"] = {name: q.bits for name, q in sorted(qweights.items())}
+        config["quantization_config"]["layer_bits"] = {
+            name: layer_bits(q) if layer_kind(q) == "mixed" else q.bits for name, q in sorted(qweights.items())
+        }
         if cfg.bitalloc is not None:
             config["quantization_config"]["bitalloc"] = cfg.bitalloc.model_dump(mode="json")
     kind = cfg.transform_kind()

@@ -2,7 +2,8 @@
 
 * ``QuantizedWeight`` — codes + one affine grid per (row, group) (rtn, gptq, quip, hadamard-gptq);
 * ``ICQuantWeight`` — codes, inlier and outlier grids, index-coded outlier positions (icquant-*);
-* ``BCQLayer`` — GPTQT's merged pure binary coding (bit-planes + α', β'), with the layer's stats.
+* ``BCQLayer`` — GPTQT's merged pure binary coding (bit-planes + α', β'), with the layer's stats;
+* ``MixedWeight`` — group-wise mixed precision: one affine part per bit-width (``quant.mixed``).
 
 ICQuant and binary-coded layers are recorded in their checkpoint layout (``kernels.icq_linear`` /
 ``kernels.bcq_linear``, lossless), so the artifact, the packed checkpoint and the fake-quantized weight are one
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from quant.gptqt import BinaryCodedWeight
 from quant.icquant import ICQuantWeight
+from quant.mixed import MixedWeight
 from quant.types import QuantizedWeight
 
 __all__ = [
@@ -47,7 +49,7 @@ class BCQLayer:
         return int(self.weight.planes.shape[0])
 
 
-LayerResult = QuantizedWeight | ICQuantWeight | BCQLayer
+LayerResult = QuantizedWeight | ICQuantWeight | BCQLayer | MixedWeight
 
 
 def layer_kind(q: LayerResult) -> str:
@@ -55,6 +57,8 @@ def layer_kind(q: LayerResult) -> str:
         return "icquant"
     if isinstance(q, BCQLayer):
         return "bcq"
+    if isinstance(q, MixedWeight):
+        return "mixed"
     return "affine"
 
 
@@ -62,19 +66,22 @@ def layer_shape(q: LayerResult) -> tuple[int, int]:
     """(out_features, in_features)."""
     if isinstance(q, BCQLayer):
         return int(q.weight.alpha.shape[0]), q.weight.in_features
+    if isinstance(q, MixedWeight):
+        return q.out_features, q.in_features
     return int(q.codes.shape[0]), int(q.codes.shape[1])
 
 
-def layer_bits(q: LayerResult) -> int:
-    """Code bits per weight (b for grids and ICQuant, k bit-planes for binary coding)."""
-    return q.bits
+def layer_bits(q: LayerResult) -> float:
+    """Code bits per weight (b for grids and ICQuant, k bit-planes for binary coding, the column-weighted
+    average for group-wise mixed precision)."""
+    return q.avg_bits if isinstance(q, MixedWeight) else float(q.bits)
 
 
 def fake_weight(q: LayerResult, dtype: torch.dtype = torch.float32) -> Tensor:
     """The weight the packed layer applies, in the original basis."""
     if isinstance(q, BCQLayer):
         return q.weight.dequantize(torch.float32).to(dtype)
-    if isinstance(q, ICQuantWeight):
+    if isinstance(q, ICQuantWeight | MixedWeight):
         return q.dequantize(torch.float32).to(dtype)
     from quant.incoherence import dequantize_original
 
@@ -91,6 +98,10 @@ def native_tensors(q: LayerResult) -> dict[str, Tensor]:
         from kernels.bcq_linear import pack_bcq
 
         return pack_bcq(q.weight)
+    if isinstance(q, MixedWeight):
+        from kernels.mixed_linear import pack_mixed
+
+        return pack_mixed(q)
     from kernels.packing import pack_quantized_linear
 
     out = pack_quantized_linear(q.codes, q.scales, q.zeros, q.bits, q.group_size, q.g_idx)
@@ -121,8 +132,11 @@ def stored_bits(tensors: dict[str, Tensor], n_weights: int) -> dict[str, float]:
     codes, outlier positions, offsets, grids and the rest; ``bpw_position_overhead`` = positions + offsets
     (not a separate part: ``bpw_total`` is the sum of the five parts)."""
     parts = {"codes": 0, "positions": 0, "offsets": 0, "grids": 0, "other": 0}
+    from kernels.mixed_linear import part_key
+
     for name, t in tensors.items():
         nbits = 8 * t.numel() * t.element_size()
+        name = part_key(name)  # a mixed layer's "b3_qweight" counts as codes
         table = (("codes", _CODES), ("positions", _POSITIONS), ("offsets", _OFFSETS), ("grids", _GRIDS))
         kinds = [k for k, names in table if name in names]
         parts[kinds[0] if kinds else "other"] += nbits
@@ -132,7 +146,7 @@ def stored_bits(tensors: dict[str, Tensor], n_weights: int) -> dict[str, float]:
     return out
 
 
-def save_coded(q: ICQuantWeight | BCQLayer) -> tuple[dict[str, Tensor], dict[str, str]]:
+def save_coded(q: ICQuantWeight | BCQLayer | MixedWeight) -> tuple[dict[str, Tensor], dict[str, str]]:
     """qlayer payload tensors + safetensors metadata for the non-affine kinds (their lossless packed layout)."""
     return native_tensors(q), {"format": layer_kind(q), "bits": str(q.bits)}
 
@@ -149,4 +163,8 @@ def load_coded(tensors: dict[str, Tensor], meta: dict[str, str], stats: dict[str
         from kernels.bcq_linear import unpack_bcq
 
         return BCQLayer(unpack_bcq(tensors), stats)
+    if meta.get("format") == "mixed":
+        from kernels.mixed_linear import unpack_mixed
+
+        return replace(unpack_mixed(tensors), stats=stats)
     raise ValueError(f"unknown qlayer format {meta.get('format')!r}")

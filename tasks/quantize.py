@@ -174,6 +174,21 @@ def _gptqt(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str) -> Layer
     return BCQLayer(weight, stats)
 
 
+def _mixed(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str, group_bits: Sequence[int]) -> LayerResult:
+    from quant.mixed import split_by_bits
+
+    grid = grid_config(cfg)
+    if cfg.effective_method() == "rtn":
+        qw = quantize_rtn(W, grid, H, name=name, group_bits=group_bits)
+    elif cfg.effective_method() == "gptq":
+        if H is None:
+            raise ConfigError(f"GPTQ needs a Hessian for {name}")
+        qw = quantize_gptq(W, H, _gptq_config(cfg), name=name, group_bits=group_bits)
+    else:
+        raise ConfigError(f"group-wise bit-widths need method rtn or gptq, not {cfg.effective_method()}")
+    return split_by_bits(qw, torch.as_tensor(list(group_bits)))
+
+
 @dataclass(frozen=True)
 class LayerJob:
     """One linear to quantize: its full module name, its block and Hessian group, the block's H artifact, and
@@ -184,8 +199,11 @@ class LayerJob:
     group: str
     hessian_ref: str | None
     bits: int | None = None
+    group_bits: tuple[int, ...] | None = None  # group-wise mixed precision: the width of every column group
 
     def config(self, cfg: QuantizeConfig) -> QuantizeConfig:
+        if self.group_bits is not None:
+            return cfg.at_bits(max(self.group_bits))
         return cfg if self.bits is None else cfg.at_bits(self.bits)
 
 
@@ -223,9 +241,16 @@ def check_transform_sizes(model_path: Path, cfg: QuantizeConfig) -> None:
 
 
 def _quantize_tensor(
-    W: Tensor, H_sum: Tensor | None, n: int, cfg: QuantizeConfig, name: str, device: str = "cpu"
+    W: Tensor,
+    H_sum: Tensor | None,
+    n: int,
+    cfg: QuantizeConfig,
+    name: str,
+    device: str = "cpu",
+    group_bits: Sequence[int] | None = None,
 ) -> LayerResult:
-    """Run the recipe's method on ``device`` (GPTQ on a GPU is what real users run); results come back on CPU."""
+    """Run the recipe's method on ``device`` (GPTQ on a GPU is what real users run); results come back on CPU.
+    ``group_bits``: group-wise mixed precision (rtn/gptq), split into one part per width."""
     W = W.to(device)
     H = None
     if H_sum is not None:
@@ -237,6 +262,8 @@ def _quantize_tensor(
     if not bool(torch.isfinite(W).all()):
         raise QuantpipeError(f"weight of {name} has NaN/Inf entries; the checkpoint is corrupt")
     try:
+        if group_bits is not None:
+            return _mixed(W.float(), H, cfg, name, group_bits)
         return METHODS[cfg.effective_method()](W.float(), H, cfg, name)
     except ValueError as exc:  # quant/ raises one-line ValueErrors (Cholesky failure, shapes)
         raise QuantpipeError(str(exc)) from None
@@ -293,7 +320,10 @@ def load_qlayer(ctx: StageContext, ref: str) -> LayerResult:
 
 
 def _layer_key_config(cfg: QuantizeConfig, job: LayerJob, extra_key: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {**job.config(cfg).key_config(), **(extra_key or {}), "layer": job.name}
+    key = {**job.config(cfg).key_config(), **(extra_key or {}), "layer": job.name}
+    if job.group_bits is not None:
+        key["group_bits"] = list(job.group_bits)
+    return key
 
 
 def _layer_stage(
@@ -327,7 +357,7 @@ def quantize_layer(ctx: StageContext, model_path: Path, model_ref: str, job: Lay
     def compute() -> LayerResult:
         W = _WeightIndex(Path(model_path)).get(f"{job.name}.weight")
         H_sum, n = load_block_hessians(ctx, job.hessian_ref, [job.group])[job.group]
-        return _quantize_tensor(W, H_sum, n, job.config(cfg), job.name, ctx.settings.resolved_device())
+        return _quantize_tensor(W, H_sum, n, job.config(cfg), job.name, ctx.settings.resolved_device(), job.group_bits)
 
     return _layer_stage(ctx, cfg, job, {"model": model_ref, "hessians": job.hessian_ref}, compute)
 

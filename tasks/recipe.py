@@ -170,8 +170,10 @@ class BitAllocRecipeConfig(BaseModel):
     avg_bits: float = Field(default=3.0, description="Average code bits per weight over the quantized layers.")
     candidate_bits: tuple[int, ...] = Field(default=(2, 3, 4), description="Bit-widths a layer may get (2/3/4/8).")
     method: Literal["dp", "greedy"] = Field(default="dp", description="Exact knapsack DP, or greedy by Δloss/Δbits.")
-    granularity: Literal["layer"] = Field(
-        default="layer", description="Allocation unit: one bit-width per linear layer."
+    granularity: Literal["layer", "group"] = Field(
+        default="layer",
+        description="Allocation unit: one bit-width per linear layer, or per contiguous group of `group_size` input "
+        "columns (methods rtn/gptq with static groups; each width is packed as its own low-bit matrix).",
     )
     sensitivity: Literal["relative", "absolute"] = Field(
         default="relative",
@@ -282,6 +284,11 @@ class QuantizeConfig(BaseModel):
                 raise ValueError(f"bitalloc combines with rtn, gptq and icquant-*, not with method {self.method}")
             if self.mode != "parallel":
                 raise ValueError("bitalloc needs mode 'parallel' (the allocation reads the cached fp Hessians)")
+            if self.bitalloc.granularity == "group":
+                if self.effective_method() not in ("rtn", "gptq"):
+                    raise ValueError(f"bitalloc granularity 'group' needs method rtn or gptq, not {self.method}")
+                if self.group_size <= 0 or not self.static_groups:
+                    raise ValueError("bitalloc granularity 'group' needs group_size > 0 and static_groups: true")
         return self
 
     def icquant_base(self) -> Literal["rtn", "gptq"] | None:

@@ -27,6 +27,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "icquant-gptq": {"method": "gptq", "bits": 3, "outliers": {"gamma": 0.1, "segment": 24}},  # ≡ icquant-gptq
     "gptqt": {"method": "gptqt", "bits": 2, "gptqt": {"multipliers": [0.9, 1.0, 1.1]}},
     "mixed-gptq": {"method": "gptq", "bitalloc": {"avg_bits": 2.5, "candidate_bits": [2, 3, 4]}},
+    "mixed-gptq-group": {"method": "gptq", "bitalloc": {"avg_bits": 2.5, "granularity": "group"}},
     # absolute sensitivities (the random tiny model's layers differ in scale, not in relative sensitivity)
     "mixed-icquant": {
         "method": "icquant-gptq",
@@ -34,8 +35,8 @@ METHODS: dict[str, dict[str, Any]] = {
         "outliers": {"gamma": 0.1},
     },
 }
-MODULE = {"icquant": "ICQuantLinear", "bcq": "BCQLinear", "affine": "QuantLinear"}
-SKIP_REASON = {"icquant": "ICQuant", "bcq": "binary coding", "affine": "mixed per-layer bit-widths"}
+MODULE = {"icquant": "ICQuantLinear", "bcq": "BCQLinear", "affine": "QuantLinear", "mixed": "MixedQuantLinear"}
+SKIP_REASON = {"icquant": "ICQuant", "bcq": "binary coding", "affine": "mixed per-layer bit-widths", "mixed": "mixed"}
 OUTCOMES: dict[str, Any] = {}
 
 
@@ -105,6 +106,28 @@ def test_method_through_the_flow(method: str, plain: dict, module_home: Settings
     assert "layer_bits.png" in ev.manifest.file_names()
     rows = json.loads(ev.file("layers.json").read_text())
     assert all(r["bpw_total"] > r["bits"] for r in rows)  # measured per layer: codes + positions + grids
+
+
+@pytest.mark.slow
+def test_group_wise_allocation_mixes_widths_inside_layers(module_home: Settings) -> None:
+    from tasks.quantize import load_qlayer
+    from tasks.stage import StageContext
+
+    if "mixed-gptq-group" not in OUTCOMES:
+        pytest.skip("needs test_method_through_the_flow")
+    _recipe, out = OUTCOMES["mixed-gptq-group"]
+    store = open_store(settings=module_home)
+    quant = out["stages"]["quantize"]["key"]
+    alloc = json.loads(store.read_bytes(quant, "allocation.json"))
+    assert alloc["granularity"] == "group" and alloc["avg_bits"] <= 2.5 + 1e-9
+    assert all("#" in item for item in alloc["bits"])
+    assert out["metrics"]["bits_per_weight_codes"] == pytest.approx(alloc["avg_bits"])
+    ctx = StageContext(settings=module_home, store_url=module_home.effective_store_url)
+    index = json.loads(store.read_bytes(quant, "index.json"))["layers"]
+    widths = [sorted(load_qlayer(ctx, e["ref"]).parts) for e in index.values()]  # type: ignore[union-attr]
+    assert any(len(w) > 1 for w in widths)  # some layer really mixes widths
+    for name, avg in alloc["layer_avg_bits"].items():
+        assert load_qlayer(ctx, index[name]["ref"]).avg_bits == pytest.approx(avg)  # type: ignore[union-attr]
 
 
 @pytest.mark.slow

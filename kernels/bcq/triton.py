@@ -1,0 +1,110 @@
+"""Triton kernel for the binary-coding GEMM (``@triton.jit`` code only; the launcher is ``launch.py``).
+
+Requires triton (imported at module level): import this module lazily. Whether it runs in the interpreter
+is decided when this module is imported (``TRITON_INTERPRET=1`` is read by ``triton.jit`` at decoration time).
+
+Program (pid_m, pid_n, pid_k) computes a [BLOCK_M, BLOCK_N] tile of y over its K range (split-K slice), like
+``kernels.wgemm``; per K-tile it rebuilds the weight tile from the planes instead of from codes:
+  for each plane i (unrolled, k is a compile-time constant): load words planes[i, k // 32, n] (one coalesced
+  row feeds 32 K-rows, the repeats hit cache), bit = (word >> k % 32) & 1, w += bit ? α'_i : −α'_i (a select,
+  no multiply); then w += β' and cast to x's dtype; acc += x @ w in fp32 (``tl.dot`` if BLOCK_M >= 16, else
+  multiply + reduce). β' is added to the dequantized tile rather than as β'·Σx per group: it costs one add per
+  weight, keeps the reference's summation order (planes, then β') and needs no per-group x sums.
+  α'/β': one [BLOCK_N] row per K-tile when BLOCK_K | group_size (GROUP_PER_TILE), else a per-column gather at
+  g = k // group_size (any group size, ragged last group included).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["bcq_gemm_kernel"]
+
+
+@triton.jit
+def bcq_gemm_kernel(
+    x_ptr,
+    planes_ptr,
+    alpha_ptr,
+    beta_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    group_size,
+    k_per_split,
+    stride_xm,
+    stride_xk,
+    stride_pi,
+    stride_pk,
+    stride_pn,
+    stride_ai,
+    stride_ag,
+    stride_an,
+    stride_bg,
+    stride_bn,
+    stride_os,
+    stride_om,
+    stride_on,
+    NPLANES: tl.constexpr,
+    GROUP_PER_TILE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < k_end
+        mask_kn = mask_k[:, None] & mask_n[None, :]
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        word_off = (offs_k // 32)[:, None] * stride_pk + offs_n[None, :] * stride_pn
+        shift = (offs_k % 32)[:, None]
+        if GROUP_PER_TILE:
+            g = k0 // group_size
+            a_off = g * stride_ag + offs_n[None, :] * stride_an  # [1, BLOCK_N]
+            a_mask = mask_n[None, :]
+            beta = tl.load(beta_ptr + g * stride_bg + offs_n[None, :] * stride_bn, mask=a_mask, other=0.0)
+        else:
+            grp = offs_k // group_size
+            a_off = grp[:, None] * stride_ag + offs_n[None, :] * stride_an  # [BLOCK_K, BLOCK_N]
+            a_mask = mask_kn
+            beta = tl.load(beta_ptr + grp[:, None] * stride_bg + offs_n[None, :] * stride_bn, mask=a_mask, other=0.0)
+        w = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for i in tl.static_range(NPLANES):
+            words = tl.load(planes_ptr + i * stride_pi + word_off, mask=mask_kn, other=0)
+            a = tl.load(alpha_ptr + i * stride_ai + a_off, mask=a_mask, other=0.0).to(tl.float32)
+            w += tl.where(((words >> shift) & 1) != 0, a, -a)
+        w = (w + beta.to(tl.float32)).to(x.dtype)  # [BLOCK_K, BLOCK_N]
+        if USE_DOT:
+            if DOT_FP32:  # interpreter only: its tl.dot multiplies bf16 storage as uint16 (triton 3.9)
+                acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
+            else:
+                acc += tl.dot(x, w, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
