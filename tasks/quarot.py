@@ -80,6 +80,14 @@ def check_recipe_for_model(recipe: Recipe, model_path: Path) -> None:
             f"recipe {recipe.name}: kv_cache.group_size={recipe.kv_cache.group_size} does not divide the head dim "
             f"{dims.head_dim}"
         )
+    g = recipe.activations.group_size
+    if recipe.activations.enabled and g:
+        widths = {dims.hidden, dims.intermediate, dims.n_heads * dims.head_dim}
+        bad = sorted(w for w in widths if w % g)
+        if bad:
+            raise ConfigError(
+                f"recipe {recipe.name}: activations.group_size={g} does not divide the linear input widths {bad}"
+            )
     if not recipe.rotation.enabled:
         return
     if "rms_norm_eps" not in config:
@@ -219,10 +227,10 @@ def _pre_hook(fn: Any) -> Any:
     return hook
 
 
-def _act_quant(bits: int, clip_ratio: float) -> Any:
+def _act_quant(bits: int, clip_ratio: float, group_size: int = 0) -> Any:
     from kernels.actquant.ref import fake_quant_per_token
 
-    return lambda x: fake_quant_per_token(x, bits=bits, clip_ratio=clip_ratio)
+    return lambda x: fake_quant_per_token(x, bits=bits, clip_ratio=clip_ratio, group_size=group_size)
 
 
 def _online(apply: Any) -> Any:
@@ -257,7 +265,7 @@ def install_runtime(model: nn.Module, config: dict[str, Any], runtime: dict[str,
             block.get_submodule(o_name).register_forward_pre_hook(_pre_hook(_online(t.across_heads)))
             block.get_submodule(down_name).register_forward_pre_hook(_pre_hook(_online(t.ff.apply)))
         if acts is not None:
-            quant = _act_quant(int(acts["bits"]), float(acts["clip_ratio"]))
+            quant = _act_quant(int(acts["bits"]), float(acts["clip_ratio"]), int(acts.get("group_size", 0)))
             for linear in mapping.block_linears():
                 block.get_submodule(linear).register_forward_pre_hook(_pre_hook(quant))
         if kv is not None:

@@ -421,6 +421,12 @@ class ActivationQuantConfig(BaseModel):
 
     bits: int = Field(default=16, description="Activation bits, 2..8; 16 = not quantized.")
     clip_ratio: float = Field(default=1.0, gt=0, le=1.0, description="Scale = clip_ratio·max|x| / (2^(b-1)-1).")
+    group_size: int = Field(
+        default=0,
+        ge=0,
+        description="0: one scale per token; g > 0: per token and group of g channels (QuaRot's a_groupsize; "
+        "must divide every linear's input width). Fake-quantized on every device (no int GEMM kernel for groups).",
+    )
 
     @field_validator("bits")
     @classmethod
@@ -502,8 +508,10 @@ class Recipe(BaseModel):
     def runtime_config(self) -> dict[str, Any] | None:
         """What the packed model applies online besides its weights (A/KV fake quantization); None if nothing."""
         out: dict[str, Any] = {}
-        if self.activations.enabled:
-            out["activations"] = self.activations.model_dump(mode="json")
+        if self.activations.enabled:  # group_size 0 left out: keys of per-token recipes unchanged
+            out["activations"] = self.activations.model_dump(
+                mode="json", exclude=set() if self.activations.group_size else {"group_size"}
+            )
         if self.kv_cache.enabled:
             out["kv_cache"] = self.kv_cache.model_dump(mode="json")
         return out or None
@@ -517,6 +525,8 @@ class Recipe(BaseModel):
         for section in ("rotation", "activations", "kv_cache"):  # defaults: digests of older recipes unchanged
             if getattr(self, section) == type(getattr(self, section))():
                 data.pop(section)
+        if not self.activations.group_size and "activations" in data:
+            data["activations"].pop("group_size")
         return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:16]
 
     def with_overrides(self, overrides: list[str]) -> Recipe:

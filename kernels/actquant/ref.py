@@ -32,34 +32,44 @@ def _check(bits: int, clip_ratio: float) -> None:
         raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
 
 
-def quantize_per_token(x: Tensor, bits: int = 4, clip_ratio: float = 1.0) -> tuple[Tensor, Tensor]:
+def quantize_per_token(x: Tensor, bits: int = 4, clip_ratio: float = 1.0, group_size: int = 0) -> tuple[Tensor, Tensor]:
     """Quantize each row (last dim) of ``x`` symmetrically to ``bits``-bit signed integer codes.
 
     Returns ``(codes, scales)``: ``codes`` int8 with ``x``'s shape, values in ``[-2^(bits-1), 2^(bits-1)-1]``;
     ``scales`` fp32 of shape ``x.shape[:-1] + (1,)``. ``clip_ratio < 1`` clips outliers (QuaRot's activation
-    clipping); values beyond the clipped range saturate.
+    clipping); values beyond the clipped range saturate. ``group_size > 0`` (QuaRot's ``a_groupsize``): one scale
+    per token and group of ``group_size`` consecutive channels, ``scales`` then ``x.shape[:-1] + (K / group_size,)``.
     """
     _check(bits, clip_ratio)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension")
+    K = x.shape[-1]
+    if group_size < 0 or (group_size and K % group_size):
+        raise ValueError(f"activation group_size {group_size} must be 0 (per token) or divide {K} channels")
+    gs = group_size or K
     qmax = 2 ** (bits - 1) - 1
     qmin = -(2 ** (bits - 1))
-    xf = x.float()
+    xf = x.float().reshape(*x.shape[:-1], K // gs, gs)
     amax = xf.abs().amax(dim=-1, keepdim=True)
     scales = amax * clip_ratio / qmax
     scales = torch.where(amax == 0, torch.ones_like(scales), scales)
     codes = torch.clamp(torch.round(xf / scales), qmin, qmax).to(torch.int8)
-    return codes, scales
+    return codes.reshape(x.shape), scales.squeeze(-1) if group_size else scales.reshape(*x.shape[:-1], 1)
 
 
 def dequantize_per_token(codes: Tensor, scales: Tensor, dtype: torch.dtype = torch.float16) -> Tensor:
-    """Inverse of :func:`quantize_per_token`: ``codes * scales`` in fp32, cast to ``dtype``."""
-    return (codes.float() * scales.float()).to(dtype)
+    """Inverse of :func:`quantize_per_token`: ``codes * scales`` in fp32, cast to ``dtype`` (per-group scales
+    [..., K / g] broadcast over their groups)."""
+    K, G = codes.shape[-1], scales.shape[-1]
+    if G == 1:
+        return (codes.float() * scales.float()).to(dtype)
+    grouped = codes.float().reshape(*codes.shape[:-1], G, K // G) * scales.float().unsqueeze(-1)
+    return grouped.reshape(codes.shape).to(dtype)
 
 
-def fake_quant_per_token(x: Tensor, bits: int = 4, clip_ratio: float = 1.0) -> Tensor:
+def fake_quant_per_token(x: Tensor, bits: int = 4, clip_ratio: float = 1.0, group_size: int = 0) -> Tensor:
     """Quantize then dequantize (same dtype and shape as ``x``): the simulated-quantization forward of QuaRot."""
-    codes, scales = quantize_per_token(x, bits=bits, clip_ratio=clip_ratio)
+    codes, scales = quantize_per_token(x, bits=bits, clip_ratio=clip_ratio, group_size=group_size)
     return dequantize_per_token(codes, scales, dtype=x.dtype)
 
 

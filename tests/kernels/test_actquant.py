@@ -155,3 +155,17 @@ def test_int_gemm_unsupported_reasons(kernel_runnable) -> None:
     assert "int8" in str(int_gemm_unsupported_reason(xc[:, :64], t8["qweight"], t8["zeros"], 8, 64, 64))
     with pytest.raises(RuntimeError, match="unsupported"):
         int_gemm(xc, torch.ones(1, 1), t["qweight"], t["scales"], t["zeros"], 4, 32, 96)
+
+
+@pytest.mark.parametrize("group_size", [4, 8, 32])
+def test_group_wise_activation_quantization_is_per_token_on_each_group(group_size: int) -> None:
+    """a_groupsize: every (token, group of channels) is quantized exactly like a token of that group alone."""
+    x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(2)) * 4
+    got = ref.fake_quant_per_token(x, bits=4, clip_ratio=0.9, group_size=group_size)
+    for g in range(32 // group_size):
+        cols = slice(g * group_size, (g + 1) * group_size)
+        assert torch.equal(got[..., cols], ref.fake_quant_per_token(x[..., cols].contiguous(), bits=4, clip_ratio=0.9))
+    codes, scales = ref.quantize_per_token(x, bits=4, group_size=group_size)
+    assert scales.shape == (3, 5, 32 // group_size) and codes.shape == x.shape
+    with pytest.raises(ValueError, match="must be 0 .per token. or divide 32"):
+        ref.quantize_per_token(x, group_size=5)
