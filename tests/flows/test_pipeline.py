@@ -175,6 +175,12 @@ def test_sequential_mode_has_its_own_keys(prefect_harness: None, home: Settings,
     assert bf16["stages"]["quantize"]["key"] != out["stages"]["quantize"]["key"]
     assert not bf16["stages"]["quantize"]["cache_hit"]
     assert abs(bf16["metrics"]["ppl"] - out["metrics"]["ppl"]) < 0.05 * out["metrics"]["ppl"]
+    # llm-compressor's block order (two forwards per block) is its own build, close to true-sequential
+    block = quantize_model(
+        str(tiny_llama_dir), tiny_recipe(mode="sequential").with_overrides(["quantize.sequential_scope=block"])
+    )
+    assert block["stages"]["quantize"]["key"] != out["stages"]["quantize"]["key"]
+    assert abs(block["metrics"]["ppl"] - out["metrics"]["ppl"]) < 0.05 * out["metrics"]["ppl"]
 
 
 def test_rtn_and_s3_store(
