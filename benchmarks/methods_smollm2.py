@@ -51,7 +51,7 @@ def result_row(recipe: Any, out: dict[str, Any], machine: dict[str, Any], wall_s
     return {
         **machine,
         "recipe": recipe.name,
-        "method": recipe.quantize.effective_method() + ("+bitalloc" if recipe.quantize.bitalloc else ""),
+        "method": recipe.quantize.effective_method() + _alloc_label(recipe.quantize.bitalloc),
         "ppl": m["ppl"],
         "ppl_fp": m["ppl_fp"],
         "ppl_delta_rel": m["ppl_delta_rel"],
@@ -137,6 +137,12 @@ def _log_rows(opened: Any, plot: Path, rows: Sequence[dict[str, Any]], tmp: Path
         dump = tmp / "methods_rows.json"
         dump.write_text(json.dumps(list(rows), indent=1, sort_keys=True))
         run.log_artifact(dump)
+
+
+def _alloc_label(bitalloc: Any) -> str:
+    if bitalloc is None:
+        return ""
+    return "+bitalloc" + ("/group" if bitalloc.granularity == "group" else "")
 
 
 def run_recipe(model: str, name: str, overrides: list[str], machine: dict[str, Any]) -> dict[str, Any]:
