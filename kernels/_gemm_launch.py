@@ -1,7 +1,8 @@
-"""Launch plumbing shared by the coded-weight GEMM launchers (``kernels.bcq``, ``kernels.icq``).
+"""Launch plumbing shared by the weight-only GEMM launchers (``kernels.wgemm``, ``kernels.bcq``, ``kernels.icq``).
 
-Both kernels walk K like ``kernels.wgemm`` (same ``WGemmConfig`` block shapes, same heuristic, same split-K
-scheme), so the config choice, the split-K plan, the output buffer and the final reduction live here once:
+The kernels walk K the same way (same ``WGemmConfig`` block shapes, same heuristic, same split-K scheme, the
+device helpers of ``kernels._triton_tiles``), so the layout checks they share, the config choice, the split-K
+plan, the output buffer, the common launch meta-parameters and the final reduction live here once:
 split == 1 writes y in x's dtype with the bias fused; split > 1 writes fp32 partials [split, M, N] that
 ``finish`` sums deterministically (bias added once, in fp32) before the single rounding to x's dtype.
 """
@@ -13,16 +14,52 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels._triton_util import device_sm_count
-from kernels.wgemm.configs import WGemmConfig, default_config
+from kernels._triton_util import device_sm_count, is_interpreted
+from kernels.packing import codes_per_word, packed_rows
+from kernels.wgemm.configs import TunedConfigs, WGemmConfig, default_config
 
-__all__ = ["SUPPORTED_DTYPES", "GemmPlan", "cdiv", "finish", "plan_gemm"]
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "GemmPlan",
+    "cdiv",
+    "check_bias",
+    "check_qweight",
+    "check_x",
+    "finish",
+    "gpu_name",
+    "plan_gemm",
+]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def gpu_name(device: torch.device) -> str:
+    """The tuned-config table's device key: the CUDA device name, or "interpreter"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
+
+
+def check_x(x: Tensor, K: int) -> None:
+    if x.shape[-1] != K:
+        raise ValueError(f"x last dim {x.shape[-1]} != in_features {K}")
+
+
+def check_qweight(qweight: Tensor, K: int, bits: int) -> int:
+    """N of an INT32_KPACKED ``qweight`` int32 [ceil(K/P), N] (``kernels.packing``); ValueError otherwise."""
+    if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[0] != packed_rows(K, bits):
+        raise ValueError(
+            f"qweight must be int32 [ceil(K/{codes_per_word(bits)})={packed_rows(K, bits)}, N], "
+            f"got {qweight.dtype} {tuple(qweight.shape)}"
+        )
+    return int(qweight.shape[1])
+
+
+def check_bias(bias: Tensor | None, N: int) -> None:
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
 
 
 @dataclass(frozen=True)
@@ -48,14 +85,41 @@ class GemmPlan:
         o = self.out
         return (o.stride(0), o.stride(1), o.stride(2)) if self.split > 1 else (0, o.stride(0), o.stride(1))
 
+    def launch_meta(self, kernel: object) -> dict[str, object]:
+        """The meta-parameters every GEMM kernel takes alike: bias fusion, product mode, block shape, warps."""
+        cfg, dtype = self.cfg, self.x2.dtype
+        return {
+            "HAS_BIAS": self.fuse_bias,
+            "USE_DOT": cfg.use_dot,
+            "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+            "DOT_FP32": dtype == torch.bfloat16 and is_interpreted(kernel),
+            "BLOCK_M": cfg.block_m,
+            "BLOCK_N": cfg.block_n,
+            "BLOCK_K": cfg.block_k,
+            "num_warps": cfg.num_warps,
+            "num_stages": cfg.num_stages,
+        }
+
 
 def plan_gemm(
-    x: Tensor, N: int, K: int, group_size: int, bits: int, has_bias: bool, config: WGemmConfig | None
+    x: Tensor,
+    N: int,
+    K: int,
+    group_size: int,
+    bits: int,
+    has_bias: bool,
+    config: WGemmConfig | None,
+    tuned: TunedConfigs | None = None,
 ) -> GemmPlan:
-    """Config (explicit, else ``default_config``), split-K plan and output buffer for y = x @ Ŵᵀ."""
+    """Config (explicit > ``tuned`` entry for this GPU/shape > ``default_config``), split-K plan and output buffer
+    for y = x @ Ŵᵀ."""
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
-    cfg = config or default_config(max(M, 1), N, K, group_size, bits, device_sm_count(x.device))
+    cfg = config
+    if cfg is None and tuned is not None:
+        cfg = tuned.get(gpu_name(x.device), max(M, 1), N, K, group_size, bits)
+    if cfg is None:
+        cfg = default_config(max(M, 1), N, K, group_size, bits, device_sm_count(x.device))
     bk = cfg.block_k
     k_per_split = cdiv(cdiv(K, cfg.split_k), bk) * bk  # K range of one split, a multiple of BLOCK_K
     split = cdiv(K, k_per_split)

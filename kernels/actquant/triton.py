@@ -18,6 +18,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels._triton_tiles import load_codes, output_tile
+
 __all__ = ["actquant_kernel", "int_gemm_kernel"]
 
 
@@ -100,13 +102,7 @@ def int_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    MASK: tl.constexpr = (1 << BITS) - 1
+    offs_m, offs_n, mask_m, mask_n = output_tile(M, N, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -127,12 +123,7 @@ def int_gemm_kernel(
                 mask=mask_m[:, None] & mask_k[None, :],
                 other=0,
             )
-        words = tl.load(
-            qw_ptr + (offs_k // PACK)[:, None] * stride_qk + offs_n[None, :] * stride_qn,
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0,
-        )
-        codes = (words >> ((offs_k % PACK) * BITS)[:, None]) & MASK
+        codes = load_codes(qw_ptr, offs_k, offs_n, mask_k[:, None] & mask_n[None, :], stride_qk, stride_qn, BITS, PACK)
         g = k0 // group_size
         s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.int32)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels._gemm_launch import SUPPORTED_DTYPES, finish, plan_gemm
+from kernels._gemm_launch import SUPPORTED_DTYPES, check_bias, check_x, finish, plan_gemm
 from kernels._triton_util import is_interpreted, triton_available
 from kernels.bitwords import word_rows
 from kernels.packing import normalize_group_size, num_groups
@@ -55,8 +55,7 @@ def _validate(
     x: Tensor, planes: Tensor, alpha: Tensor, beta: Tensor, group_size: int, K: int, bias: Tensor | None
 ) -> tuple[int, int]:
     """(k planes, N); raises ValueError on a layout mismatch."""
-    if x.shape[-1] != K:
-        raise ValueError(f"x last dim {x.shape[-1]} != in_features {K}")
+    check_x(x, K)
     if planes.dtype != torch.int32 or planes.dim() != 3 or planes.shape[1] != word_rows(K) or planes.shape[0] < 1:
         raise ValueError(
             f"planes must be int32 [k >= 1, ceil(K/32)={word_rows(K)}, N], got {planes.dtype} {tuple(planes.shape)}"
@@ -67,8 +66,7 @@ def _validate(
         raise ValueError(f"alpha must be [k={k}, G={G}, N={N}], got {tuple(alpha.shape)}")
     if tuple(beta.shape) != (G, N):
         raise ValueError(f"beta must be [G={G}, N={N}], got {tuple(beta.shape)}")
-    if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
+    check_bias(bias, N)
     return k, N
 
 
@@ -93,8 +91,7 @@ def bcq_gemm(
     plan = plan_gemm(x, N, K, group_size, k, bias is not None, config)
     if plan.M == 0:
         return x.new_zeros(*x.shape[:-1], N)
-    cfg, x2 = plan.cfg, plan.x2
-    stride_os, stride_om, stride_on = plan.out_strides
+    x2 = plan.x2
     kernel = _kernel()
     kernel[plan.grid](
         x2,
@@ -118,20 +115,10 @@ def bcq_gemm(
         alpha.stride(2),
         beta.stride(0),
         beta.stride(1),
-        stride_os,
-        stride_om,
-        stride_on,
+        *plan.out_strides,
         NPLANES=k,
-        GROUP_PER_TILE=group_size % cfg.block_k == 0,
-        HAS_BIAS=plan.fuse_bias,
-        USE_DOT=cfg.use_dot,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        DOT_FP32=x.dtype == torch.bfloat16 and is_interpreted(kernel),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        GROUP_PER_TILE=group_size % plan.cfg.block_k == 0,
+        **plan.launch_meta(kernel),
     )
     return finish(plan, x, bias)
 

@@ -30,10 +30,10 @@ import math
 import torch
 from torch import Tensor
 
-from kernels._gemm_launch import SUPPORTED_DTYPES, cdiv, finish, plan_gemm
+from kernels._gemm_launch import SUPPORTED_DTYPES, cdiv, check_bias, check_qweight, check_x, finish, plan_gemm
 from kernels._triton_util import is_interpreted, triton_available
 from kernels.bitwords import word_rows
-from kernels.packing import SUPPORTED_BITS, codes_per_word, normalize_group_size, num_groups, packed_rows
+from kernels.packing import SUPPORTED_BITS, codes_per_word, normalize_group_size, num_groups
 from kernels.wgemm.configs import WGemmConfig
 
 __all__ = [
@@ -159,22 +159,15 @@ def gemm_unsupported_reason(
 
 
 def _validate(x, qweight, grids, mask, bits, group_size, K, bias) -> int:
-    if x.shape[-1] != K:
-        raise ValueError(f"x last dim {x.shape[-1]} != in_features {K}")
-    if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[0] != packed_rows(K, bits):
-        raise ValueError(
-            f"qweight must be int32 [ceil(K/{codes_per_word(bits)})={packed_rows(K, bits)}, N], "
-            f"got {qweight.dtype} {tuple(qweight.shape)}"
-        )
-    N = qweight.shape[1]
+    check_x(x, K)
+    N = check_qweight(qweight, K, bits)
     if mask.dtype != torch.int32 or tuple(mask.shape) != (word_rows(K), N):
         raise ValueError(f"mask must be int32 [ceil(K/32)={word_rows(K)}, N={N}], got {mask.dtype} {tuple(mask.shape)}")
     G = num_groups(K, group_size)
     for name, t in zip(("scales", "zeros", "oscales", "ozeros"), grids, strict=True):
         if tuple(t.shape) != (G, N):
             raise ValueError(f"{name} must be [G={G}, N={N}], got {tuple(t.shape)}")
-    if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
+    check_bias(bias, N)
     return N
 
 
@@ -205,8 +198,7 @@ def icq_gemm(
     if plan.M == 0:
         return x.new_zeros(*x.shape[:-1], N)
     s, z, so, zo = (t.contiguous() for t in grids)  # one stride pair for all four (no copy when packed)
-    cfg, x2 = plan.cfg, plan.x2
-    stride_os, stride_om, stride_on = plan.out_strides
+    x2 = plan.x2
     _, kernel = _kernels()
     kernel[plan.grid](
         x2,
@@ -231,21 +223,11 @@ def icq_gemm(
         mask.stride(1),
         s.stride(0),
         s.stride(1),
-        stride_os,
-        stride_om,
-        stride_on,
+        *plan.out_strides,
         BITS=bits,
         PACK=codes_per_word(bits),
-        GROUP_PER_TILE=group_size % cfg.block_k == 0,
-        HAS_BIAS=plan.fuse_bias,
-        USE_DOT=cfg.use_dot,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        DOT_FP32=x.dtype == torch.bfloat16 and is_interpreted(kernel),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        GROUP_PER_TILE=group_size % plan.cfg.block_k == 0,
+        **plan.launch_meta(kernel),
     )
     return finish(plan, x, bias)
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels._triton_tiles import dot_acc, load_bits, load_codes, load_x, output_tile, split_k_range, store_tile
+
 __all__ = ["icq_decode_kernel", "icq_gemm_kernel"]
 
 
@@ -122,35 +124,17 @@ def icq_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    CODE_MASK: tl.constexpr = (1 << BITS) - 1
+    offs_m, offs_n, mask_m, mask_n = output_tile(M, N, BLOCK_M, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
+    k_start, k_end = split_k_range(K, k_per_split)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < k_end
         mask_kn = mask_k[:, None] & mask_n[None, :]
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )
-        words = tl.load(
-            qw_ptr + (offs_k // PACK)[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask_kn, other=0
-        )
-        codes = (words >> ((offs_k % PACK) * BITS)[:, None]) & CODE_MASK
-        mwords = tl.load(
-            mask_ptr + (offs_k // 32)[:, None] * stride_mk + offs_n[None, :] * stride_mn, mask=mask_kn, other=0
-        )
-        outlier = ((mwords >> (offs_k % 32)[:, None]) & 1) != 0
+        x = load_x(x_ptr, offs_m, offs_k, mask_m, mask_k, stride_xm, stride_xk)
+        codes = load_codes(qw_ptr, offs_k, offs_n, mask_kn, stride_qk, stride_qn, BITS, PACK)
+        outlier = load_bits(mask_ptr, offs_k, offs_n, mask_kn, stride_mk, stride_mn)
         if GROUP_PER_TILE:
             g_off = (k0 // group_size) * stride_sg + offs_n[None, :] * stride_sn  # [1, BLOCK_N]
             g_mask = mask_n[None, :]
@@ -164,15 +148,5 @@ def icq_gemm_kernel(
         s = tl.where(outlier, s_out, s_in)
         z = tl.where(outlier, z_out, z_in)
         w = (s * (codes.to(tl.float32) - z)).to(x.dtype)  # [BLOCK_K, BLOCK_N], exact before the cast
-        if USE_DOT:
-            if DOT_FP32:  # interpreter only: its tl.dot multiplies bf16 storage as uint16 (triton 3.9)
-                acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
-            else:
-                acc += tl.dot(x, w, input_precision=DOT_PRECISION, out_dtype=tl.float32)
-        else:
-            acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        acc = dot_acc(acc, x, w, USE_DOT, DOT_PRECISION, DOT_FP32)
+    store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, stride_os, stride_om, stride_on, HAS_BIAS)

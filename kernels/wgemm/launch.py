@@ -21,17 +21,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kernels._gemm_launch import (
+    SUPPORTED_DTYPES,
+    check_bias,
+    check_qweight,
+    check_x,
+    finish,
+    gpu_name,
+    plan_gemm,
+)
 from kernels._triton_util import device_sm_count, is_interpreted, triton_available
 from kernels.packing import SUPPORTED_BITS, codes_per_word, num_groups, packed_rows
-from kernels.wgemm.configs import TunedConfigs, WGemmConfig, candidate_configs, default_config
+from kernels.wgemm.configs import TunedConfigs, WGemmConfig, candidate_configs
 
 __all__ = ["SUPPORTED_DTYPES", "kernel_unsupported_reason", "tune", "wgemm", "wgemm_op"]
-
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _kernel():
@@ -69,27 +72,16 @@ def kernel_unsupported_reason(
 
 def _validate(x, qweight, scales, zeros, g_idx, bits, group_size, in_features, bias) -> int:
     K = in_features
-    if x.shape[-1] != K:
-        raise ValueError(f"x last dim {x.shape[-1]} != in_features {K}")
-    if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[0] != packed_rows(K, bits):
-        raise ValueError(
-            f"qweight must be int32 [ceil(K/{codes_per_word(bits)})={packed_rows(K, bits)}, N], "
-            f"got {qweight.dtype} {tuple(qweight.shape)}"
-        )
-    N = qweight.shape[1]
+    check_x(x, K)
+    N = check_qweight(qweight, K, bits)
     G = num_groups(K, group_size)
     for name, t in (("scales", scales), ("zeros", zeros)):
         if tuple(t.shape) != (G, N):
             raise ValueError(f"{name} must be [G={G}, N={N}], got {tuple(t.shape)}")
     if g_idx is not None and (tuple(g_idx.shape) != (K,) or g_idx.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"g_idx must be int32 [{K}], got {g_idx.dtype} {tuple(g_idx.shape)}")
-    if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"bias must be [{N}], got {tuple(bias.shape)}")
+    check_bias(bias, N)
     return N
-
-
-def _gpu_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "interpreter"
 
 
 def wgemm(
@@ -113,69 +105,38 @@ def wgemm(
     group_size = in_features if group_size <= 0 else group_size
     N = _validate(x, qweight, scales, zeros, g_idx, bits, group_size, in_features, bias)
     K = in_features
-    x2 = x.reshape(-1, K)
-    M = x2.shape[0]
-    if M == 0:
+    plan = plan_gemm(x, N, K, group_size, bits, bias is not None, config, tuned)
+    if plan.M == 0:
         return x.new_zeros(*x.shape[:-1], N)
-    cfg = config
-    if cfg is None and tuned is not None:
-        cfg = tuned.get(_gpu_name(x.device), M, N, K, group_size, bits)
-    if cfg is None:
-        cfg = default_config(M, N, K, group_size, bits, device_sm_count(x.device))
-    bk = cfg.block_k
-    k_per_split = _cdiv(_cdiv(K, cfg.split_k), bk) * bk  # K range of one split, a multiple of BLOCK_K
-    split = _cdiv(K, k_per_split)
-    if split == 1:
-        out = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    else:
-        out = torch.empty(split, M, N, device=x.device, dtype=torch.float32)
-    stride_os = out.stride(0) if split > 1 else 0
-    om, on = (out.stride(1), out.stride(2)) if split > 1 else (out.stride(0), out.stride(1))
-    fuse_bias = bias is not None and split == 1
-    grid = (_cdiv(M, cfg.block_m), _cdiv(N, cfg.block_n), split)
+    x2 = plan.x2
     kernel = _kernel()
-    kernel[grid](
+    kernel[plan.grid](
         x2,
         qweight,
         scales,
         zeros,
         g_idx if g_idx is not None else qweight,  # dummy pointer when unused
-        bias if fuse_bias else qweight,
-        out,
-        M,
+        bias if plan.fuse_bias else qweight,
+        plan.out,
+        plan.M,
         N,
         K,
         group_size,
-        k_per_split,
+        plan.k_per_split,
         x2.stride(0),
         x2.stride(1),
         qweight.stride(0),
         qweight.stride(1),
         scales.stride(0),
         scales.stride(1),
-        stride_os,
-        om,
-        on,
+        *plan.out_strides,
         BITS=bits,
         PACK=codes_per_word(bits),
         HAS_GIDX=g_idx is not None,
-        GROUP_PER_TILE=g_idx is None and group_size % bk == 0,
-        HAS_BIAS=fuse_bias,
-        USE_DOT=cfg.use_dot,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        DOT_FP32=x.dtype == torch.bfloat16 and is_interpreted(kernel),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=bk,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        GROUP_PER_TILE=g_idx is None and group_size % plan.cfg.block_k == 0,
+        **plan.launch_meta(kernel),
     )
-    if split > 1:
-        y = out.sum(0)
-        if bias is not None:
-            y = y + bias.to(torch.float32)
-        out = y.to(x.dtype)
-    return out.view(*x.shape[:-1], N)
+    return finish(plan, x, bias)
 
 
 def tune(
@@ -209,7 +170,7 @@ def tune(
     if best is not None:
         from kernels.wgemm.configs import tune_key
 
-        table.table[tune_key(_gpu_name(dev), M, N, K, group_size, bits)] = best[1]
+        table.table[tune_key(gpu_name(dev), M, N, K, group_size, bits)] = best[1]
     return table
 
 

@@ -1,11 +1,64 @@
-"""Synthetic quantizer outputs (the contract ``kernels`` consumes) for kernel tests."""
+"""Synthetic quantizer outputs (the contract ``kernels`` consumes) and helpers shared by the kernel tests."""
 
 from __future__ import annotations
 
+import importlib
+import subprocess
+import sys
 from typing import NamedTuple
 
+import pytest
 import torch
 from torch import Tensor
+
+from kernels._triton_util import is_interpreted
+from kernels.wgemm.configs import WGemmConfig
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# max |kernel - ref| / max |ref| for the weight-only GEMMs (wgemm, bcq, icq): both sides round to the activation
+# dtype's mantissa, and the interpreter's fp32->bf16 cast truncates where the reference rounds.
+GEMM_TOL = {"fp32": 1e-5, "fp16": 1e-2, "bf16": 3e-2}
+# explicit configs the coded GEMMs (bcq, icq) are checked with: split-K (ragged too), tl.dot, BLOCK_K = 16
+SPLIT_CONFIGS = {
+    "gemv-split4": WGemmConfig(1, 32, 32, split_k=4),
+    "gemv-split3-ragged": WGemmConfig(2, 16, 32, split_k=3),
+    "dot-split2": WGemmConfig(16, 32, 32, split_k=2),
+    "dot-bk16": WGemmConfig(16, 16, 16),
+}
+
+
+def skip_unless_runnable(module: str, kernel: str) -> None:
+    """Skip on CPU when ``module`` (a ``kernels.<family>.triton``) was imported without TRITON_INTERPRET=1."""
+    if DEVICE == "cpu" and not is_interpreted(getattr(importlib.import_module(module), kernel)):
+        pytest.skip(f"no CUDA and {module} was imported without TRITON_INTERPRET=1")
+
+
+def rel_err(y: Tensor, ref: Tensor) -> float:
+    """max |y - ref| / max |ref| in fp32."""
+    return ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+
+
+def assert_matches_ref(y: Tensor, ref: Tensor, x: Tensor, dt: str) -> None:
+    """Kernel output y has x's dtype, the reference's shape, and is within ``GEMM_TOL[dt]`` of it."""
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    err = rel_err(y, ref)
+    assert err <= GEMM_TOL[dt], f"max rel err {err:.2e} > {GEMM_TOL[dt]}"
+
+
+def gemm_inputs(M: int, K: int, N: int, dt: str, bias: bool) -> tuple[Tensor, Tensor | None]:
+    """x [M, K] in dtype ``dt`` and an optional fp32 bias [N], on DEVICE, from a fixed seed."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(M, K, generator=gen).to(DEVICE, DTYPES[dt])
+    b = torch.randn(N, generator=gen).to(DEVICE) if bias else None
+    return x, b
+
+
+def run_without_triton(code: str) -> None:
+    """Run ``code`` in a fresh interpreter (``sys`` imported) in which ``import triton`` fails; assert it exits 0."""
+    code = "import sys; sys.modules['triton'] = None\n" + code
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
 
 
 class Quantized(NamedTuple):

@@ -4,37 +4,40 @@ any; the reference vs ``BCQLinear``'s weight (bit-exact); ``BCQLinear``'s kernel
 from __future__ import annotations
 
 import itertools
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels._triton_util import is_interpreted, triton_available
+from kernels._triton_util import triton_available
 from kernels.bcq.ref import bcq_gemm_ref, dequantize_bcq_packed
 from kernels.bcq_linear import BCQLinear, pack_bcq
 from kernels.wgemm.configs import WGemmConfig
 from quant.gptqt import BinaryCodedWeight
 from quant.icquant import pack_bits
+from tests.kernels.synth import (
+    DEVICE,
+    DTYPES,
+    GEMM_TOL,
+    SPLIT_CONFIGS,
+    assert_matches_ref,
+    gemm_inputs,
+    rel_err,
+    run_without_triton,
+    skip_unless_runnable,
+)
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# max |kernel - ref| / max |ref|. Measured over MAIN in the interpreter: fp32 6.5e-7, fp16 1.6e-5, bf16 1.2e-2 (the
-# interpreter's fp32->bf16 cast truncates where the reference rounds; same bound as test_wgemm).
-TOL = {"fp32": 1e-5, "fp16": 1e-2, "bf16": 3e-2}
+# max |kernel - ref| / max |ref| within GEMM_TOL. Measured over MAIN in the interpreter: fp32 6.5e-7, fp16 1.6e-5,
+# bf16 1.2e-2 (the interpreter's fp32->bf16 cast truncates where the reference rounds; same bound as test_wgemm).
+TOL = GEMM_TOL
 
 
 @pytest.fixture(autouse=True)
 def _kernel_runnable():
-    if DEVICE == "cpu":
-        from kernels.bcq.triton import bcq_gemm_kernel
-
-        if not is_interpreted(bcq_gemm_kernel):
-            pytest.skip("no CUDA and kernels.bcq.triton was imported without TRITON_INTERPRET=1")
+    skip_unless_runnable("kernels.bcq.triton", "bcq_gemm_kernel")
 
 
 def _coded(N: int, K: int, k: int, gs: int, seed: int = 0) -> BinaryCodedWeight:
@@ -53,23 +56,13 @@ def _packed(N: int, K: int, k: int, gs: int, seed: int = 0) -> dict[str, torch.T
     return {n: t.to(DEVICE) for n, t in pack_bcq(_coded(N, K, k, gs, seed)).items()}
 
 
-def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
-
-
 def _check(M, N, K, k, gs, dt, *, bias=False, config=None) -> None:
     from kernels.bcq.launch import bcq_gemm
 
     t = _packed(N, K, k, gs, seed=M + N + K + k)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(M, K, generator=gen).to(DEVICE, DTYPES[dt])
-    b = torch.randn(N, generator=gen).to(DEVICE) if bias else None
+    x, b = gemm_inputs(M, K, N, dt, bias)
     args = (x, t["planes"], t["alpha"], t["beta"], gs, K)
-    y = bcq_gemm(*args, b, config=config)
-    ref = bcq_gemm_ref(*args, b)
-    assert y.dtype == x.dtype and y.shape == ref.shape
-    err = _rel_err(y, ref)
-    assert err <= TOL[dt], f"max rel err {err:.2e} > {TOL[dt]}"
+    assert_matches_ref(bcq_gemm(*args, b, config=config), bcq_gemm_ref(*args, b), x, dt)
 
 
 # planes x dtype x M (GEMV, small, tensor-core tile) x (K, N, g): ragged N, g = BLOCK_K multiple, g = 24 (gather,
@@ -88,13 +81,7 @@ def test_bcq_gemm_matches_ref(k, dt, M, shape) -> None:
     _check(M, N, K, k, gs, dt, bias=M != 5)
 
 
-CONFIGS = {
-    "gemv-split4": WGemmConfig(1, 32, 32, split_k=4),
-    "gemv-split3-ragged": WGemmConfig(2, 16, 32, split_k=3),
-    "dot-split2": WGemmConfig(16, 32, 32, split_k=2),
-    "dot-bk16": WGemmConfig(16, 16, 16),
-    "gemv-bk128-gather": WGemmConfig(4, 64, 128),
-}
+CONFIGS = {**SPLIT_CONFIGS, "gemv-bk128-gather": WGemmConfig(4, 64, 128)}
 
 
 @pytest.mark.parametrize("cfg", CONFIGS.values(), ids=list(CONFIGS))
@@ -177,7 +164,7 @@ def test_bcq_linear_kernel_path_matches_reference(monkeypatch) -> None:
     monkeypatch.setattr(launch, "bcq_gemm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     y = mod(x)
     assert calls and y.shape == ref.shape == (2, 3, 40) and y.dtype == torch.float16
-    assert _rel_err(y, ref) <= TOL["fp16"]
+    assert rel_err(y, ref) <= TOL["fp16"]
     mod(x)
     assert len(calls) == 2 and len(mod._kernel_cache) == 1  # group size read from bcqmeta once
 
@@ -200,7 +187,6 @@ def test_bcq_linear_falls_back_with_one_warning(monkeypatch) -> None:
 def test_new_launchers_import_without_triton() -> None:
     """The bcq/icq launchers and both modules import, and the modules run on CPU, with triton absent."""
     code = (
-        "import sys; sys.modules['triton'] = None\n"
         "import torch\n"
         "import kernels.bcq.launch, kernels.bcq.ref, kernels.icq.launch, kernels.icq.ref, kernels.bitwords\n"
         "from kernels.bcq.launch import kernel_unsupported_reason\n"
@@ -210,8 +196,7 @@ def test_new_launchers_import_without_triton() -> None:
         "from kernels.icq_linear import ICQuantLinear\n"
         "assert 'triton' not in [k for k, v in sys.modules.items() if v is not None]\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stderr
+    run_without_triton(code)
 
 
 @pytest.mark.gpu
@@ -222,5 +207,5 @@ def test_bcq_linear_cuda_uses_kernel(M, recwarn) -> None:
     x = torch.randn(M, 576, device="cuda", dtype=torch.float16)
     y = mod(x)
     mod.use_kernel = False
-    assert _rel_err(y, mod(x)) <= TOL["fp16"]
+    assert rel_err(y, mod(x)) <= TOL["fp16"]
     assert not [w for w in recwarn if "Triton kernel not used" in str(w.message)]

@@ -14,35 +14,34 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels._triton_util import is_interpreted, triton_available
+from kernels._triton_util import triton_available
 from kernels.bitwords import pack_bit_words
 from kernels.icq.ref import decode_mask_ref, dequantize_icq_packed, icq_gemm_ref
 from kernels.icq_linear import ICQuantLinear, pack_icquant
 from kernels.packing import pack_codes
-from kernels.wgemm.configs import WGemmConfig
 from quant.icquant import ICQuantConfig, IndexStream, encode_positions, quantize_icquant
 from quant.types import GridConfig
+from tests.kernels.synth import (
+    DEVICE,
+    DTYPES,
+    GEMM_TOL,
+    SPLIT_CONFIGS,
+    assert_matches_ref,
+    gemm_inputs,
+    rel_err,
+    skip_unless_runnable,
+)
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# max |kernel - ref| / max |ref|. Measured over MAIN in the interpreter: fp32 4.2e-7, fp16 7.6e-5, bf16 1.4e-2 (the
-# interpreter's fp32->bf16 cast truncates where the reference rounds; same bound as test_wgemm).
-TOL = {"fp32": 1e-5, "fp16": 1e-2, "bf16": 3e-2}
+# max |kernel - ref| / max |ref| within GEMM_TOL. Measured over MAIN in the interpreter: fp32 4.2e-7, fp16 7.6e-5,
+# bf16 1.4e-2 (the interpreter's fp32->bf16 cast truncates where the reference rounds; same bound as test_wgemm).
+TOL = GEMM_TOL
 
 
 @pytest.fixture(autouse=True)
 def _kernel_runnable():
-    if DEVICE == "cpu":
-        from kernels.icq.triton import icq_decode_kernel
-
-        if not is_interpreted(icq_decode_kernel):
-            pytest.skip("no CUDA and kernels.icq.triton was imported without TRITON_INTERPRET=1")
-
-
-def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+    skip_unless_runnable("kernels.icq.triton", "icq_decode_kernel")
 
 
 # ---------------------------------------------------------------- position decode
@@ -155,15 +154,9 @@ def _check_gemm(M, N, K, bits, gs, dt, *, bias=False, config=None) -> None:
     from kernels.icq.launch import icq_gemm
 
     t = _gemm_tensors(N, K, bits, gs, seed=M + N + K + bits)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(M, K, generator=gen).to(DEVICE, DTYPES[dt])
-    b = torch.randn(N, generator=gen).to(DEVICE) if bias else None
+    x, b = gemm_inputs(M, K, N, dt, bias)
     args = _gemm_args(x, t, bits, gs, K)
-    y = icq_gemm(*args, bias=b, config=config)
-    ref = icq_gemm_ref(*args, bias=b)
-    assert y.dtype == x.dtype and y.shape == ref.shape
-    err = _rel_err(y, ref)
-    assert err <= TOL[dt], f"max rel err {err:.2e} > {TOL[dt]}"
+    assert_matches_ref(icq_gemm(*args, bias=b, config=config), icq_gemm_ref(*args, bias=b), x, dt)
 
 
 # bits x dtype x M x (K, N, g): ragged N, g = BLOCK_K multiple, g = 50 (gather, K not a multiple of the pack
@@ -182,12 +175,7 @@ def test_icq_gemm_matches_ref(bits, dt, M, shape) -> None:
     _check_gemm(M, N, K, bits, gs, dt, bias=M != 5)
 
 
-CONFIGS = {
-    "gemv-split4": WGemmConfig(1, 32, 32, split_k=4),
-    "gemv-split3-ragged": WGemmConfig(2, 16, 32, split_k=3),
-    "dot-split2": WGemmConfig(16, 32, 32, split_k=2),
-    "dot-bk16": WGemmConfig(16, 16, 16),
-}
+CONFIGS = SPLIT_CONFIGS
 
 
 @pytest.mark.parametrize("cfg", CONFIGS.values(), ids=list(CONFIGS))
@@ -260,7 +248,7 @@ def test_icq_linear_kernel_path_matches_reference(bits, monkeypatch) -> None:
     monkeypatch.setattr(launch, "decode_mask", lambda *a, **kw: decodes.append(1) or real_decode(*a, **kw))
     monkeypatch.setattr(mod, "_kernel_eligible", lambda x: True)
     y = mod(x)
-    assert y.shape == ref.shape == (2, 3, 40) and _rel_err(y, ref) <= TOL["fp16"]
+    assert y.shape == ref.shape == (2, 3, 40) and rel_err(y, ref) <= TOL["fp16"]
     assert decodes == []  # the mask decoded above is reused
     mod.load_state_dict(mod.state_dict())  # copies in place: buffer versions change, the mask is decoded again
     assert torch.equal(mod(x), y) and decodes == [1]
@@ -291,5 +279,5 @@ def test_icq_linear_cuda_uses_kernel(M, recwarn) -> None:
     x = torch.randn(M, 576, device="cuda", dtype=torch.float16)
     y = mod(x)
     mod.use_kernel = False
-    assert _rel_err(y, mod(x)) <= TOL["fp16"]
+    assert rel_err(y, mod(x)) <= TOL["fp16"]
     assert not [w for w in recwarn if "Triton kernel not used" in str(w.message)]

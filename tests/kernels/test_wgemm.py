@@ -7,29 +7,23 @@ import itertools
 import pytest
 import torch
 
-from kernels._triton_util import is_interpreted, triton_available
+from kernels._triton_util import triton_available
 from kernels.packing import pack_quantized_linear
 from kernels.quant_linear import QuantLinear
 from kernels.wgemm.configs import TunedConfigs, WGemmConfig, candidate_configs, default_config, tune_key
 from kernels.wgemm.ref import wgemm_ref
-from tests.kernels.synth import make_quantized
+from tests.kernels.synth import DEVICE, DTYPES, GEMM_TOL, assert_matches_ref, make_quantized, skip_unless_runnable
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# max |kernel - ref| / max |ref|. Measured in the interpreter: fp32 ~3e-7, fp16 ~9e-4, bf16 ~1.2e-2 (both sides
-# round to bf16's 8-bit mantissa, and the interpreter's fp32->bf16 cast truncates).
-TOL = {"fp32": 1e-5, "fp16": 1e-2, "bf16": 3e-2}
+# max |kernel - ref| / max |ref| within GEMM_TOL. Measured in the interpreter: fp32 ~3e-7, fp16 ~9e-4, bf16 ~1.2e-2
+# (both sides round to bf16's 8-bit mantissa, and the interpreter's fp32->bf16 cast truncates).
+TOL = GEMM_TOL
 
 
 @pytest.fixture(autouse=True)
 def _kernel_runnable():
-    if DEVICE == "cpu":
-        from kernels.wgemm.triton import wgemm_kernel
-
-        if not is_interpreted(wgemm_kernel):
-            pytest.skip("no CUDA and kernels.wgemm.triton was imported without TRITON_INTERPRET=1")
+    skip_unless_runnable("kernels.wgemm.triton", "wgemm_kernel")
 
 
 def _packed(N, K, bits, g, act=False, sym=False, seed=0):
@@ -47,11 +41,7 @@ def _check(M, N, K, bits, g, dt, *, act=False, sym=False, bias=False, config=Non
         x = torch.randn(M, K, generator=gen).to(DEVICE, DTYPES[dt])
     b = torch.randn(N, generator=gen).to(DEVICE) if bias else None
     args = (x, t["qweight"], t["scales"], t["zeros"], t.get("g_idx"), bits, g, K)
-    y = wgemm(*args, bias=b, config=config)
-    ref = wgemm_ref(*args, bias=b)
-    assert y.dtype == x.dtype and y.shape == ref.shape
-    err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
-    assert err <= TOL[dt], f"max rel err {err:.2e} > {TOL[dt]}"
+    assert_matches_ref(wgemm(*args, bias=b, config=config), wgemm_ref(*args, bias=b), x, dt)
 
 
 # main matrix: bits x dtype x M (GEMV, small, tensor-core tile) x (K, N, g) x act-order
@@ -188,16 +178,17 @@ def test_quant_linear_cuda_uses_kernel(dt, M, recwarn) -> None:
 
 def test_tuned_table_entry_is_used_and_reaches_quant_linears(monkeypatch) -> None:
     """A tuned entry for this device/shape bucket replaces the heuristic (which is made to fail here)."""
+    import kernels._gemm_launch as gemm_launch
     import kernels.wgemm.launch as launch
     from kernels.quant_linear import set_tuned_configs
 
-    gpu = launch._gpu_name(torch.device(DEVICE))
+    gpu = gemm_launch.gpu_name(torch.device(DEVICE))
     table = TunedConfigs({tune_key(gpu, 3, 48, 192, 32, 4): WGemmConfig(4, 16, 32, split_k=3)})
 
     def no_heuristic(*a, **k):
         raise AssertionError("default_config used although a tuned entry exists")
 
-    monkeypatch.setattr(launch, "default_config", no_heuristic)
+    monkeypatch.setattr(gemm_launch, "default_config", no_heuristic)
     t = _packed(48, 192, 4, 32)
     x = torch.randn(3, 192, device=DEVICE)
     args = (x, t["qweight"], t["scales"], t["zeros"], None, 4, 32, 192)
