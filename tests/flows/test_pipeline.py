@@ -148,6 +148,28 @@ def test_killed_hessians_resume_bit_identical(first_run: dict, home: Settings, t
     assert out["metrics"]["ppl"] == first_run["metrics"]["ppl"]
 
 
+def test_sequential_killed_mid_block_resumes_bit_identical(
+    prefect_harness: None, home: Settings, tiny_llama_dir: Path
+) -> None:
+    """True-sequential mode killed after some groups of a block: the rerun reuses the stored layers (their
+    quantized weights feed the later groups) and recomputes the rest byte for byte."""
+    recipe = tiny_recipe(mode="sequential")
+    first = quantize_model(str(tiny_llama_dir), recipe)
+    store = open_store(settings=home)
+    quant = first["stages"]["quantize"]["key"]
+    layers = json.loads(store.read_bytes(quant, "index.json"))["layers"]
+    lost = [n for n in layers if n.startswith("model.layers.1.") and ("o_proj" in n or "mlp." in n)]
+    digests = {n: store.manifest(layers[n]["ref"]).files[0].sha256 for n in lost}
+    for n in lost:
+        store.delete(layers[n]["ref"])
+    for stage in ("quantize", "pack", "evaluate"):
+        store.delete(first["stages"][stage]["key"])
+    out = quantize_model(str(tiny_llama_dir), recipe)
+    assert out["stages"]["quantize"]["key"] == quant and not out["stages"]["quantize"]["cache_hit"]
+    assert {n: store.manifest(layers[n]["ref"]).files[0].sha256 for n in lost} == digests
+    assert out["metrics"]["ppl"] == first["metrics"]["ppl"]
+
+
 def test_corrupt_artifact_is_recomputed(first_run: dict, home: Settings, tiny_llama_dir: Path) -> None:
     store = open_store(settings=home)
     ref = ArtifactRef(first_run["stages"]["calibration"]["key"])
