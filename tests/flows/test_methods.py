@@ -196,6 +196,11 @@ BAD = [
     ({"bitalloc": {"avg_bits": 3, "candidate_bits": [1, 3]}}, "quantize.bitalloc.candidate_bits"),
     ({"bitalloc": {"avg_bits": 3, "granularity": "row"}}, "quantize.bitalloc.granularity"),
     ({"bitalloc": {"avg_bits": 3}, "mode": "sequential"}, "bitalloc needs mode 'parallel'"),
+    (
+        {"method": "icquant-gptq", "bitalloc": {"avg_bits": 3, "granularity": "group"}},
+        "granularity 'group' needs method rtn or gptq",
+    ),
+    ({"bitalloc": {"avg_bits": 3, "granularity": "group"}, "group_size": -1}, "needs group_size > 0"),
     ({"method": "gptqt", "bits": 4}, "gptqt needs bits"),
     ({"method": "quip", "outliers": {}}, "outliers (ICQuant) combine with"),
     ({"outliers": {"gamma": 0.05, "gama": 1}}, "quantize.outliers.gama: Extra inputs are not permitted"),
