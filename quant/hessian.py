@@ -57,8 +57,8 @@ _GRAM_PANELS = 4
 
 
 def _add_gram(H: Tensor, X: Tensor) -> None:
-    """H += Xᵀ X computing only the upper block triangle (panels of columns; ~40 % fewer flops than the full
-    GEMM at 4 panels) and mirroring it, which also makes the off-diagonal blocks exactly symmetric."""
+    """H += Xᵀ X computing only the upper block triangle (panels of columns; 10/16 of the full GEMM's flops at
+    4 panels) and mirroring it, which also makes the off-diagonal blocks exactly symmetric."""
     d = X.shape[1]
     edges = [round(i * d / _GRAM_PANELS) for i in range(_GRAM_PANELS + 1)]
     for a, b in itertools.pairwise(edges):

@@ -26,10 +26,19 @@ __all__ = ["QUANT_METHOD", "load_packed_model", "packed_modules"]
 
 QUANT_METHOD = "quantpipe"
 _PACKED_SUFFIXES = ("qweight", "scales", "zeros", "qmeta", "g_idx")
-# ICQuant (kernels.icq_linear) and GPTQT binary coding (kernels.bcq_linear); replace_linears picks the module
+# ICQuant (kernels.icq_linear), GPTQT binary coding (kernels.bcq_linear) and group-wise mixed precision
+# (kernels.mixed_linear: ``group_bits`` plus plain parts "b3_qweight", ...); replace_linears picks the module
 _CODED_SUFFIXES = (
-    *("oscales", "ozeros", "pos_data", "pos_offsets", "icqmeta", "planes", "alpha", "beta", "bcqmeta"),
-    "group_bits",  # group-wise mixed precision (kernels.mixed_linear)
+    "oscales",
+    "ozeros",
+    "pos_data",
+    "pos_offsets",
+    "icqmeta",
+    "planes",
+    "alpha",
+    "beta",
+    "bcqmeta",
+    "group_bits",
 )
 TOKENIZER_FILES = (
     "tokenizer.json",

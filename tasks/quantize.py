@@ -457,7 +457,8 @@ def _run_sequential(
     progress: Callable[[int], None] | None,
     forward: HessianConfig | None = None,
 ) -> tuple[list[LayerJob], list[str]]:
-    """Per block: Hessians from the *quantized* prefix's activations → quantize → re-forward quantized block."""
+    """Hessians from the activations of the already-quantized model: per linear group (``sequential_scope:
+    group``, one forward per block) or per block (``block``: collect, quantize, re-forward)."""
     import contextlib
 
     from tasks.driver import BlockStreamer, collect_block_hessians, for_each_block, quantize_block_by_group
@@ -476,48 +477,42 @@ def _run_sequential(
     def block_done(i: int) -> bool:
         return all(ctx.store.exists(layer_ref(j)) for j in jobs if j.block == i)
 
-    def apply(block: Any, i: int) -> None:
+    def apply(block: Any, i: int, block_jobs: Sequence[LayerJob]) -> None:
         prefix = streamer.block_name(i) + "."
-        for job in (j for j in jobs if j.block == i):
+        for job in block_jobs:
             q = load_qlayer(ctx, refs[job.name])
             block.get_submodule(job.name[len(prefix) :]).weight.data.copy_(fake_weight(q))
 
-    def quantize_group(i: int, block: Any, group: str, s: Any) -> None:
+    def quantize_jobs(i: int, block: Any, block_jobs: Sequence[LayerJob], stats_of: Callable[[LayerJob], Any]) -> None:
+        """Quantize ``block_jobs`` (stored layers are reused) and write their fake-quantized weights into ``block``."""
         prefix = streamer.block_name(i) + "."
-        for job in (j for j in jobs if j.block == i and j.group == group):
+        for job in block_jobs:
             W = block.get_submodule(job.name[len(prefix) :]).weight.detach().clone()
+            s = stats_of(job)
 
-            def compute(W: Tensor = W, job: LayerJob = job) -> LayerResult:
+            def compute(W: Tensor = W, s: Any = s, job: LayerJob = job) -> LayerResult:
                 return _quantize_tensor(W, s.H, s.n, cfg, job.name, streamer.device.type)
 
             refs[job.name] = _layer_stage(ctx, cfg, job, inputs, compute, fkey)
-            q = load_qlayer(ctx, refs[job.name])
-            block.get_submodule(job.name[len(prefix) :]).weight.data.copy_(fake_weight(q))
+        apply(block, i, block_jobs)
 
     def visit(i: int, block: Any, hidden: Tensor) -> Tensor:
+        block_jobs = [j for j in jobs if j.block == i]
         if block_done(i):
-            for job in (j for j in jobs if j.block == i):
+            for job in block_jobs:
                 refs[job.name] = layer_ref(job)
-        elif cfg.sequential_scope == "group":
+            apply(block, i, block_jobs)
+        elif cfg.sequential_scope == "group":  # one forward: each group quantized before the next one's input
             return quantize_block_by_group(
                 streamer,
                 block,
                 hidden,
-                lambda group, s: quantize_group(i, block, group, s),
+                lambda group, s: quantize_jobs(i, block, [j for j in block_jobs if j.group == group], lambda _: s),
                 micro_batch=fwd.micro_batch,
             )
-        else:
+        else:  # llm-compressor's order: every group's Hessian from the block's fp weights, then re-forward
             stats, _ = collect_block_hessians(streamer, block, hidden, micro_batch=fwd.micro_batch)
-            prefix = streamer.block_name(i) + "."
-            for job in (j for j in jobs if j.block == i):
-                W = block.get_submodule(job.name[len(prefix) :]).weight.detach().clone()
-                s = stats[job.group]
-
-                def compute(W: Tensor = W, s: Any = s, job: LayerJob = job) -> LayerResult:
-                    return _quantize_tensor(W, s.H, s.n, cfg, job.name, streamer.device.type)
-
-                refs[job.name] = _layer_stage(ctx, cfg, job, inputs, compute, fkey)
-        apply(block, i)
+            quantize_jobs(i, block, block_jobs, lambda j: stats[j.group])
         return streamer.run_block(block, hidden, micro_batch=fwd.micro_batch)
 
     ids = load_tokens(ctx, cal_ref)

@@ -104,6 +104,9 @@ def test_quarot_recipe_bad_input(tmp_path: Path) -> None:
         check_recipe_for_model(quarot_recipe(rotation={"kind": "quarot", "fallback": "error"}), model_dir)
     with pytest.raises(ConfigError, match="kv_cache.group_size=5 does not divide the head dim 16"):
         check_recipe_for_model(quarot_recipe(kv_cache={"bits": 4, "group_size": 5}), model_dir)
+    with pytest.raises(ConfigError, match=r"activations.group_size=32 does not divide the linear input widths \[48\]"):
+        check_recipe_for_model(quarot_recipe(activations={"bits": 4, "group_size": 32}), model_dir)
+    check_recipe_for_model(quarot_recipe(activations={"bits": 4, "group_size": 16}), model_dir)  # 48 and 96
     config = json.loads((model_dir / "config.json").read_text())
     config.pop("rms_norm_eps")
     (model_dir / "config.json").write_text(json.dumps(config))
