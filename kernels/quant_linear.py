@@ -259,7 +259,7 @@ class RotatedQuantLinear(QuantLinear):
 
 def _module_class(tensors: dict[str, Tensor]) -> Any:
     """The module for one packed linear, told by its tensors: ICQuant (``icqmeta``), binary coding (``bcqmeta``),
-    incoherence-processed (transform keys) or plain ``QuantLinear``."""
+    E8P (``e8pmeta``), incoherence-processed (transform keys) or plain ``QuantLinear``."""
     if "group_bits" in tensors:  # group-wise mixed precision: one plain part per width
         from kernels.mixed_linear import MixedQuantLinear
 
@@ -272,6 +272,10 @@ def _module_class(tensors: dict[str, Tensor]) -> Any:
         from kernels.bcq_linear import BCQLinear
 
         return BCQLinear
+    if "e8pmeta" in tensors:  # E8P lattice codes (their module applies the transforms itself)
+        from kernels.e8p_linear import E8PLinear
+
+        return E8PLinear
     return RotatedQuantLinear if any(is_transform_key(k) for k in tensors) else QuantLinear
 
 

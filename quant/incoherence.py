@@ -26,7 +26,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -35,6 +35,11 @@ from torch import Tensor
 from quant.hadamard import HadamardSizeError, fwht, hadamard_factorization, random_orthogonal, random_signs
 from quant.hessian import HESSIAN_DTYPE, proxy_loss
 from quant.types import ConfigVersion, QuantizedWeight
+
+if TYPE_CHECKING:
+    from quant.e8p import E8PWeight
+
+_Q = TypeVar("_Q", "QuantizedWeight", "E8PWeight")  # what an inner quantizer returns (codes + stats + transforms)
 
 __all__ = [
     "TRANSFORM_DTYPE",
@@ -274,7 +279,7 @@ def incoherence_postprocess(W_tilde: Tensor, transforms: IncoherenceTransforms) 
     return W
 
 
-def dequantize_original(q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> Tensor:
+def dequantize_original(q: QuantizedWeight | E8PWeight, dtype: torch.dtype = torch.float32) -> Tensor:
     """The fake-quantized weight in the original basis: Ŵ for plain weights, Uᵀ Ŵ̃ V diag(s)⁻¹ with transforms."""
     if q.transforms is None:
         return q.dequantize(dtype)
@@ -286,11 +291,11 @@ def quantize_incoherent(
     W: Tensor,
     H: Tensor,
     cfg: IncoherenceConfig,
-    quantizer: Callable[[Tensor, Tensor], QuantizedWeight],
+    quantizer: Callable[[Tensor, Tensor], _Q],
     *,
     generator: torch.Generator,
-) -> QuantizedWeight:
-    """Quantize W [out, in] as ``quantizer(W̃, H̃)`` (e.g. LDLQ or GPTQ) in the incoherent basis.
+) -> _Q:
+    """Quantize W [out, in] as ``quantizer(W̃, H̃)`` (e.g. LDLQ, GPTQ or E8P block LDLQ) in the incoherent basis.
 
     Returns the inner codes/grids (of Ŵ̃) with ``transforms`` set. stats: the inner ones, with proxy_loss
     rescaled to the un-normalised H̃, proxy_loss_exact = tr((Ŵ − W) H (Ŵ − W)ᵀ) in the original basis, and

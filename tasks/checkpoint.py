@@ -39,6 +39,7 @@ _CODED_SUFFIXES = (
     "beta",
     "bcqmeta",
     "group_bits",
+    "e8pmeta",
 )
 TOKENIZER_FILES = (
     "tokenizer.json",

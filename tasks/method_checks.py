@@ -1,4 +1,6 @@
-"""Pre-flight checks of the ICQuant options against a model's layer shapes (before any artifact is written).
+"""Pre-flight checks of method options against a model's layer shapes (before any artifact is written).
+
+E8P codes groups of 8 input columns, so every quantized linear's in_features must be a multiple of 8.
 
 An outlier fraction that rounds to no outlier in some layer would silently turn ICQuant into plain RTN/GPTQ with
 a wasted position stream, and an index stream whose worst-case escape-stream length exceeds the int32 tile offset
@@ -28,8 +30,8 @@ def max_index_codes(rows: int, cols: int, n_outliers: int, index_bits: int | Non
 
 
 def check_method_shapes(model_path: Path, cfg: QuantizeConfig) -> None:
-    """Raise ConfigError if the ICQuant options cannot apply to some quantized linear of the model."""
-    if cfg.icquant_base() is None:
+    """Raise ConfigError if the ICQuant or E8P options cannot apply to some quantized linear of the model."""
+    if cfg.icquant_base() is None and cfg.method != "hadamard-e8p":
         return
     from tasks.driver import _WeightIndex
     from tasks.quantize import plan_layers
@@ -39,6 +41,13 @@ def check_method_shapes(model_path: Path, cfg: QuantizeConfig) -> None:
     index = _WeightIndex(Path(model_path))
     for job in plan_layers(model_path, cfg, [None] * int(config.get("num_hidden_layers", 0))):
         rows, cols = (int(s) for s in index.entries[f"{job.name}.weight"][3])
+        if cfg.method == "hadamard-e8p":
+            if cols % 8:
+                raise ConfigError(
+                    f"hadamard-e8p codes groups of 8 input columns, but {job.name} has {cols}; "
+                    "use hadamard-gptq for this model"
+                )
+            continue
         k = math.floor(o.gamma * cols + 0.5)
         if k == 0:
             raise ConfigError(

@@ -38,6 +38,8 @@ def compressed_tensors_reason(cfg: QuantizeConfig, qweights: dict[str, LayerResu
         return "ICQuant outlier grids and index-coded positions have no compressed-tensors representation"
     if cfg.method == "gptqt":
         return "GPTQT binary coding (bit-planes + α') has no compressed-tensors representation"
+    if cfg.method == "hadamard-e8p":
+        return "E8P lattice codes (16-bit codeword per 8 weights) have no compressed-tensors representation"
     if cfg.bitalloc is not None or len({q.bits for q in qweights.values()}) > 1:
         return "mixed per-layer bit-widths have no single compressed-tensors scheme"
     if not all(isinstance(q, QuantizedWeight) for q in qweights.values()):
@@ -97,6 +99,9 @@ def _write_native(
         config["quantization_config"]["outliers"] = cfg.outlier_config().model_dump(mode="json")
     if cfg.method == "gptqt":
         config["quantization_config"]["gptqt"] = cfg.gptqt.model_dump(mode="json")
+    if cfg.method == "hadamard-e8p":  # kernels.e8p_linear layout; group_size/sym do not apply
+        config["quantization_config"]["e8p"] = cfg.e8p.model_dump(mode="json")
+        config["quantization_config"]["group_size"] = None
     if cfg.bitalloc is not None or len({q.bits for q in qweights.values()}) > 1:  # per-layer bits in the JSON
         config["quantization_config"]["bits"] = None
         config["quantization_config"]["layer_bits"] = {

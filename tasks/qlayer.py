@@ -3,9 +3,10 @@
 * ``QuantizedWeight`` — codes + one affine grid per (row, group) (rtn, gptq, quip, hadamard-gptq);
 * ``ICQuantWeight`` — codes, inlier and outlier grids, index-coded outlier positions (icquant-*);
 * ``BCQLayer`` — GPTQT's merged pure binary coding (bit-planes + α', β'), with the layer's stats;
-* ``MixedWeight`` — group-wise mixed precision: one affine part per bit-width (``quant.mixed``).
+* ``MixedWeight`` — group-wise mixed precision: one affine part per bit-width (``quant.mixed``);
+* ``E8PWeight`` — QuIP#'s E8P lattice codes (8 weights per 16-bit index) + row scales + transforms (hadamard-e8p).
 
-ICQuant and binary-coded layers are recorded in their checkpoint layout (``kernels.icq_linear`` /
+ICQuant, binary-coded, mixed and E8P layers are recorded in their checkpoint layout (``kernels.icq_linear`` /
 ``kernels.bcq_linear``, lossless), so the artifact, the packed checkpoint and the fake-quantized weight are one
 set of numbers. Stored bits are measured from the packed tensors' bytes (``stored_bits``), never from a formula.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from quant.e8p import E8PWeight
 from quant.gptqt import BinaryCodedWeight
 from quant.icquant import ICQuantWeight
 from quant.mixed import MixedWeight
@@ -49,7 +51,7 @@ class BCQLayer:
         return int(self.weight.planes.shape[0])
 
 
-LayerResult = QuantizedWeight | ICQuantWeight | BCQLayer | MixedWeight
+LayerResult = QuantizedWeight | ICQuantWeight | BCQLayer | MixedWeight | E8PWeight
 
 
 def layer_kind(q: LayerResult) -> str:
@@ -59,6 +61,8 @@ def layer_kind(q: LayerResult) -> str:
         return "bcq"
     if isinstance(q, MixedWeight):
         return "mixed"
+    if isinstance(q, E8PWeight):
+        return "e8p"
     return "affine"
 
 
@@ -66,7 +70,7 @@ def layer_shape(q: LayerResult) -> tuple[int, int]:
     """(out_features, in_features)."""
     if isinstance(q, BCQLayer):
         return int(q.weight.alpha.shape[0]), q.weight.in_features
-    if isinstance(q, MixedWeight):
+    if isinstance(q, MixedWeight | E8PWeight):
         return q.out_features, q.in_features
     return int(q.codes.shape[0]), int(q.codes.shape[1])
 
@@ -102,6 +106,10 @@ def native_tensors(q: LayerResult) -> dict[str, Tensor]:
         from kernels.mixed_linear import pack_mixed
 
         return pack_mixed(q)
+    if isinstance(q, E8PWeight):
+        from kernels.e8p_linear import pack_e8p
+
+        return pack_e8p(q)
     from kernels.packing import pack_quantized_linear
 
     out = pack_quantized_linear(q.codes, q.scales, q.zeros, q.bits, q.group_size, q.g_idx)
@@ -121,7 +129,7 @@ BPW_COUNTED = {
     "offsets": "pos_offsets: the int32 [2, tiles + 1] table locating each tile of R rows x L columns in both "
     "streams (what lets tiles decode in parallel)",
     "grids": "scales, zeros, oscales, ozeros, alpha, beta",
-    "other": "every other packed tensor: qmeta / icqmeta / bcqmeta (incl. B, L, R), g_idx, transforms",
+    "other": "every other packed tensor: qmeta / icqmeta / bcqmeta / e8pmeta (incl. B, L, R), g_idx, transforms",
     "position_overhead": "positions + offsets: the full cost of locating the outliers (ICQuant target <= 0.32)",
     "total": "codes + positions + offsets + grids + other",
 }
@@ -146,7 +154,7 @@ def stored_bits(tensors: dict[str, Tensor], n_weights: int) -> dict[str, float]:
     return out
 
 
-def save_coded(q: ICQuantWeight | BCQLayer | MixedWeight) -> tuple[dict[str, Tensor], dict[str, str]]:
+def save_coded(q: ICQuantWeight | BCQLayer | MixedWeight | E8PWeight) -> tuple[dict[str, Tensor], dict[str, str]]:
     """qlayer payload tensors + safetensors metadata for the non-affine kinds (their lossless packed layout)."""
     return native_tensors(q), {"format": layer_kind(q), "bits": str(q.bits)}
 
@@ -167,4 +175,8 @@ def load_coded(tensors: dict[str, Tensor], meta: dict[str, str], stats: dict[str
         from kernels.mixed_linear import unpack_mixed
 
         return replace(unpack_mixed(tensors), stats=stats)
+    if meta.get("format") == "e8p":
+        from kernels.e8p_linear import unpack_e8p
+
+        return replace(unpack_e8p(tensors), stats=stats)
     raise ValueError(f"unknown qlayer format {meta.get('format')!r}")

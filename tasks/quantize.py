@@ -120,6 +120,26 @@ def _hadamard_gptq(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str) 
     )
 
 
+@register_method("hadamard-e8p")
+def _hadamard_e8p(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str) -> LayerResult:
+    from quant.e8p import E8PConfig, check_e8p_width, quantize_e8p_ldlq
+
+    if H is None:
+        raise ConfigError(f"hadamard-e8p needs a Hessian for {name}")
+    try:
+        check_e8p_width(W.shape[1], name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    ecfg = E8PConfig(scale=cfg.e8p.scale, damp=cfg.damp, block_size=max(8, cfg.block_size // 8 * 8))
+    return quantize_incoherent(
+        W,
+        H,
+        incoherence_config(cfg),
+        lambda Wt, Ht: quantize_e8p_ldlq(Wt, Ht, ecfg, name=name),
+        generator=_layer_generator(cfg, name),
+    )
+
+
 @register_method("quip")
 def _quip(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str) -> QuantizedWeight:
     if H is None:

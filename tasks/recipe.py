@@ -31,6 +31,7 @@ __all__ = [
     "RotationConfig",
     "BitAllocRecipeConfig",
     "CalibrationConfig",
+    "E8PRecipeConfig",
     "GPTQTRecipeConfig",
     "ICQUANT_METHODS",
     "OutlierConfig",
@@ -77,7 +78,8 @@ class HessianConfig(BaseModel):
         return self.model_dump(mode="json", exclude={"micro_batch"})
 
 
-TRANSFORM_METHODS = {"quip": "kron", "hadamard-gptq": "hadamard"}  # method → its default transform kind
+# method → its default transform kind
+TRANSFORM_METHODS = {"quip": "kron", "hadamard-gptq": "hadamard", "hadamard-e8p": "hadamard"}
 
 
 class TransformConfig(BaseModel):
@@ -162,6 +164,20 @@ class GPTQTRecipeConfig(BaseModel):
         return v
 
 
+class E8PRecipeConfig(BaseModel):
+    """QuIP#'s E8P codebook (``quant.e8p``): 8 weights per 16-bit codeword, one fp16 scale per output row."""
+
+    model_config = _FROZEN
+
+    scale: float = Field(
+        default=1.03,
+        gt=0,
+        le=4.0,
+        description="Row scale = RMS(row) / scale: the codebook's input standard deviation (1.03 minimises the "
+        "squared error on Gaussian weights).",
+    )
+
+
 class BitAllocRecipeConfig(BaseModel):
     """Mixed precision: bits per layer under an average-bits budget, sensitivities from the cached Hessians."""
 
@@ -199,11 +215,14 @@ class BitAllocRecipeConfig(BaseModel):
 class QuantizeConfig(BaseModel):
     model_config = _FROZEN
 
-    method: Literal["rtn", "gptq", "quip", "hadamard-gptq", "icquant-rtn", "icquant-gptq", "gptqt"] = Field(
-        default="gptq",
-        description="Per-layer quantization method (quip: incoherence + LDLQ; hadamard-gptq: randomized Hadamard "
-        "+ GPTQ; icquant-rtn/icquant-gptq: index-coded outliers on two grids; gptqt: linear n-bit GPTQ then "
-        "k-bit binary coding, k = bits).",
+    method: Literal["rtn", "gptq", "quip", "hadamard-gptq", "hadamard-e8p", "icquant-rtn", "icquant-gptq", "gptqt"] = (
+        Field(
+            default="gptq",
+            description="Per-layer quantization method (quip: incoherence + LDLQ; hadamard-gptq: randomized Hadamard "
+            "+ GPTQ; hadamard-e8p: randomized Hadamard + block LDLQ on QuIP#'s E8P lattice codebook, 2 bits; "
+            "icquant-rtn/icquant-gptq: index-coded outliers on two grids; gptqt: linear n-bit GPTQ then "
+            "k-bit binary coding, k = bits).",
+        )
     )
     bits: int = Field(default=4, ge=1, le=8, description="Bits per weight code.")
     group_size: int = Field(default=128, ge=-1, description="Columns per grid; -1/0 = one grid per output channel.")
@@ -213,7 +232,7 @@ class QuantizeConfig(BaseModel):
         default="minmax", description="Grid range: minmax (max|w|), or rms: ±2.4·RMS(w) (needs sym; for rotations)."
     )
     transform: TransformConfig = Field(
-        default_factory=TransformConfig, description="Incoherence transforms (quip, hadamard-gptq only)."
+        default_factory=TransformConfig, description="Incoherence transforms (quip, hadamard-gptq, hadamard-e8p only)."
     )
     damp: float = Field(default=0.01, gt=0, le=1.0, description="GPTQ damping λ (fraction of mean diag H).")
     block_size: int = Field(default=128, ge=1, description="GPTQ lazy-batch block size.")
@@ -238,6 +257,9 @@ class QuantizeConfig(BaseModel):
     )
     gptqt: GPTQTRecipeConfig = Field(
         default_factory=lambda: GPTQTRecipeConfig(), description="GPTQT settings (method gptqt only)."
+    )
+    e8p: E8PRecipeConfig = Field(
+        default_factory=lambda: E8PRecipeConfig(), description="E8P lattice settings (method hadamard-e8p only)."
     )
     bitalloc: BitAllocRecipeConfig | None = Field(
         default=None,
@@ -275,6 +297,10 @@ class QuantizeConfig(BaseModel):
             raise ValueError(f"outliers (ICQuant) combine with rtn/gptq/icquant-*, not with method {self.method}")
         if self.icquant_base() is not None and self.scale_mode != "minmax":
             raise ValueError("ICQuant fits its two grids by min/max (scale_mode: minmax)")
+        if self.method == "hadamard-e8p" and self.bits != 2:
+            raise ValueError(
+                f"hadamard-e8p codes 8 weights in 16 bits (2 bits per weight): set bits: 2, not {self.bits}"
+            )
         if self.method == "gptqt":
             n = self.gptqt.linear_bits
             if not (1 <= self.bits <= 3 and self.bits < n):
@@ -327,11 +353,13 @@ class QuantizeConfig(BaseModel):
             exclude |= {"damp", "block_size", "act_order", "static_groups"}
         if self.method == "quip":  # LDLQ: columns in order, no lazy batches
             exclude |= {"block_size", "act_order"}
+        if self.method == "hadamard-e8p":  # one lattice, one scale per row, columns in order
+            exclude |= {"group_size", "sym", "mse_clip", "scale_mode", "act_order", "static_groups"}
         if self.method not in TRANSFORM_METHODS:
             exclude.add("transform")
         if self.scale_mode == "minmax":  # default: keeps the keys of recipes written before scale_mode existed
             exclude.add("scale_mode")
-        exclude |= {"outliers", "gptqt", "bitalloc"}  # added below only where they change the weights
+        exclude |= {"outliers", "gptqt", "bitalloc", "e8p"}  # added below only where they change the weights
         out = self.model_dump(mode="json", exclude=exclude)
         base = self.icquant_base()
         if base is not None:  # method gptq + outliers ≡ icquant-gptq: one key
@@ -343,6 +371,8 @@ class QuantizeConfig(BaseModel):
                 for k in ("damp", "block_size", "act_order", "static_groups"):
                     out.pop(k, None)
             out.pop("static_groups", None)  # ICQuant grids are always static
+        if self.method == "hadamard-e8p":
+            out["e8p"] = self.e8p.model_dump(mode="json")
         if self.method == "gptqt":
             out["gptqt"] = self.gptqt.model_dump(mode="json")
             out.pop("static_groups", None)

@@ -1,4 +1,4 @@
-"""ICQuant, GPTQT and mixed precision through the unchanged quantize-model flow on a tiny random Llama.
+"""ICQuant, GPTQT, E8P and mixed precision through the unchanged quantize-model flow on a tiny random Llama.
 
 One store for the module: the plain run computes calibration and Hessians once, every method reuses them, so
 each method's test runs only quantize → pack → evaluate → register (about a second each).
@@ -26,6 +26,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "icquant-rtn": {"method": "icquant-rtn", "bits": 2, "outliers": {"gamma": 0.1}},
     "icquant-gptq": {"method": "gptq", "bits": 3, "outliers": {"gamma": 0.1, "segment": 24}},  # ≡ icquant-gptq
     "gptqt": {"method": "gptqt", "bits": 2, "gptqt": {"multipliers": [0.9, 1.0, 1.1]}},
+    "hadamard-e8p": {"method": "hadamard-e8p", "bits": 2},
     "mixed-gptq": {"method": "gptq", "bitalloc": {"avg_bits": 2.5, "candidate_bits": [2, 3, 4]}},
     "mixed-gptq-group": {"method": "gptq", "bitalloc": {"avg_bits": 2.5, "granularity": "group"}},
     # absolute sensitivities (the random tiny model's layers differ in scale, not in relative sensitivity)
@@ -35,8 +36,20 @@ METHODS: dict[str, dict[str, Any]] = {
         "outliers": {"gamma": 0.1},
     },
 }
-MODULE = {"icquant": "ICQuantLinear", "bcq": "BCQLinear", "affine": "QuantLinear", "mixed": "MixedQuantLinear"}
-SKIP_REASON = {"icquant": "ICQuant", "bcq": "binary coding", "affine": "mixed per-layer bit-widths", "mixed": "mixed"}
+MODULE = {
+    "icquant": "ICQuantLinear",
+    "bcq": "BCQLinear",
+    "affine": "QuantLinear",
+    "mixed": "MixedQuantLinear",
+    "e8p": "E8PLinear",
+}
+SKIP_REASON = {
+    "icquant": "ICQuant",
+    "bcq": "binary coding",
+    "affine": "mixed per-layer bit-widths",
+    "mixed": "mixed",
+    "e8p": "E8P lattice codes",
+}
 OUTCOMES: dict[str, Any] = {}
 
 
@@ -72,7 +85,8 @@ def _check_packed_equals_fake_quant(out: dict, home: Settings, model_dir: Path) 
         kinds.add(layer_kind(q))
         module = packed.get_submodule(name)
         assert type(module).__name__ == MODULE[layer_kind(q)], name
-        assert torch.equal(module.dequantized_weight(), fake_weight(q)), name  # bit-exact
+        original = getattr(module, "dequantized_weight_original", module.dequantized_weight)  # E8P: Uᵀ Ŵ̃ V
+        assert torch.equal(original(), fake_weight(q)), name  # bit-exact
         assert entry["bits"] == q.bits
         fake.get_submodule(name).weight.data.copy_(fake_weight(q))
     ids = torch.randint(0, fake.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -202,6 +216,8 @@ BAD = [
     ),
     ({"bitalloc": {"avg_bits": 3, "granularity": "group"}, "group_size": -1}, "needs group_size > 0"),
     ({"method": "gptqt", "bits": 4}, "gptqt needs bits"),
+    ({"method": "hadamard-e8p", "bits": 3}, "hadamard-e8p codes 8 weights in 16 bits (2 bits per weight): set bits: 2"),
+    ({"method": "hadamard-e8p", "bits": 2, "e8p": {"scale": 0}}, "quantize.e8p.scale"),
     ({"method": "quip", "outliers": {}}, "outliers (ICQuant) combine with"),
     ({"outliers": {"gamma": 0.05, "gama": 1}}, "quantize.outliers.gama: Extra inputs are not permitted"),
     ({"gptqt": {"linear_bits": 4, "share": "row"}}, "quantize.gptqt.share"),

@@ -109,3 +109,15 @@ def test_recipe_fields_and_keys() -> None:
     assert had.key_config() != tiny_recipe(method="hadamard-gptq").quantize.key_config()  # the seed is keyed
     with pytest.raises(ValueError, match="needs a symmetric grid"):
         tiny_recipe(scale_mode="rms")
+
+
+def test_e8p_needs_input_widths_divisible_by_8(tmp_path: Path) -> None:
+    """down_proj of a 54-wide MLP has 54 input columns: E8P (groups of 8) is refused before any work."""
+    from tasks.method_checks import check_method_shapes
+    from tests.helpers.models import build_tiny_llama
+
+    model_dir = build_tiny_llama(tmp_path / "odd", num_layers=1, intermediate=54)
+    e8p = tiny_recipe(method="hadamard-e8p", bits=2).quantize
+    with pytest.raises(ConfigError, match=r"groups of 8 input columns, but model.layers.0.mlp.down_proj has 54"):
+        check_method_shapes(model_dir, e8p)
+    check_method_shapes(build_tiny_llama(tmp_path / "even", num_layers=1), e8p)

@@ -1,0 +1,133 @@
+"""E8P packed layout and its torch reference module ``E8PLinear`` (QuIP#'s lattice codebook, ``quant.e8p``).
+
+Checkpoint tensors of one E8P linear [N = out, K = in] (``pack_e8p``)::
+
+    qweight  int16 [N, K/8]   one 16-bit codeword index per 8 consecutive input columns (``quant.e8p`` layout:
+                              8-bit absolute-vector row, shift bit, 7 sign bits)
+    scales   fp16  [N]        one scale per output row
+    e8pmeta  int32 [2]        (format version, K)
+    su, sv, … fp32            the incoherence transforms (``quant.incoherence.is_transform_key``) when the codes
+                              hold Ŵ̃ = U W Vᵀ; the module then computes y = Uᵀ Ŵ̃ V x
+
+ŵ̃[n, 8c:8c+8] = scales[n] · codeword(qweight[n, c]); 2 bits per weight for the codes, 16/K for the scales.
+The quantizer rounds the scales to fp16 before coding, so unpacking gives back the exact ``E8PWeight`` and the
+module's weight equals the fake-quantized weight bit for bit. No Triton kernel yet: every device runs the
+reference (decode through the 256-row absolute table, then matmul); the fused decode-GEMM is future work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels.coded_module import CodedLinear
+from kernels.packing import SCALE_DTYPE
+from quant.e8p import E8P_DIM, E8PWeight
+from quant.incoherence import IncoherenceTransforms, incoherence_postprocess, is_transform_key
+
+__all__ = ["E8P_FORMAT_VERSION", "E8P_KEYS", "E8PLinear", "pack_e8p", "unpack_e8p"]
+
+E8P_FORMAT_VERSION = 1
+E8P_KEYS = ("qweight", "scales", "e8pmeta")
+
+
+def pack_e8p(w: E8PWeight) -> dict[str, Tensor]:
+    """Checkpoint tensors (see the module docstring); raises if the scales are not fp16-exact."""
+    s16 = w.scales.to(SCALE_DTYPE)
+    if not torch.equal(s16.to(torch.float32), w.scales):
+        raise ValueError("E8P scales are not fp16-exact; quantize with quant.e8p (it rounds them before coding)")
+    out = {
+        "qweight": w.codes.contiguous(),
+        "scales": s16.contiguous(),
+        "e8pmeta": torch.tensor([E8P_FORMAT_VERSION, w.in_features], dtype=torch.int32),
+    }
+    out.update({k: v.contiguous() for k, v in (w.transforms or {}).items()})
+    return out
+
+
+def unpack_e8p(t: dict[str, Tensor]) -> E8PWeight:
+    """Inverse of ``pack_e8p`` (transform tensors, if any, come back in ``transforms``)."""
+    meta = [int(v) for v in t["e8pmeta"].tolist()]
+    if len(meta) != 2 or meta[0] != E8P_FORMAT_VERSION:
+        raise ValueError(f"unsupported E8P format {meta} (this code reads version {E8P_FORMAT_VERSION})")
+    codes = t["qweight"]
+    if codes.dtype != torch.int16 or codes.dim() != 2 or codes.shape[1] * E8P_DIM != meta[1]:
+        raise ValueError(f"E8P qweight must be int16 [N, {meta[1] // E8P_DIM}], got {codes.dtype} {tuple(codes.shape)}")
+    transforms = {k: v for k, v in t.items() if is_transform_key(k)} or None
+    return E8PWeight(codes, t["scales"].to(torch.float32), transforms=transforms)
+
+
+class E8PLinear(CodedLinear):
+    """y = Uᵀ F.linear(V x, Ŵ̃) + bias with Ŵ̃ decoded from the E8P codes (plain F.linear without transforms)."""
+
+    KEYS = E8P_KEYS
+    FP16_KEYS = ("scales",)
+    LAYOUT = "E8P"
+
+    qweight: Tensor
+    scales: Tensor
+    e8pmeta: Tensor
+
+    def __init__(self, tensors: dict[str, Tensor], bias: Tensor | None = None) -> None:
+        super().__init__(tensors, bias)
+        for k, v in sorted(tensors.items()):
+            if is_transform_key(k):
+                self.register_buffer(k, v.detach().clone().to(torch.float32) if v.is_floating_point() else v.clone())
+        self._transform_names = tuple(k for k in sorted(tensors) if is_transform_key(k))
+        self.transforms()  # validate the layout now, not at the first forward
+
+    @staticmethod
+    def _unpack(tensors: dict[str, Tensor]) -> E8PWeight:
+        return unpack_e8p(tensors)
+
+    @staticmethod
+    def _shape(w: E8PWeight) -> tuple[int, int, int]:
+        return w.out_features, w.in_features, w.bits
+
+    def transforms(self) -> IncoherenceTransforms | None:
+        if not self._transform_names:
+            return None
+        return IncoherenceTransforms.from_dict({k: self._buffers[k] for k in self._transform_names})  # type: ignore[misc]
+
+    def dequantized_weight_original(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Uᵀ Ŵ̃ V diag(s)⁻¹ [N, K]: the weight this layer applies, in the original basis."""
+        t = self.transforms()
+        if t is None:
+            return self.dequantized_weight(dtype)
+        return incoherence_postprocess(self.dequantized_weight(torch.float64), t).to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected last dim {self.in_features}, got input shape {tuple(x.shape)}")
+        t = self.transforms()
+        if t is None:
+            y = F.linear(x, self.dequantized_weight(x.dtype))
+        else:
+            xv = t.input(x.to(torch.float32)).to(x.dtype)
+            y = t.output(F.linear(xv, self.dequantized_weight(x.dtype)).to(torch.float32)).to(x.dtype)
+        b = self._buffers.get("bias")
+        return y if b is None else y + b.to(y.dtype)
+
+    def unpacked(self) -> E8PWeight:
+        w = unpack_e8p({k: self._buffers[k] for k in E8P_KEYS})  # type: ignore[misc]
+        return replace(w, transforms=None)
+
+    def _apply(self, fn: Callable, recurse: bool = True):  # type: ignore[override]
+        # the fp32 transforms stay exact under model.to(dtype): an int32 view only moves device
+        bufs = self._buffers
+        names = [k for k in self._transform_names if (t := bufs[k]) is not None and t.is_floating_point()]
+        for name in names:
+            self._buffers[name] = self._buffers[name].view(torch.int32)  # type: ignore[union-attr]
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            for name in names:
+                self._buffers[name] = self._buffers[name].view(torch.float32)  # type: ignore[union-attr]
+
+    def extra_repr(self) -> str:
+        rot = ", incoherent" if self._transform_names else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits=2, e8p{rot}"
