@@ -133,25 +133,62 @@ def _codebook_on(device: torch.device) -> Tensor:
     return e8p_codebook().to(device)
 
 
+_TOPK = 8  # wrong-parity candidates whose sign-flip penalty is computed exactly (others fall back, rarely)
+
+
+def _candidates(y: Tensor, idx: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Penalised distances ‖y − s⊙a‖² (best valid signs) of y [N, 8] to the rows ``idx`` [N, k] of ``A`` (all
+    256 rows when None), with the sign pattern that reaches them: (dist [N, k], neg bool [N, k, 8])."""
+    A = e8p_abs_grid().to(y.device)
+    rows = A[None].expand(y.shape[0], -1, -1) if idx is None else A[idx]  # [N, k, 8]
+    ay, neg = y.abs(), y < 0
+    prod = ay[:, None, :] * rows  # a_i |y_i|
+    pen, arg = prod.min(-1)
+    par = _abs_parity().to(y.device)
+    wrong = (neg.sum(-1, keepdim=True) % 2) != (par[None] if idx is None else par[idx])
+    dist = y.pow(2).sum(-1, keepdim=True) + rows.pow(2).sum(-1) - 2 * (prod.sum(-1) - 2 * pen * wrong)
+    flip = wrong[..., None] & (torch.arange(E8P_DIM, device=y.device) == arg[..., None])
+    return dist, neg[:, None, :] ^ flip, torch.arange(rows.shape[1], device=y.device) if idx is None else idx
+
+
+def _nearest_one_shift(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Nearest s⊙a to each row of y: (distance [N], abs row [N], negative-sign mask [N, 8]).
+
+    For every a the best signs are sign(y) and, if their parity is wrong, the cheapest flip costs 4·min a_i|y_i|.
+    Unpenalised distances come from one matmul; only the _TOPK closest wrong-parity rows get their penalty
+    computed, which is exact unless a wrong-parity row beyond them could still win (then that vector is redone
+    over all 256 rows)."""
+    A = e8p_abs_grid().to(y.device)
+    par = _abs_parity().to(y.device)
+    ay = y.abs()
+    d0 = y.pow(2).sum(-1, keepdim=True) + A.pow(2).sum(-1)[None] - 2 * (ay @ A.t())  # [N, 256]
+    wrong = ((y < 0).sum(-1, keepdim=True) % 2) != par[None]
+    inf = torch.tensor(float("inf"), device=y.device)
+    d_valid, j_valid = torch.where(wrong, inf, d0).min(-1)
+    d_wrong0, j_wrong = torch.where(wrong, d0, inf).topk(_TOPK, dim=-1, largest=False)
+    d_pen, neg_pen, rows = _candidates(y, j_wrong)
+    k = d_pen.argmin(-1, keepdim=True)
+    d_w = d_pen.gather(1, k).squeeze(1)
+    use_w = d_w < d_valid
+    dist = torch.where(use_w, d_w, d_valid)
+    row = torch.where(use_w, rows.gather(1, k).squeeze(1), j_valid)
+    neg = torch.where(use_w[:, None], neg_pen[torch.arange(y.shape[0], device=y.device), k.squeeze(1)], y < 0)
+    redo = (d_wrong0[:, -1] < dist).nonzero().squeeze(1)  # an unchecked wrong-parity row might be closer
+    if redo.numel():
+        d_all, neg_all, _ = _candidates(y[redo], None)
+        d_r, j_r = d_all.min(-1)
+        dist[redo], row[redo] = d_r, j_r
+        neg[redo] = neg_all[torch.arange(redo.numel(), device=y.device), j_r]
+    return dist, row, neg
+
+
 def _nearest_chunk(x: Tensor) -> Tensor:
-    A = e8p_abs_grid().to(x.device)
-    A2 = A.pow(2).sum(-1)
-    parity = _abs_parity().to(x.device)
     best_d = torch.full(x.shape[:1], float("inf"), device=x.device)
     best = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    bit = 1 << torch.arange(7, device=x.device)
     for shift_bit, t in ((0, _SHIFT), (1, -_SHIFT)):
-        y = x - t
-        ay = y.abs()
-        neg = y < 0
-        prod = ay[:, None, :] * A[None]  # [N, 256, 8]: a_i |y_i|
-        score = prod.sum(-1)
-        pen, arg = prod.min(-1)
-        wrong = (neg.sum(-1, keepdim=True) % 2) != parity[None]  # [N, 256]
-        dist = y.pow(2).sum(-1, keepdim=True) + A2[None] - 2 * (score - 2 * pen * wrong)
-        d, j = dist.min(-1)
-        flip = wrong.gather(1, j[:, None]).squeeze(1)
-        signs = neg ^ (flip[:, None] & (torch.arange(E8P_DIM, device=x.device) == arg.gather(1, j[:, None])))
-        code = (j << 8) | (shift_bit << 7) | (signs[:, :7].long() << torch.arange(7, device=x.device)).sum(-1)
+        d, row, neg = _nearest_one_shift(x - t)
+        code = (row << 8) | (shift_bit << 7) | (neg[:, :7].long() * bit).sum(-1)
         better = d < best_d
         best_d = torch.where(better, d, best_d)
         best = torch.where(better, code, best)
@@ -248,7 +285,7 @@ def quantize_e8p_ldlq(
             j2 = j + E8P_DIM
             x = W1[:, j:j2]
             c = e8p_nearest(x * inv_s)
-            q = e8p_decode(c).to(sweep_dtype) * s_col
+            q = _codebook_on(c.device)[c].to(sweep_dtype) * s_col
             codes[:, (i1 + j) // E8P_DIM] = c
             Ubb = U[i1 + j : i1 + j2, i1 + j : i1 + j2]
             E = torch.linalg.solve_triangular(Ubb, x - q, upper=True, left=False)  # E U_bb = X − Q
