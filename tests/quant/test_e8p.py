@@ -96,7 +96,7 @@ def test_block_ldlq_is_the_sequential_obs_update(block_size: int) -> None:
     for seed in range(2):
         W, H = random_weight(24, 64, seed), random_spd(64, seed)
         q = quantize_e8p_ldlq(W, H, E8PConfig(block_size=block_size), sweep_dtype=F64)
-        Q_ref, loss_ref = _obs_reference(W, H, 0.01, 1.03)
+        Q_ref, loss_ref = _obs_reference(W, H, 0.01, E8PConfig().scale)
         torch.testing.assert_close(q.dequantize(F64), Q_ref, rtol=0, atol=1e-6)
         assert q.stats["proxy_loss"] == pytest.approx(loss_ref, rel=1e-6)
 
@@ -104,11 +104,11 @@ def test_block_ldlq_is_the_sequential_obs_update(block_size: int) -> None:
 def test_error_feedback_lowers_the_proxy_loss() -> None:
     W, H = random_weight(64, 128, 3), random_spd(128, 3)
     q = quantize_e8p_ldlq(W, H, E8PConfig())
-    s = row_scales(W, 1.03)[:, None]
+    s = row_scales(W, E8PConfig().scale)[:, None]
     rounded = (e8p_codebook()[e8p_nearest((W / s).reshape(64, 16, 8))].reshape(64, 128) * s).to(F64)
     D = rounded - W.to(F64)
     plain = float(((D @ H) * D).sum())
-    assert q.stats["proxy_loss_exact"] < 0.8 * plain  # measured 0.59×
+    assert q.stats["proxy_loss_exact"] < 0.8 * plain  # measured 0.57×
 
 
 def test_scales_are_fp16_exact_and_codes_int16() -> None:
