@@ -85,3 +85,13 @@ def test_bad_packed_tensors_are_refused() -> None:
     bad = E8PWeight(q.codes, q.scales + 1e-4)
     with pytest.raises(ValueError, match="not fp16-exact"):
         pack_e8p(bad)
+
+
+def test_stored_bits_are_two_per_weight_plus_row_scales() -> None:
+    from tasks.qlayer import stored_bits
+
+    q = _rotated(m=24, n=48)
+    bpw = stored_bits(pack_e8p(q), 24 * 48)
+    assert bpw["bpw_codes"] == 2.0
+    assert bpw["bpw_grids"] == pytest.approx(16 / 48)  # one fp16 scale per row
+    assert bpw["bpw_other"] > 0  # e8pmeta + the transforms' sign vectors
