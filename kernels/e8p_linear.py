@@ -26,6 +26,7 @@ from torch import Tensor
 
 from kernels.coded_module import CodedLinear
 from kernels.packing import SCALE_DTYPE
+from kernels.quant_linear import apply_keeping_transforms
 from quant.e8p import E8P_DIM, E8PWeight
 from quant.incoherence import IncoherenceTransforms, incoherence_postprocess, is_transform_key
 
@@ -117,16 +118,7 @@ class E8PLinear(CodedLinear):
         return replace(w, transforms=None)
 
     def _apply(self, fn: Callable, recurse: bool = True):  # type: ignore[override]
-        # the fp32 transforms stay exact under model.to(dtype): an int32 view only moves device
-        bufs = self._buffers
-        names = [k for k in self._transform_names if (t := bufs[k]) is not None and t.is_floating_point()]
-        for name in names:
-            self._buffers[name] = self._buffers[name].view(torch.int32)  # type: ignore[union-attr]
-        try:
-            return super()._apply(fn, recurse)
-        finally:
-            for name in names:
-                self._buffers[name] = self._buffers[name].view(torch.float32)  # type: ignore[union-attr]
+        return apply_keeping_transforms(self, lambda: super(E8PLinear, self)._apply(fn, recurse))
 
     def extra_repr(self) -> str:
         rot = ", incoherent" if self._transform_names else ""

@@ -41,7 +41,14 @@ from kernels.wgemm.configs import TunedConfigs
 from kernels.wgemm.ref import dequantize_packed, wgemm_ref
 from quant.incoherence import IncoherenceTransforms, is_transform_key
 
-__all__ = ["KERNEL_MAX_M", "QuantLinear", "RotatedQuantLinear", "replace_linears", "set_tuned_configs"]
+__all__ = [
+    "KERNEL_MAX_M",
+    "QuantLinear",
+    "RotatedQuantLinear",
+    "apply_keeping_transforms",
+    "replace_linears",
+    "set_tuned_configs",
+]
 
 KERNEL_MAX_M = 256  # above this many rows dequantize + dense matmul wins
 _WARNED: set[str] = set()  # one-time fallback warnings, keyed by reason
@@ -246,15 +253,21 @@ class RotatedQuantLinear(QuantLinear):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _apply(self, fn: Callable, recurse: bool = True):  # type: ignore[override]
-        # like the fp16 scales: an int32 view only moves device, so the fp32 transforms stay exact
-        names = [k for k, v in self._buffers.items() if is_transform_key(k) and v is not None and v.is_floating_point()]
+        return apply_keeping_transforms(self, lambda: super(RotatedQuantLinear, self)._apply(fn, recurse))
+
+
+def apply_keeping_transforms(module: nn.Module, apply: Callable[[], Any]) -> Any:
+    """Run ``apply()`` (the module's ``nn.Module._apply``) with its fp32 transform buffers viewed as int32: like
+    the fp16 scales, an integer view only moves device under ``model.to(dtype)``, so the transforms stay exact."""
+    bufs = module._buffers
+    names = [k for k, v in bufs.items() if is_transform_key(k) and v is not None and v.is_floating_point()]
+    for name in names:
+        bufs[name] = bufs[name].view(torch.int32)  # type: ignore[union-attr]
+    try:
+        return apply()
+    finally:
         for name in names:
-            self._buffers[name] = self._buffers[name].view(torch.int32)  # type: ignore[union-attr]
-        try:
-            return super()._apply(fn, recurse)
-        finally:
-            for name in names:
-                self._buffers[name] = self._buffers[name].view(torch.float32)  # type: ignore[union-attr]
+            bufs[name] = bufs[name].view(torch.float32)  # type: ignore[union-attr]
 
 
 def _module_class(tensors: dict[str, Tensor]) -> Any:
