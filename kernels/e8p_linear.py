@@ -11,8 +11,12 @@ Checkpoint tensors of one E8P linear [N = out, K = in] (``pack_e8p``)::
 
 ŵ̃[n, 8c:8c+8] = scales[n] · codeword(qweight[n, c]); 2 bits per weight for the codes, 16/K for the scales.
 The quantizer rounds the scales to fp16 before coding, so unpacking gives back the exact ``E8PWeight`` and the
-module's weight equals the fake-quantized weight bit for bit. No Triton kernel yet: every device runs the
-reference (decode through the 256-row absolute table, then matmul); the fused decode-GEMM is future work.
+module's weight equals the fake-quantized weight bit for bit.
+
+``E8PLinear.forward`` on CUDA (M <= ``KERNEL_MAX_M`` rows): the FWHT kernels for the transforms around the Triton
+decode-GEMM ``kernels.e8p.launch.e8p_gemm`` (codeword table lookups inside the K loop, no dequantized weight in
+memory). Elsewhere: the reference (one gather from the codeword table, then a dense matmul); dispatch and the
+one-time fallback warning as ``kernels.coded_module``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.coded_module import CodedLinear
+from kernels.coded_module import CodedLinear, _warn_once
 from kernels.packing import SCALE_DTYPE
 from kernels.quant_linear import apply_keeping_transforms
 from quant.e8p import E8P_DIM, E8PWeight
@@ -106,12 +110,36 @@ class E8PLinear(CodedLinear):
             raise ValueError(f"expected last dim {self.in_features}, got input shape {tuple(x.shape)}")
         t = self.transforms()
         if t is None:
-            y = F.linear(x, self.dequantized_weight(x.dtype))
+            y = self._gemm(x)
+        elif x.is_cuda and self.use_kernel:  # FWHT kernel (signs fused) around the decode-GEMM
+            from kernels.hadamard.launch import incoherence_input, incoherence_output
+
+            xv = incoherence_input(t, x.to(torch.float32)).to(x.dtype)
+            y = incoherence_output(t, self._gemm(xv).to(torch.float32)).to(x.dtype)
         else:
             xv = t.input(x.to(torch.float32)).to(x.dtype)
-            y = t.output(F.linear(xv, self.dequantized_weight(x.dtype)).to(torch.float32)).to(x.dtype)
+            y = t.output(self._gemm(xv).to(torch.float32)).to(x.dtype)
         b = self._buffers.get("bias")
         return y if b is None else y + b.to(y.dtype)
+
+    def _gemm(self, x: Tensor) -> Tensor:
+        """x @ Ŵ̃ᵀ in the codes' basis: the Triton kernel when eligible, else decode + dense matmul."""
+        if self._kernel_eligible(x):
+            reason = self._kernel_reason(x)
+            if reason is None:
+                return self._kernel_forward(x, None)
+            _warn_once(type(self).__name__, reason)
+        return F.linear(x, self.dequantized_weight(x.dtype))
+
+    def _kernel_reason(self, x: Tensor) -> str | None:
+        from kernels.e8p.launch import kernel_unsupported_reason
+
+        return kernel_unsupported_reason(x, self.qweight, self.scales)
+
+    def _kernel_forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        from kernels.e8p.launch import e8p_gemm
+
+        return e8p_gemm(x, self.qweight, self.scales, bias)
 
     def unpacked(self) -> E8PWeight:
         w = unpack_e8p({k: self._buffers[k] for k in E8P_KEYS})  # type: ignore[misc]

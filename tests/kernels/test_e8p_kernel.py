@@ -1,0 +1,151 @@
+"""E8P decode-GEMM Triton kernel vs its reference (``kernels.e8p.ref``), interpreter on CPU / GPU if any; the
+reference vs ``E8PLinear``'s weight (bit-exact); ``E8PLinear``'s kernel dispatch and fallback."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels._triton_util import triton_available
+from kernels.e8p.ref import e8p_gemm_ref
+from kernels.e8p_linear import E8PLinear, pack_e8p
+from quant.e8p import E8PWeight
+from tests.kernels.synth import (
+    DEVICE,
+    DTYPES,
+    GEMM_TOL,
+    SPLIT_CONFIGS,
+    assert_matches_ref,
+    gemm_inputs,
+    rel_err,
+    run_without_triton,
+    skip_unless_runnable,
+)
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+
+@pytest.fixture(autouse=True)
+def _kernel_runnable():
+    skip_unless_runnable("kernels.e8p.triton", "e8p_gemm_kernel")
+
+
+def _coded(N: int, K: int, seed: int = 0) -> E8PWeight:
+    """Random 16-bit codeword indices (every bit pattern is a valid codeword) and fp16-exact row scales."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-(2**15), 2**15, (N, K // 8), generator=gen, dtype=torch.int32).to(torch.int16)
+    scales = (torch.rand(N, generator=gen) * 0.05 + 0.01).half().float()
+    return E8PWeight(codes, scales)
+
+
+def _check(M: int, N: int, K: int, dt: str, *, bias: bool = False, config=None) -> None:
+    from kernels.e8p.launch import e8p_gemm
+
+    t = {k: v.to(DEVICE) for k, v in pack_e8p(_coded(N, K, seed=M + N + K)).items()}
+    x, b = gemm_inputs(M, K, N, dt, bias)
+    y = e8p_gemm(x, t["qweight"], t["scales"], b, config=config)
+    assert_matches_ref(y, e8p_gemm_ref(x, t["qweight"], t["scales"], b), x, dt)
+
+
+# dtype x M (GEMV, small, tensor-core tile) x (K, N): ragged N, K not a multiple of BLOCK_K (K = 200), tiny K = 8
+SHAPES = [(96, 40), (128, 33), (200, 24), (8, 16)]
+MAIN = list(itertools.product(DTYPES, [1, 5, 32], SHAPES))
+
+
+@pytest.mark.parametrize(("dt", "M", "shape"), MAIN, ids=[f"{d}-M{m}-K{s[0]}N{s[1]}" for d, m, s in MAIN])
+def test_e8p_gemm_matches_ref(dt, M, shape) -> None:
+    K, N = shape
+    _check(M, N, K, dt, bias=M != 5)
+
+
+@pytest.mark.parametrize("cfg", SPLIT_CONFIGS.values(), ids=list(SPLIT_CONFIGS))
+def test_e8p_gemm_explicit_configs(cfg) -> None:
+    _check(3, 48, 192, "fp16", bias=True, config=cfg)
+    _check(17, 40, 96, "fp32", config=cfg)
+
+
+def test_e8p_gemm_3d_strided_and_empty_input() -> None:
+    from kernels.e8p.launch import e8p_gemm
+
+    t = {k: v.to(DEVICE) for k, v in pack_e8p(_coded(24, 64)).items()}
+    x = torch.randn(2, 64, 3).to(DEVICE).transpose(1, 2)  # [2, 3, 64], last dim strided
+    ref = e8p_gemm_ref(x, t["qweight"], t["scales"])
+    torch.testing.assert_close(e8p_gemm(x, t["qweight"], t["scales"]), ref, rtol=1e-5, atol=1e-5)
+    assert e8p_gemm(torch.randn(0, 64, device=DEVICE), t["qweight"], t["scales"]).shape == (0, 24)
+
+
+def test_e8p_ref_is_the_module_weight_bit_exact() -> None:
+    w = _coded(24, 72, seed=3)
+    x = torch.randn(3, 72)
+    assert torch.equal(e8p_gemm_ref(x, w.codes, w.scales.half()), F.linear(x, w.dequantize()))
+
+
+def test_e8p_gemm_rejects_bad_shapes() -> None:
+    from kernels.e8p.launch import e8p_gemm
+
+    t = {k: v.to(DEVICE) for k, v in pack_e8p(_coded(32, 64)).items()}
+    x = torch.randn(1, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="in_features"):
+        e8p_gemm(x[:, :32], t["qweight"], t["scales"])
+    with pytest.raises(ValueError, match="qweight must be int16"):
+        e8p_gemm(x, t["qweight"].to(torch.int32), t["scales"])
+    with pytest.raises(ValueError, match="scales must be"):
+        e8p_gemm(x, t["qweight"], t["scales"][:5])
+    with pytest.raises(ValueError, match="bias"):
+        e8p_gemm(x, t["qweight"], t["scales"], torch.zeros(3, device=DEVICE))
+
+
+def _module(N: int = 40, K: int = 96, bias: bool = True) -> E8PLinear:
+    b = torch.randn(N) if bias else None
+    return E8PLinear.from_packed(pack_e8p(_coded(N, K, seed=7)), bias=b).to(DEVICE)
+
+
+def test_e8p_linear_kernel_path_matches_reference(monkeypatch) -> None:
+    """``forward`` through the kernel (forced eligible here: on CPU it only runs for CUDA inputs)."""
+    mod = _module()
+    assert not mod._kernel_eligible(torch.randn(1, 96))  # CPU input: the reference
+    x = torch.randn(2, 3, 96, device=DEVICE, dtype=torch.float16)
+    mod.use_kernel = False
+    ref = mod(x)
+    mod.use_kernel = True
+    monkeypatch.setattr(mod, "_kernel_eligible", lambda x: True)
+    calls = []
+    import kernels.e8p.launch as launch
+
+    real = launch.e8p_gemm
+    monkeypatch.setattr(launch, "e8p_gemm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    y = mod(x)
+    assert calls and y.shape == ref.shape == (2, 3, 40) and y.dtype == torch.float16
+    assert rel_err(y, ref) <= GEMM_TOL["fp16"]
+
+
+def test_e8p_linear_falls_back_with_one_warning(monkeypatch) -> None:
+    from kernels import coded_module
+
+    monkeypatch.setattr(coded_module, "_WARNED", set())
+    mod = _module(bias=False)
+    monkeypatch.setattr(mod, "_kernel_eligible", lambda x: True)
+    x = torch.randn(4, 96, device=DEVICE, dtype=torch.float64)  # the kernel refuses fp64 activations
+    with pytest.warns(UserWarning, match=r"E8PLinear: Triton kernel not used \(activation dtype"):
+        y = mod(x)
+    assert torch.equal(y, F.linear(x, mod.dequantized_weight(torch.float64)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mod(x)  # once only
+
+
+def test_e8p_launcher_imports_without_triton() -> None:
+    code = (
+        "import torch\n"
+        "import kernels.e8p.launch, kernels.e8p.ref\n"
+        "from kernels.e8p.launch import kernel_unsupported_reason\n"
+        "x = torch.randn(1, 64)\n"
+        "assert kernel_unsupported_reason(x, x, x) == 'triton is not installed'\n"
+        "from kernels.e8p_linear import E8PLinear\n"
+        "assert 'triton' not in [k for k, v in sys.modules.items() if v is not None]\n"
+    )
+    run_without_triton(code)
