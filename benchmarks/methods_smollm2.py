@@ -33,6 +33,8 @@ DEFAULT_RECIPES = (
     "gptq-w2g64",
     "rtn-w4g64",
     "hadamard-gptq-w3g64",
+    "hadamard-gptq-w2g64",
+    "hadamard-e8p-w2",
     "quip-w3",
     "icquant-rtn-w2",
     "icquant-gptq-w2",
