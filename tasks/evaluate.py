@@ -8,11 +8,13 @@ from the packed checkpoint (``QuantLinear`` modules), never from in-memory fake-
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -148,6 +150,23 @@ def run_eval_fp(
     return run_stage(ctx, "eval-fp", FP_VERSION, cfg.key_config(), {"model": model_ref}, produce, after=after)
 
 
+# pyplot's figure registry and matplotlib's mathtext parser (log-axis tick labels) are not thread-safe: two builds
+# evaluated in threads of one process (a thread task runner, tests/reliability/test_concurrency.py) drew into each
+# other's state and failed with a pyparsing ParseException. Plots are tiny; draw them one at a time.
+_PLOT_LOCK = threading.Lock()
+_T = TypeVar("_T")
+
+
+def _serialized(fn: Callable[..., _T]) -> Callable[..., _T]:
+    @functools.wraps(fn)
+    def locked(*args: Any, **kwargs: Any) -> _T:
+        with _PLOT_LOCK:
+            return fn(*args, **kwargs)
+
+    return locked
+
+
+@_serialized
 def _plots(out: Path, layers: dict[str, Any], ppl: float, ppl_fp: float, bits: float, title: str) -> list[str]:
     import matplotlib
 
@@ -180,6 +199,7 @@ def _plots(out: Path, layers: dict[str, Any], ppl: float, ppl_fp: float, bits: f
 _BPW_PARTS = ("codes", "positions", "offsets", "grids", "other")
 
 
+@_serialized
 def _bits_plot(out: Path, layer_bpw: dict[str, dict[str, float]], layers: dict[str, Any], title: str) -> str:
     """Stacked bar of the measured bits/weight of every packed layer (codes, positions, grids, other)."""
     import matplotlib
