@@ -43,6 +43,7 @@ class CodedLinear(nn.Module):
     """y = F.linear(x, Ŵ, bias) with Ŵ = ``unpacked().dequantize()`` (CPU reference: dequantize, then matmul)."""
 
     KEYS: ClassVar[tuple[str, ...]] = ()
+    OPTIONAL_KEYS: ClassVar[tuple[str, ...]] = ()  # registered (and unpacked) only when given
     FP16_KEYS: ClassVar[tuple[str, ...]] = ()
     LAYOUT: ClassVar[str] = "coded"  # for error messages
 
@@ -55,7 +56,7 @@ class CodedLinear(nn.Module):
         missing = [k for k in self.KEYS if k not in tensors]
         if missing:
             raise ValueError(f"{self.LAYOUT} packed tensors missing {missing}")
-        for k in self.KEYS:
+        for k in (*self.KEYS, *(k for k in self.OPTIONAL_KEYS if k in tensors)):
             self.register_buffer(k, tensors[k].detach().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
         self.out_features, self.in_features, self.bits = self._shape(self.unpacked())  # validates the layout now
@@ -76,7 +77,8 @@ class CodedLinear(nn.Module):
         return cls(tensors, tensors.get("bias", bias))
 
     def unpacked(self) -> Any:
-        return self._unpack({k: self._buffers[k] for k in self.KEYS})  # type: ignore[misc]
+        keys = (*self.KEYS, *(k for k in self.OPTIONAL_KEYS if k in self._buffers))
+        return self._unpack({k: self._buffers[k] for k in keys})  # type: ignore[misc]
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return self.unpacked().dequantize(torch.float32).to(dtype)

@@ -4,12 +4,14 @@ Checkpoint tensors of one E8P linear [N = out, K = in] (``pack_e8p``)::
 
     qweight  int16 [N, K/8]   one 16-bit codeword index per 8 consecutive input columns (``quant.e8p`` layout:
                               8-bit absolute-vector row, shift bit, 7 sign bits)
+    qweight2 uint8 [N, K/8]   3-bit codes only: the residual codeword per 8 columns (``quant.e8p.e8_residual_grid``)
     scales   fp16  [N]        one scale per output row
-    e8pmeta  int32 [2]        (format version, K)
+    e8pmeta  int32 [3]        (format version, K, bits)
     su, sv, … fp32            the incoherence transforms (``quant.incoherence.is_transform_key``) when the codes
                               hold Ŵ̃ = U W Vᵀ; the module then computes y = Uᵀ Ŵ̃ V x
 
-ŵ̃[n, 8c:8c+8] = scales[n] · codeword(qweight[n, c]); 2 bits per weight for the codes, 16/K for the scales.
+ŵ̃[n, 8c:8c+8] = scales[n] · (codeword(qweight[n, c]) [+ residual(qweight2[n, c]) / ρ]); 2 (3) bits per weight for
+the codes, 16/K for the scales.
 The quantizer rounds the scales to fp16 before coding, so unpacking gives back the exact ``E8PWeight`` and the
 module's weight equals the fake-quantized weight bit for bit.
 
@@ -48,8 +50,10 @@ def pack_e8p(w: E8PWeight) -> dict[str, Tensor]:
     out = {
         "qweight": w.codes.contiguous(),
         "scales": s16.contiguous(),
-        "e8pmeta": torch.tensor([E8P_FORMAT_VERSION, w.in_features], dtype=torch.int32),
+        "e8pmeta": torch.tensor([E8P_FORMAT_VERSION, w.in_features, w.bits], dtype=torch.int32),
     }
+    if w.codes2 is not None:
+        out["qweight2"] = w.codes2.contiguous()
     out.update({k: v.contiguous() for k, v in (w.transforms or {}).items()})
     return out
 
@@ -57,19 +61,23 @@ def pack_e8p(w: E8PWeight) -> dict[str, Tensor]:
 def unpack_e8p(t: dict[str, Tensor]) -> E8PWeight:
     """Inverse of ``pack_e8p`` (transform tensors, if any, come back in ``transforms``)."""
     meta = [int(v) for v in t["e8pmeta"].tolist()]
-    if len(meta) != 2 or meta[0] != E8P_FORMAT_VERSION:
-        raise ValueError(f"unsupported E8P format {meta} (this code reads version {E8P_FORMAT_VERSION})")
+    if len(meta) != 3 or meta[0] != E8P_FORMAT_VERSION or meta[2] not in (2, 3):
+        raise ValueError(f"unsupported E8P format {meta} (this code reads version {E8P_FORMAT_VERSION}, 2 or 3 bits)")
     codes = t["qweight"]
     if codes.dtype != torch.int16 or codes.dim() != 2 or codes.shape[1] * E8P_DIM != meta[1]:
         raise ValueError(f"E8P qweight must be int16 [N, {meta[1] // E8P_DIM}], got {codes.dtype} {tuple(codes.shape)}")
+    codes2 = t.get("qweight2")
+    if (codes2 is not None) != (meta[2] == 3):
+        raise ValueError(f"E8P {meta[2]}-bit layer {'lacks' if codes2 is None else 'has'} qweight2 (residual codes)")
     transforms = {k: v for k, v in t.items() if is_transform_key(k)} or None
-    return E8PWeight(codes, t["scales"].to(torch.float32), transforms=transforms)
+    return E8PWeight(codes, t["scales"].to(torch.float32), transforms=transforms, codes2=codes2)
 
 
 class E8PLinear(CodedLinear):
     """y = Uᵀ F.linear(V x, Ŵ̃) + bias with Ŵ̃ decoded from the E8P codes (plain F.linear without transforms)."""
 
     KEYS = E8P_KEYS
+    OPTIONAL_KEYS = ("qweight2",)  # 3-bit codes
     FP16_KEYS = ("scales",)
     LAYOUT = "E8P"
 
@@ -139,15 +147,14 @@ class E8PLinear(CodedLinear):
     def _kernel_forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
         from kernels.e8p.launch import e8p_gemm
 
-        return e8p_gemm(x, self.qweight, self.scales, bias)
+        return e8p_gemm(x, self.qweight, self.scales, bias, qweight2=self._buffers.get("qweight2"))
 
     def unpacked(self) -> E8PWeight:
-        w = unpack_e8p({k: self._buffers[k] for k in E8P_KEYS})  # type: ignore[misc]
-        return replace(w, transforms=None)
+        return replace(super().unpacked(), transforms=None)
 
     def _apply(self, fn: Callable, recurse: bool = True):  # type: ignore[override]
         return apply_keeping_transforms(self, lambda: super(E8PLinear, self)._apply(fn, recurse))
 
     def extra_repr(self) -> str:
         rot = ", incoherent" if self._transform_names else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits=2, e8p{rot}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, e8p{rot}"

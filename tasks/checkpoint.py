@@ -40,6 +40,7 @@ _CODED_SUFFIXES = (
     "bcqmeta",
     "group_bits",
     "e8pmeta",
+    "qweight2",
 )
 TOKENIZER_FILES = (
     "tokenizer.json",

@@ -117,13 +117,13 @@ def native_tensors(q: LayerResult) -> dict[str, Tensor]:
     return out
 
 
-_CODES = {"qweight", "planes"}
+_CODES = {"qweight", "qweight2", "planes"}
 _POSITIONS = {"pos_data"}
 _OFFSETS = {"pos_offsets"}
 _GRIDS = {"scales", "zeros", "oscales", "ozeros", "alpha", "beta"}
 # what each bpw_* part of a layer counts (stored in the pack artifact's metadata next to layer_bits.json)
 BPW_COUNTED = {
-    "codes": "qweight / planes: the packed weight codes (binary-coding bit-planes)",
+    "codes": "qweight / qweight2 / planes: the packed weight codes (E8P residual codes, binary-coding bit-planes)",
     "positions": "pos_data: the ICQuant index stream, B-bit gap remainders + 1-bit escape/stop bits, each stream "
     "byte-padded",
     "offsets": "pos_offsets: the int32 [2, tiles + 1] table locating each tile of R rows x L columns in both "

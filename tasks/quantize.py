@@ -130,7 +130,7 @@ def _hadamard_e8p(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str) -
         check_e8p_width(W.shape[1], name)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    ecfg = E8PConfig(scale=cfg.e8p.scale, damp=cfg.damp, block_size=max(8, cfg.block_size // 8 * 8))
+    ecfg = E8PConfig(bits=cfg.bits, scale=cfg.e8p.scale, damp=cfg.damp, block_size=max(8, cfg.block_size // 8 * 8))
     return quantize_incoherent(
         W,
         H,

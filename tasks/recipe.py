@@ -219,7 +219,8 @@ class QuantizeConfig(BaseModel):
         Field(
             default="gptq",
             description="Per-layer quantization method (quip: incoherence + LDLQ; hadamard-gptq: randomized Hadamard "
-            "+ GPTQ; hadamard-e8p: randomized Hadamard + block LDLQ on QuIP#'s E8P lattice codebook, 2 bits; "
+            "+ GPTQ; hadamard-e8p: randomized Hadamard + block LDLQ on QuIP#'s E8P lattice codebook, 2 bits "
+            "(3: plus an E8 residual codeword); "
             "icquant-rtn/icquant-gptq: index-coded outliers on two grids; gptqt: linear n-bit GPTQ then "
             "k-bit binary coding, k = bits).",
         )
@@ -297,9 +298,10 @@ class QuantizeConfig(BaseModel):
             raise ValueError(f"outliers (ICQuant) combine with rtn/gptq/icquant-*, not with method {self.method}")
         if self.icquant_base() is not None and self.scale_mode != "minmax":
             raise ValueError("ICQuant fits its two grids by min/max (scale_mode: minmax)")
-        if self.method == "hadamard-e8p" and self.bits != 2:
+        if self.method == "hadamard-e8p" and self.bits not in (2, 3):
             raise ValueError(
-                f"hadamard-e8p codes 8 weights in 16 bits (2 bits per weight): set bits: 2, not {self.bits}"
+                f"hadamard-e8p codes 8 weights in 16 bits (bits: 2) or 16 + 8 bits with the residual codebook "
+                f"(bits: 3), not bits: {self.bits}"
             )
         if self.method == "gptqt":
             n = self.gptqt.linear_bits

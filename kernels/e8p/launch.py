@@ -1,8 +1,8 @@
 """Launcher for the E8P decode-GEMM: validate, pick a config, launch.
 
-    y = e8p_gemm(x, qweight, scales, bias=None)
+    y = e8p_gemm(x, qweight, scales, bias=None, qweight2=None)
       x [..., K] fp16/bf16/fp32 (CUDA, or CPU under TRITON_INTERPRET=1) -> y [..., N] in x's dtype
-      qweight int16 [N, K/8], scales fp16 [N] (``kernels.e8p_linear`` layout)
+      qweight int16 [N, K/8], scales fp16 [N], qweight2 uint8 [N, K/8] for 3-bit codes (``kernels.e8p_linear``)
 
 Config: explicit ``config`` > the weight-only GEMM heuristic ``kernels.wgemm.configs.default_config`` (same tiles
 and split-K rule; BLOCK_K is a power of two >= 8, so K-tiles and split slices cover whole codewords).
@@ -22,7 +22,7 @@ from torch import Tensor
 from kernels._gemm_launch import SUPPORTED_DTYPES, check_bias, check_x, finish, plan_gemm
 from kernels._triton_util import is_interpreted, triton_available
 from kernels.wgemm.configs import WGemmConfig
-from quant.e8p import E8P_DIM, e8p_codebook
+from quant.e8p import E8P_DIM, RESID_SCALE, e8_residual_grid, e8p_codebook
 
 __all__ = ["e8p_gemm", "kernel_unsupported_reason"]
 
@@ -37,6 +37,12 @@ def _kernel():
 def _table(device: torch.device) -> Tensor:
     """The 65,536 × 8 codeword table in fp16 (exact) on ``device``, built once per device."""
     return e8p_codebook().to(device=device, dtype=torch.float16).contiguous()
+
+
+@cache
+def _residual_table(device: torch.device) -> Tensor:
+    """The 256 × 8 residual codewords divided by ρ, fp16 (exact: multiples of 1/4), on ``device``."""
+    return (e8_residual_grid() / RESID_SCALE).to(device=device, dtype=torch.float16).contiguous()
 
 
 def kernel_unsupported_reason(x: Tensor, qweight: Tensor, scales: Tensor) -> str | None:
@@ -56,7 +62,13 @@ def kernel_unsupported_reason(x: Tensor, qweight: Tensor, scales: Tensor) -> str
 
 
 def e8p_gemm(
-    x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None, *, config: WGemmConfig | None = None
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    bias: Tensor | None = None,
+    *,
+    qweight2: Tensor | None = None,
+    config: WGemmConfig | None = None,
 ) -> Tensor:
     """y [..., N] = x [..., K] @ Ŵᵀ (+ bias) with the Triton kernel (see module docstring)."""
     reason = kernel_unsupported_reason(x, qweight, scales)
@@ -69,7 +81,9 @@ def e8p_gemm(
     if tuple(scales.shape) != (N,):
         raise ValueError(f"scales must be [{N}], got {tuple(scales.shape)}")
     check_bias(bias, N)
-    plan = plan_gemm(x, N, K, K, 2, bias is not None, config)
+    if qweight2 is not None and (qweight2.dtype != torch.uint8 or qweight2.shape != qweight.shape):
+        raise ValueError(f"qweight2 must be uint8 {tuple(qweight.shape)}, got {qweight2.dtype} {tuple(qweight2.shape)}")
+    plan = plan_gemm(x, N, K, K, 2 if qweight2 is None else 3, bias is not None, config)
     if plan.cfg.block_k % E8P_DIM:
         raise ValueError(f"BLOCK_K {plan.cfg.block_k} must be a multiple of {E8P_DIM} (whole codewords per K-tile)")
     if plan.M == 0:
@@ -80,6 +94,8 @@ def e8p_gemm(
         x2,
         qweight,
         _table(x.device),
+        qweight if qweight2 is None else qweight2,  # dummy pointer when unused
+        _residual_table(x.device),
         scales,
         bias if plan.fuse_bias else scales,  # dummy pointer when unused
         plan.out,
@@ -91,7 +107,10 @@ def e8p_gemm(
         x2.stride(1),
         qweight.stride(0),
         qweight.stride(1),
+        (qweight if qweight2 is None else qweight2).stride(0),
+        (qweight if qweight2 is None else qweight2).stride(1),
         *plan.out_strides,
+        HAS_RESID=qweight2 is not None,
         **plan.launch_meta(kernel),
     )
     return finish(plan, x, bias)

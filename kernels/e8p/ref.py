@@ -17,6 +17,8 @@ from quant.e8p import E8PWeight
 __all__ = ["e8p_gemm_ref"]
 
 
-def e8p_gemm_ref(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
-    W = E8PWeight(qweight, scales.to(torch.float32)).dequantize(x.dtype)
+def e8p_gemm_ref(
+    x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None, qweight2: Tensor | None = None
+) -> Tensor:
+    W = E8PWeight(qweight, scales.to(torch.float32), codes2=qweight2).dequantize(x.dtype)
     return F.linear(x, W, None if bias is None else bias.to(x.dtype))

@@ -27,6 +27,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "icquant-gptq": {"method": "gptq", "bits": 3, "outliers": {"gamma": 0.1, "segment": 24}},  # ≡ icquant-gptq
     "gptqt": {"method": "gptqt", "bits": 2, "gptqt": {"multipliers": [0.9, 1.0, 1.1]}},
     "hadamard-e8p": {"method": "hadamard-e8p", "bits": 2},
+    "hadamard-e8p-rvq": {"method": "hadamard-e8p", "bits": 3},
     "mixed-gptq": {"method": "gptq", "bitalloc": {"avg_bits": 2.5, "candidate_bits": [2, 3, 4]}},
     "mixed-gptq-group": {"method": "gptq", "bitalloc": {"avg_bits": 2.5, "granularity": "group"}},
     # absolute sensitivities (the random tiny model's layers differ in scale, not in relative sensitivity)
@@ -216,7 +217,7 @@ BAD = [
     ),
     ({"bitalloc": {"avg_bits": 3, "granularity": "group"}, "group_size": -1}, "needs group_size > 0"),
     ({"method": "gptqt", "bits": 4}, "gptqt needs bits"),
-    ({"method": "hadamard-e8p", "bits": 3}, "hadamard-e8p codes 8 weights in 16 bits (2 bits per weight): set bits: 2"),
+    ({"method": "hadamard-e8p", "bits": 4}, "hadamard-e8p codes 8 weights in 16 bits (bits: 2) or 16 + 8 bits"),
     ({"method": "hadamard-e8p", "bits": 2, "e8p": {"scale": 0}}, "quantize.e8p.scale"),
     ({"method": "quip", "outliers": {}}, "outliers (ICQuant) combine with"),
     ({"outliers": {"gamma": 0.05, "gama": 1}}, "quantize.outliers.gama: Extra inputs are not permitted"),

@@ -34,21 +34,24 @@ def _kernel_runnable():
     skip_unless_runnable("kernels.e8p.triton", "e8p_gemm_kernel")
 
 
-def _coded(N: int, K: int, seed: int = 0) -> E8PWeight:
-    """Random 16-bit codeword indices (every bit pattern is a valid codeword) and fp16-exact row scales."""
+def _coded(N: int, K: int, seed: int = 0, bits: int = 2) -> E8PWeight:
+    """Random 16-bit codeword indices (every bit pattern is a valid codeword), random residual indices for 3 bits,
+    and fp16-exact row scales."""
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(-(2**15), 2**15, (N, K // 8), generator=gen, dtype=torch.int32).to(torch.int16)
+    codes2 = torch.randint(0, 256, (N, K // 8), generator=gen).to(torch.uint8) if bits == 3 else None
     scales = (torch.rand(N, generator=gen) * 0.05 + 0.01).half().float()
-    return E8PWeight(codes, scales)
+    return E8PWeight(codes, scales, codes2=codes2)
 
 
-def _check(M: int, N: int, K: int, dt: str, *, bias: bool = False, config=None) -> None:
+def _check(M: int, N: int, K: int, dt: str, *, bias: bool = False, config=None, bits: int = 2) -> None:
     from kernels.e8p.launch import e8p_gemm
 
-    t = {k: v.to(DEVICE) for k, v in pack_e8p(_coded(N, K, seed=M + N + K)).items()}
+    t = {k: v.to(DEVICE) for k, v in pack_e8p(_coded(N, K, seed=M + N + K, bits=bits)).items()}
     x, b = gemm_inputs(M, K, N, dt, bias)
-    y = e8p_gemm(x, t["qweight"], t["scales"], b, config=config)
-    assert_matches_ref(y, e8p_gemm_ref(x, t["qweight"], t["scales"], b), x, dt)
+    q2 = t.get("qweight2")
+    y = e8p_gemm(x, t["qweight"], t["scales"], b, qweight2=q2, config=config)
+    assert_matches_ref(y, e8p_gemm_ref(x, t["qweight"], t["scales"], b, q2), x, dt)
 
 
 # dtype x M (GEMV, small, tensor-core tile) x (K, N): ragged N, K not a multiple of BLOCK_K (K = 200), tiny K = 8
@@ -60,12 +63,13 @@ MAIN = list(itertools.product(DTYPES, [1, 5, 32], SHAPES))
 def test_e8p_gemm_matches_ref(dt, M, shape) -> None:
     K, N = shape
     _check(M, N, K, dt, bias=M != 5)
+    _check(M, N, K, dt, bias=M == 5, bits=3)
 
 
 @pytest.mark.parametrize("cfg", SPLIT_CONFIGS.values(), ids=list(SPLIT_CONFIGS))
 def test_e8p_gemm_explicit_configs(cfg) -> None:
     _check(3, 48, 192, "fp16", bias=True, config=cfg)
-    _check(17, 40, 96, "fp32", config=cfg)
+    _check(17, 40, 96, "fp32", config=cfg, bits=3)
 
 
 def test_e8p_gemm_3d_strided_and_empty_input() -> None:
@@ -97,6 +101,8 @@ def test_e8p_gemm_rejects_bad_shapes() -> None:
         e8p_gemm(x, t["qweight"], t["scales"][:5])
     with pytest.raises(ValueError, match="bias"):
         e8p_gemm(x, t["qweight"], t["scales"], torch.zeros(3, device=DEVICE))
+    with pytest.raises(ValueError, match="qweight2 must be uint8"):
+        e8p_gemm(x, t["qweight"], t["scales"], qweight2=t["qweight"])
 
 
 def _module(N: int = 40, K: int = 96, bias: bool = True) -> E8PLinear:

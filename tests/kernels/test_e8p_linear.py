@@ -95,3 +95,21 @@ def test_stored_bits_are_two_per_weight_plus_row_scales() -> None:
     assert bpw["bpw_codes"] == 2.0
     assert bpw["bpw_grids"] == pytest.approx(16 / 48)  # one fp16 scale per row
     assert bpw["bpw_other"] > 0  # e8pmeta + the transforms' sign vectors
+
+
+def test_three_bit_codes_pack_and_run() -> None:
+    W, H = random_weight(16, 64, 5), random_spd(64, 5)
+    q = quantize_e8p_ldlq(W, H, E8PConfig(bits=3))
+    t = pack_e8p(q)
+    assert t["qweight2"].dtype == torch.uint8 and t["e8pmeta"].tolist() == [1, 64, 3]
+    back = unpack_e8p(t)
+    assert back.bits == 3 and back.codes2 is not None and q.codes2 is not None
+    assert torch.equal(back.codes2, q.codes2) and torch.equal(back.dequantize(), q.dequantize())
+    mod = E8PLinear.from_packed(t)
+    x = torch.randn(3, 64)
+    assert torch.equal(mod(x), F.linear(x, q.dequantize())) and mod.bits == 3
+    with pytest.raises(ValueError, match="3-bit layer lacks qweight2"):
+        unpack_e8p({k: v for k, v in t.items() if k != "qweight2"})
+    from tasks.qlayer import stored_bits
+
+    assert stored_bits(t, 16 * 64)["bpw_codes"] == 3.0

@@ -9,8 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quant.e8p import (
+    RESID_SCALE,
     E8PConfig,
     E8PWeight,
+    e8_residual_grid,
+    e8_residual_nearest,
     e8p_abs_grid,
     e8p_codebook,
     e8p_decode,
@@ -74,7 +77,41 @@ def test_gaussian_mse_beats_the_best_scalar_two_bit_grid() -> None:
     assert mse < 0.8 * scalar
 
 
-def _obs_reference(W: torch.Tensor, H: torch.Tensor, damp: float, scale: float) -> tuple[torch.Tensor, float]:
+def test_residual_codebook_is_256_points_of_e8() -> None:
+    g = e8_residual_grid()
+    assert g.shape == (256, 8) and torch.unique(g, dim=0).shape[0] == 256
+    integer = (g == g.round()).all(-1)
+    half = ((g * 2) % 2 == 1).all(-1)
+    assert bool((integer | half).all()) and bool((g.sum(-1) % 2 == 0).all())  # E8: Z8 or Z8 + 1/2, even sum
+    norms = g.pow(2).sum(-1)
+    assert int((norms == 2).sum()) == 240 and int((norms == 0).sum()) == 1 and int((norms == 4).sum()) == 15
+
+
+def test_residual_nearest_and_three_bit_gaussian_mse() -> None:
+    r = torch.randn(5000, 8, generator=torch.Generator().manual_seed(2))
+    d = (r[:, None, :] - e8_residual_grid()[None]).pow(2).sum(-1)
+    torch.testing.assert_close(d.gather(1, e8_residual_nearest(r)[:, None]).squeeze(1), d.min(-1).values)
+    x = torch.randn(20000, 8, generator=torch.Generator().manual_seed(0))
+    c1 = e8p_codebook()[e8p_nearest(x)]
+    q = c1 + e8_residual_grid()[e8_residual_nearest((x - c1) * RESID_SCALE)] / RESID_SCALE
+    mse = float((q - x).pow(2).mean())
+    levels = (torch.arange(8) - 3.5) * 0.586  # best uniform 8-level step for N(0, 1)
+    scalar = float((levels[(x[..., None] - levels).abs().argmin(-1)] - x).pow(2).mean())
+    assert mse == pytest.approx(0.0296, abs=0.001) and scalar == pytest.approx(0.0377, abs=0.001)
+    assert mse < 0.85 * scalar
+
+
+def _round(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """The vector quantizer in codebook units: E8P, then (3 bits) the residual codebook."""
+    c = e8p_codebook().to(F64)[e8p_nearest(v)]
+    if bits == 3:
+        c = c + e8_residual_grid().to(F64)[e8_residual_nearest((v - c) * RESID_SCALE)] / RESID_SCALE
+    return c
+
+
+def _obs_reference(
+    W: torch.Tensor, H: torch.Tensor, damp: float, scale: float, bits: int = 2
+) -> tuple[torch.Tensor, float]:
     """Blocks of 8 in order; after fixing each block, every later column takes its optimal value given the
     fixed ones: W_R* = W_R − (Q_F − W_F) H_FR H_RR⁻¹ (float64, the damped H)."""
     Hd = add_damping(H, damp)
@@ -83,7 +120,7 @@ def _obs_reference(W: torch.Tensor, H: torch.Tensor, damp: float, scale: float) 
     W = W.to(F64)
     cur, Q = W.clone(), torch.zeros_like(W)
     for b in range(0, n, 8):
-        Q[:, b : b + 8] = e8p_codebook().to(F64)[e8p_nearest(cur[:, b : b + 8] / s)] * s
+        Q[:, b : b + 8] = _round(cur[:, b : b + 8] / s, bits) * s
         F, R = slice(0, b + 8), slice(b + 8, n)
         if b + 8 < n:
             cur[:, R] = W[:, R] - (Q[:, F] - W[:, F]) @ Hd[F, R] @ torch.linalg.inv(Hd[R, R])
@@ -91,12 +128,13 @@ def _obs_reference(W: torch.Tensor, H: torch.Tensor, damp: float, scale: float) 
     return Q, float(((D @ Hd) * D).sum())
 
 
-@pytest.mark.parametrize("block_size", [8, 32, 128])
-def test_block_ldlq_is_the_sequential_obs_update(block_size: int) -> None:
+@pytest.mark.parametrize(("block_size", "bits"), [(8, 2), (32, 2), (128, 2), (32, 3)])
+def test_block_ldlq_is_the_sequential_obs_update(block_size: int, bits: int) -> None:
     for seed in range(2):
         W, H = random_weight(24, 64, seed), random_spd(64, seed)
-        q = quantize_e8p_ldlq(W, H, E8PConfig(block_size=block_size), sweep_dtype=F64)
-        Q_ref, loss_ref = _obs_reference(W, H, 0.01, E8PConfig().scale)
+        q = quantize_e8p_ldlq(W, H, E8PConfig(block_size=block_size, bits=bits), sweep_dtype=F64)
+        assert q.bits == bits and (q.codes2 is not None) == (bits == 3)
+        Q_ref, loss_ref = _obs_reference(W, H, 0.01, E8PConfig().scale, bits)
         torch.testing.assert_close(q.dequantize(F64), Q_ref, rtol=0, atol=1e-6)
         assert q.stats["proxy_loss"] == pytest.approx(loss_ref, rel=1e-6)
 
