@@ -9,6 +9,7 @@ split == 1 writes y in x's dtype with the bias fused; split > 1 writes fp32 part
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ __all__ = [
     "check_bias",
     "check_qweight",
     "check_x",
+    "device_reason",
     "finish",
     "gpu_name",
     "plan_gemm",
@@ -55,6 +57,18 @@ def check_qweight(qweight: Tensor, K: int, bits: int) -> int:
             f"got {qweight.dtype} {tuple(qweight.shape)}"
         )
     return int(qweight.shape[1])
+
+
+def device_reason(tensors: Sequence[Tensor], kernel: Callable[[], object], module: str) -> str | None:
+    """None if the tensors share one device the kernel runs on (CUDA, or any device when ``module`` — the
+    ``kernels.<family>.triton`` that ``kernel()`` imports — was imported under TRITON_INTERPRET=1), else why not."""
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        return f"tensors on several devices {sorted(map(str, devices))}"
+    dev = next(iter(devices))
+    if dev.type != "cuda" and not is_interpreted(kernel()):
+        return f"device {dev.type} (needs CUDA, or TRITON_INTERPRET=1 when {module} is imported)"
+    return None
 
 
 def check_bias(bias: Tensor | None, N: int) -> None:

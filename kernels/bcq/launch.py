@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels._gemm_launch import SUPPORTED_DTYPES, check_bias, check_x, finish, plan_gemm
-from kernels._triton_util import is_interpreted, triton_available
+from kernels._gemm_launch import SUPPORTED_DTYPES, check_bias, check_x, device_reason, finish, plan_gemm
+from kernels._triton_util import triton_available
 from kernels.bitwords import word_rows
 from kernels.packing import normalize_group_size, num_groups
 from kernels.wgemm.configs import WGemmConfig
@@ -43,12 +43,7 @@ def kernel_unsupported_reason(x: Tensor, planes: Tensor, alpha: Tensor, beta: Te
         return f"activation dtype {x.dtype}"
     if alpha.dtype not in SUPPORTED_DTYPES or beta.dtype not in SUPPORTED_DTYPES:
         return f"alpha/beta dtype {alpha.dtype}/{beta.dtype}"
-    devices = {t.device for t in (x, planes, alpha, beta)}
-    if len(devices) != 1:
-        return f"tensors on several devices {sorted(map(str, devices))}"
-    if x.device.type != "cuda" and not is_interpreted(_kernel()):
-        return f"device {x.device.type} (needs CUDA, or TRITON_INTERPRET=1 when kernels.bcq.triton is imported)"
-    return None
+    return device_reason((x, planes, alpha, beta), _kernel, "kernels.bcq.triton")
 
 
 def _validate(

@@ -19,8 +19,8 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from kernels._gemm_launch import SUPPORTED_DTYPES, check_bias, check_x, finish, plan_gemm
-from kernels._triton_util import is_interpreted, triton_available
+from kernels._gemm_launch import SUPPORTED_DTYPES, check_bias, check_x, device_reason, finish, plan_gemm
+from kernels._triton_util import triton_available
 from kernels.wgemm.configs import WGemmConfig
 from quant.e8p import E8P_DIM, RESID_SCALE, e8_residual_grid, e8p_codebook
 
@@ -53,12 +53,7 @@ def kernel_unsupported_reason(x: Tensor, qweight: Tensor, scales: Tensor) -> str
         return f"activation dtype {x.dtype}"
     if scales.dtype not in SUPPORTED_DTYPES:
         return f"scales dtype {scales.dtype}"
-    devices = {t.device for t in (x, qweight, scales)}
-    if len(devices) != 1:
-        return f"tensors on several devices {sorted(map(str, devices))}"
-    if x.device.type != "cuda" and not is_interpreted(_kernel()):
-        return f"device {x.device.type} (needs CUDA, or TRITON_INTERPRET=1 when kernels.e8p.triton is imported)"
-    return None
+    return device_reason((x, qweight, scales), _kernel, "kernels.e8p.triton")
 
 
 def e8p_gemm(

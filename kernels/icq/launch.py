@@ -30,8 +30,17 @@ import math
 import torch
 from torch import Tensor
 
-from kernels._gemm_launch import SUPPORTED_DTYPES, cdiv, check_bias, check_qweight, check_x, finish, plan_gemm
-from kernels._triton_util import is_interpreted, triton_available
+from kernels._gemm_launch import (
+    SUPPORTED_DTYPES,
+    cdiv,
+    check_bias,
+    check_qweight,
+    check_x,
+    device_reason,
+    finish,
+    plan_gemm,
+)
+from kernels._triton_util import triton_available
 from kernels.bitwords import word_rows
 from kernels.packing import SUPPORTED_BITS, codes_per_word, normalize_group_size, num_groups
 from kernels.wgemm.configs import WGemmConfig
@@ -57,13 +66,7 @@ def _kernels():
 
 
 def _device_reason(tensors: tuple[Tensor, ...]) -> str | None:
-    devices = {t.device for t in tensors}
-    if len(devices) != 1:
-        return f"tensors on several devices {sorted(map(str, devices))}"
-    dev = next(iter(devices))
-    if dev.type != "cuda" and not is_interpreted(_kernels()[0]):
-        return f"device {dev.type} (needs CUDA, or TRITON_INTERPRET=1 when kernels.icq.triton is imported)"
-    return None
+    return device_reason(tensors, lambda: _kernels()[0], "kernels.icq.triton")
 
 
 def decode_unsupported_reason(pos_data: Tensor, pos_offsets: Tensor, index_bits: int) -> str | None:
