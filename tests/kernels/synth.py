@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -102,3 +102,24 @@ def explicit_dequant(q: Quantized) -> Tensor:
     for k in range(K):
         W[:, k] = s16[:, grp[k]] * (q.codes[:, k].float() - q.zeros[:, grp[k]])
     return W
+
+
+def assert_falls_back_once(mod: Any, monkeypatch: Any, in_features: int) -> None:
+    """A coded module whose kernel is forced eligible but refuses fp64 activations: the first forward warns once
+    (naming the module class and the reason), later ones are silent, and the output is the torch reference's."""
+    import warnings
+
+    import torch.nn.functional as F
+
+    from kernels import coded_module
+
+    monkeypatch.setattr(coded_module, "_WARNED", set())
+    monkeypatch.setattr(mod, "_kernel_eligible", lambda x: True)
+    x = torch.randn(4, in_features, device=DEVICE, dtype=torch.float64)
+    name = type(mod).__name__
+    with pytest.warns(UserWarning, match=rf"{name}: Triton kernel not used \(activation dtype"):
+        y = mod(x)
+    assert torch.equal(y, F.linear(x, mod.dequantized_weight(torch.float64)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mod(x)  # once only

@@ -4,7 +4,6 @@ reference vs ``E8PLinear``'s weight (bit-exact); ``E8PLinear``'s kernel dispatch
 from __future__ import annotations
 
 import itertools
-import warnings
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from tests.kernels.synth import (
     DTYPES,
     GEMM_TOL,
     SPLIT_CONFIGS,
+    assert_falls_back_once,
     assert_matches_ref,
     gemm_inputs,
     rel_err,
@@ -130,18 +130,7 @@ def test_e8p_linear_kernel_path_matches_reference(monkeypatch) -> None:
 
 
 def test_e8p_linear_falls_back_with_one_warning(monkeypatch) -> None:
-    from kernels import coded_module
-
-    monkeypatch.setattr(coded_module, "_WARNED", set())
-    mod = _module(bias=False)
-    monkeypatch.setattr(mod, "_kernel_eligible", lambda x: True)
-    x = torch.randn(4, 96, device=DEVICE, dtype=torch.float64)  # the kernel refuses fp64 activations
-    with pytest.warns(UserWarning, match=r"E8PLinear: Triton kernel not used \(activation dtype"):
-        y = mod(x)
-    assert torch.equal(y, F.linear(x, mod.dequantized_weight(torch.float64)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        mod(x)  # once only
+    assert_falls_back_once(_module(bias=False), monkeypatch, 96)
 
 
 def test_e8p_launcher_imports_without_triton() -> None:

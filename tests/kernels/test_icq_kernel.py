@@ -6,11 +6,9 @@ fallback."""
 from __future__ import annotations
 
 import itertools
-import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +24,7 @@ from tests.kernels.synth import (
     DTYPES,
     GEMM_TOL,
     SPLIT_CONFIGS,
+    assert_falls_back_once,
     assert_matches_ref,
     gemm_inputs,
     rel_err,
@@ -257,18 +256,7 @@ def test_icq_linear_kernel_path_matches_reference(bits, monkeypatch) -> None:
 
 
 def test_icq_linear_falls_back_with_one_warning(monkeypatch) -> None:
-    from kernels import coded_module
-
-    monkeypatch.setattr(coded_module, "_WARNED", set())
-    mod = ICQuantLinear.from_packed(_packed_layer(2)).to(DEVICE)
-    monkeypatch.setattr(mod, "_kernel_eligible", lambda x: True)
-    x = torch.randn(4, 160, device=DEVICE, dtype=torch.float64)  # the kernel refuses fp64 activations
-    with pytest.warns(UserWarning, match=r"ICQuantLinear: Triton kernel not used \(activation dtype"):
-        y = mod(x)
-    assert torch.equal(y, F.linear(x, mod.dequantized_weight(torch.float64)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        mod(x)  # once only
+    assert_falls_back_once(ICQuantLinear.from_packed(_packed_layer(2)).to(DEVICE), monkeypatch, 160)
 
 
 @pytest.mark.gpu
