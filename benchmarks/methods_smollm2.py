@@ -35,6 +35,7 @@ DEFAULT_RECIPES = (
     "hadamard-gptq-w3g64",
     "hadamard-gptq-w2g64",
     "hadamard-e8p-w2",
+    "hadamard-e8p-w3",
     "quip-w3",
     "icquant-rtn-w2",
     "icquant-gptq-w2",
