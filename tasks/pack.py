@@ -24,7 +24,7 @@ from tasks.stage import StageContext, StageResult, run_stage
 
 __all__ = ["STAGE_VERSION", "compressed_tensors_reason", "run_pack"]
 
-STAGE_VERSION = 1
+STAGE_VERSION = 2  # 2: transform sign vectors bit-packed (1 bit per sign instead of fp32)
 
 
 def _layers(ctx: StageContext, quant_ref: str) -> dict[str, str]:

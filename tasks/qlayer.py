@@ -27,6 +27,7 @@ from quant.types import QuantizedWeight
 __all__ = [
     "BPW_COUNTED",
     "BCQLayer",
+    "canonical_transforms",
     "LayerResult",
     "fake_weight",
     "layer_bits",
@@ -107,14 +108,26 @@ def native_tensors(q: LayerResult) -> dict[str, Tensor]:
 
         return pack_mixed(q)
     if isinstance(q, E8PWeight):
+        from dataclasses import replace
+
         from kernels.e8p_linear import pack_e8p
 
-        return pack_e8p(q)
+        return pack_e8p(replace(q, transforms=canonical_transforms(q.transforms) or None))
     from kernels.packing import pack_quantized_linear
 
     out = pack_quantized_linear(q.codes, q.scales, q.zeros, q.bits, q.group_size, q.g_idx)
-    out.update(q.transforms or {})  # su, sv, perm_u, kron_v, fac_v0, rescale …
+    out.update(canonical_transforms(q.transforms))  # su, sv, perm_u, kron_v, fac_v0, rescale …
     return out
+
+
+def canonical_transforms(transforms: dict[str, Tensor] | None) -> dict[str, Tensor]:
+    """The transform tensors in the current checkpoint layout (sign vectors bit-packed), whatever layout the
+    qlayer artifact was written in (older ones hold fp32 signs)."""
+    if not transforms:
+        return {}
+    from quant.incoherence import IncoherenceTransforms
+
+    return IncoherenceTransforms.from_dict(transforms).to_dict()
 
 
 _CODES = {"qweight", "qweight2", "planes"}

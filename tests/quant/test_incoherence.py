@@ -211,3 +211,27 @@ def test_pack_round_trip_is_exact(kind: str, rescale: bool) -> None:
     mod.to(torch.bfloat16)  # transforms stay fp32 (like the fp16 scales)
     assert all(torch.equal(v, state[k]) for k, v in mod.state_dict().items() if is_transform_key(k))
     assert mod(x.to(torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_sign_vectors_are_stored_one_bit_each() -> None:
+    """Checkpoints hold σ bit-packed (uint8 [⌈n/8⌉]); reading gives back the exact ±1 vector, and fp32 sign vectors
+    of older artifacts are still read as they are."""
+    from quant.incoherence import pack_signs, unpack_signs
+
+    for n in (1, 8, 13, 576):
+        s = (torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(n)) * 2 - 1).float()
+        packed = pack_signs(s)
+        assert packed.dtype == torch.uint8 and packed.numel() == -(-n // 8)
+        assert torch.equal(unpack_signs(packed, n), s)
+    with pytest.raises(ValueError, match="too short"):
+        unpack_signs(torch.zeros(1, dtype=torch.uint8), 9)
+    W, H = torch.randn(24, 40, dtype=torch.float64), torch.eye(40, dtype=torch.float64)
+    pre = incoherence_preprocess(W, H, IncoherenceConfig(kind="hadamard"), generator=torch.Generator().manual_seed(0))
+    d = pre.transforms.to_dict()
+    assert d["su"].dtype == torch.uint8 and d["sv"].dtype == torch.uint8
+    back = IncoherenceTransforms.from_dict(d)
+    assert back.V.signs is not None and pre.transforms.V.signs is not None
+    assert torch.equal(back.V.signs, pre.transforms.V.signs)
+    old = {**d, "su": pre.transforms.U.signs, "sv": pre.transforms.V.signs}  # the fp32 layout of older artifacts
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(IncoherenceTransforms.from_dict(old).input(x), back.input(x), rtol=0, atol=0)
