@@ -61,6 +61,8 @@ def pack_e8p(w: E8PWeight) -> dict[str, Tensor]:
 def unpack_e8p(t: dict[str, Tensor]) -> E8PWeight:
     """Inverse of ``pack_e8p`` (transform tensors, if any, come back in ``transforms``)."""
     meta = [int(v) for v in t["e8pmeta"].tolist()]
+    if len(meta) == 2:  # the first 2-bit-only layout had no bits field
+        meta.append(2)
     if len(meta) != 3 or meta[0] != E8P_FORMAT_VERSION or meta[2] not in (2, 3):
         raise ValueError(f"unsupported E8P format {meta} (this code reads version {E8P_FORMAT_VERSION}, 2 or 3 bits)")
     codes = t["qweight"]

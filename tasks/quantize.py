@@ -323,9 +323,15 @@ def load_qlayer(ctx: StageContext, ref: str) -> LayerResult:
         t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     stats = ctx.store.manifest(ref).metadata.get("stats", {})
     if "format" in meta:
+        from infra.errors import CorruptArtifactError
         from tasks.qlayer import load_coded
 
-        return load_coded(t, meta, stats)
+        try:
+            return load_coded(t, meta, stats)
+        except ValueError as exc:  # a layout this code cannot read: one line naming the artifact
+            raise CorruptArtifactError(
+                f"qlayer artifact {ref} cannot be read ({exc}); remove it from the store to recompute the layer"
+            ) from None
     transforms = {k.removeprefix("transform."): v for k, v in t.items() if k.startswith("transform.")}
     return QuantizedWeight(
         codes=t["codes"],

@@ -283,3 +283,27 @@ def test_shipped_recipes_load() -> None:
             2048,
             16,
         )
+
+
+def test_unreadable_coded_qlayer_is_a_one_line_error(module_home: Settings) -> None:
+    """A committed qlayer whose layout this code cannot read (here an unknown E8P format version) fails with one
+    line naming the artifact and the fix, not a traceback from the unpacker."""
+    from safetensors.torch import save
+
+    from infra.errors import CorruptArtifactError
+    from tasks.quantize import load_qlayer
+    from tasks.stage import StageContext, ensure_artifact
+
+    ctx = StageContext(settings=module_home, store_url=module_home.effective_store_url)
+    tensors = {
+        "qweight": torch.zeros(2, 1, dtype=torch.int16),
+        "scales": torch.ones(2, dtype=torch.float16),
+        "e8pmeta": torch.tensor([9, 8, 2], dtype=torch.int32),
+    }
+    payload = save(tensors, metadata={"format": "e8p", "bits": "2"})
+    ref, _ = ensure_artifact(
+        ctx, "qlayer", 999, {"test": "unreadable"}, {}, lambda w, _run: w.add_bytes("qweight.safetensors", payload)
+    )
+    with pytest.raises(CorruptArtifactError, match=r"cannot be read \(unsupported E8P format .*remove it") as exc:
+        load_qlayer(ctx, str(ref))
+    assert "\n" not in str(exc.value)

@@ -113,3 +113,11 @@ def test_three_bit_codes_pack_and_run() -> None:
     from tasks.qlayer import stored_bits
 
     assert stored_bits(t, 16 * 64)["bpw_codes"] == 3.0
+
+
+def test_first_two_bit_layout_is_still_read() -> None:
+    """The first E8P layout wrote e8pmeta = (version, K) without the bits field: read as 2-bit codes."""
+    q = _rotated()
+    t = pack_e8p(q)
+    old = {**t, "e8pmeta": torch.tensor([1, 48], dtype=torch.int32)}
+    assert unpack_e8p(old).bits == 2 and torch.equal(unpack_e8p(old).dequantize(), q.dequantize())
