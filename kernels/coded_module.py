@@ -86,13 +86,16 @@ class CodedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected last dim {self.in_features}, got input shape {tuple(x.shape)}")
-        b = self._buffers.get("bias")
+        return self._dispatch(x, self._buffers.get("bias"))
+
+    def _dispatch(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """x @ Ŵᵀ (+ bias): the Triton kernel when eligible and supported, else the reference (one-time warning)."""
         if self._kernel_eligible(x):
             reason = self._kernel_reason(x)
             if reason is None:
-                return self._kernel_forward(x, b)
+                return self._kernel_forward(x, bias)
             _warn_once(type(self).__name__, reason)
-        return F.linear(x, self.dequantized_weight(x.dtype), None if b is None else b.to(x.dtype))
+        return F.linear(x, self.dequantized_weight(x.dtype), None if bias is None else bias.to(x.dtype))
 
     # ---- kernel dispatch (subclasses implement _kernel_reason / _kernel_forward) ---------------------------
     def _kernel_eligible(self, x: Tensor) -> bool:

@@ -7,8 +7,8 @@ Checkpoint tensors of one E8P linear [N = out, K = in] (``pack_e8p``)::
     qweight2 uint8 [N, K/8]   3-bit codes only: the residual codeword per 8 columns (``quant.e8p.e8_residual_grid``)
     scales   fp16  [N]        one scale per output row
     e8pmeta  int32 [3]        (format version, K, bits)
-    su, sv, … fp32            the incoherence transforms (``quant.incoherence.is_transform_key``) when the codes
-                              hold Ŵ̃ = U W Vᵀ; the module then computes y = Uᵀ Ŵ̃ V x
+    su, sv, kron_u, …         the incoherence transforms (``quant.incoherence.is_transform_key``; sign vectors
+                              bit-packed) when the codes hold Ŵ̃ = U W Vᵀ; the module then computes y = Uᵀ Ŵ̃ V x
 
 ŵ̃[n, 8c:8c+8] = scales[n] · (codeword(qweight[n, c]) [+ residual(qweight2[n, c]) / ρ]); 2 (3) bits per weight for
 the codes, 16/K for the scales.
@@ -27,12 +27,11 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.coded_module import CodedLinear, _warn_once
+from kernels.coded_module import CodedLinear
 from kernels.packing import SCALE_DTYPE
-from kernels.quant_linear import apply_keeping_transforms
+from kernels.quant_linear import apply_keeping_transforms, incoherent_matmul, module_transforms, register_transforms
 from quant.e8p import E8P_DIM, E8PWeight
 from quant.incoherence import IncoherenceTransforms, incoherence_postprocess, is_transform_key
 
@@ -89,11 +88,7 @@ class E8PLinear(CodedLinear):
 
     def __init__(self, tensors: dict[str, Tensor], bias: Tensor | None = None) -> None:
         super().__init__(tensors, bias)
-        for k, v in sorted(tensors.items()):
-            if is_transform_key(k):
-                self.register_buffer(k, v.detach().clone().to(torch.float32) if v.is_floating_point() else v.clone())
-        self._transform_names = tuple(k for k in sorted(tensors) if is_transform_key(k))
-        self.transforms()  # validate the layout now, not at the first forward
+        register_transforms(self, tensors)
 
     @staticmethod
     def _unpack(tensors: dict[str, Tensor]) -> E8PWeight:
@@ -104,9 +99,7 @@ class E8PLinear(CodedLinear):
         return w.out_features, w.in_features, w.bits
 
     def transforms(self) -> IncoherenceTransforms | None:
-        if not self._transform_names:
-            return None
-        return IncoherenceTransforms.from_dict({k: self._buffers[k] for k in self._transform_names})  # type: ignore[misc]
+        return module_transforms(self)
 
     def dequantized_weight_original(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """Uᵀ Ŵ̃ V diag(s)⁻¹ [N, K]: the weight this layer applies, in the original basis."""
@@ -118,28 +111,11 @@ class E8PLinear(CodedLinear):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected last dim {self.in_features}, got input shape {tuple(x.shape)}")
-        t = self.transforms()
+        t, b = self.transforms(), self._buffers.get("bias")
         if t is None:
-            y = self._gemm(x)
-        elif x.is_cuda and self.use_kernel:  # FWHT kernel (signs fused) around the decode-GEMM
-            from kernels.hadamard.launch import incoherence_input, incoherence_output
-
-            xv = incoherence_input(t, x.to(torch.float32)).to(x.dtype)
-            y = incoherence_output(t, self._gemm(xv).to(torch.float32)).to(x.dtype)
-        else:
-            xv = t.input(x.to(torch.float32)).to(x.dtype)
-            y = t.output(self._gemm(xv).to(torch.float32)).to(x.dtype)
-        b = self._buffers.get("bias")
+            return self._dispatch(x, b)
+        y = incoherent_matmul(t, x, lambda xv: self._dispatch(xv, None), self.use_kernel)
         return y if b is None else y + b.to(y.dtype)
-
-    def _gemm(self, x: Tensor) -> Tensor:
-        """x @ Ŵ̃ᵀ in the codes' basis: the Triton kernel when eligible, else decode + dense matmul."""
-        if self._kernel_eligible(x):
-            reason = self._kernel_reason(x)
-            if reason is None:
-                return self._kernel_forward(x, None)
-            _warn_once(type(self).__name__, reason)
-        return F.linear(x, self.dequantized_weight(x.dtype))
 
     def _kernel_reason(self, x: Tensor) -> str | None:
         from kernels.e8p.launch import kernel_unsupported_reason
@@ -158,5 +134,5 @@ class E8PLinear(CodedLinear):
         return apply_keeping_transforms(self, lambda: super(E8PLinear, self)._apply(fn, recurse))
 
     def extra_repr(self) -> str:
-        rot = ", incoherent" if self._transform_names else ""
+        rot = ", incoherent" if self.transforms() is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, e8p{rot}"

@@ -46,6 +46,9 @@ __all__ = [
     "QuantLinear",
     "RotatedQuantLinear",
     "apply_keeping_transforms",
+    "incoherent_matmul",
+    "module_transforms",
+    "register_transforms",
     "replace_linears",
     "set_tuned_configs",
 ]
@@ -221,15 +224,13 @@ class RotatedQuantLinear(QuantLinear):
             raise ValueError("RotatedQuantLinear needs transform tensors (su/sv/kron_u/kron_v …)")
         mod = super().from_packed({k: v for k, v in tensors.items() if k not in transforms}, bias=bias)
         assert isinstance(mod, RotatedQuantLinear)
-        for k, v in sorted(transforms.items()):
-            mod.register_buffer(k, v.detach().clone())
-        mod.transforms()  # validate the layout now, not at the first forward
+        register_transforms(mod, transforms)
         return mod
 
     def transforms(self) -> IncoherenceTransforms:
-        return IncoherenceTransforms.from_dict(
-            {k: v for k, v in self._buffers.items() if v is not None and is_transform_key(k)}
-        )
+        t = module_transforms(self)
+        assert t is not None  # from_packed refuses a layer without transforms
+        return t
 
     def dequantized_weight_original(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """Uᵀ Ŵ̃ V diag(s)⁻¹ [N, K]: the weight this layer applies, in the original basis."""
@@ -241,19 +242,57 @@ class RotatedQuantLinear(QuantLinear):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected last dim {self.in_features}, got input shape {tuple(x.shape)}")
-        t = self.transforms()
-        if x.is_cuda and self.use_kernel:  # FWHT kernel (signs fused) chained before the low-bit matmul
-            from kernels.hadamard.launch import incoherence_input, incoherence_output
-
-            xv = incoherence_input(t, x.to(torch.float32)).to(x.dtype)
-            y = incoherence_output(t, self._gemm(xv, None).to(torch.float32)).to(x.dtype)
-        else:
-            xv = t.input(x.to(torch.float32)).to(x.dtype)
-            y = t.output(self._gemm(xv, None).to(torch.float32)).to(x.dtype)
+        y = incoherent_matmul(self.transforms(), x, lambda xv: self._gemm(xv, None), self.use_kernel)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _apply(self, fn: Callable, recurse: bool = True):  # type: ignore[override]
         return apply_keeping_transforms(self, lambda: super(RotatedQuantLinear, self)._apply(fn, recurse))
+
+
+# ---- incoherence transforms on a packed module (RotatedQuantLinear, kernels.e8p_linear.E8PLinear) ------------
+
+
+def register_transforms(module: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Register the transform tensors (names per ``is_transform_key``) as buffers and validate their layout now,
+    not at the first forward."""
+    for k, v in sorted(tensors.items()):
+        if is_transform_key(k):
+            module.register_buffer(k, v.detach().clone())
+    module_transforms(module)
+
+
+def module_transforms(module: nn.Module) -> IncoherenceTransforms | None:
+    """The module's U, V (None without transform buffers), rebuilt only when a transform buffer is replaced
+    (``.to``, assignment) or modified in place: the packed 1-bit sign vectors are unpacked once, not on every
+    forward (on a GPU that would be a handful of tiny kernel launches per layer per token)."""
+    bufs = [(k, v) for k, v in module._buffers.items() if v is not None and is_transform_key(k)]
+    if not bufs:
+        return None
+    stamp = tuple((v, v._version) for _, v in bufs)  # holding the tensors keeps the identity check sound
+    hit = module.__dict__.get("_transforms_cache")
+    if (
+        hit is not None
+        and len(hit[0]) == len(stamp)
+        and all(a is b and va == vb for (a, va), (b, vb) in zip(hit[0], stamp, strict=True))
+    ):
+        return hit[1]  # type: ignore[no-any-return]
+    t = IncoherenceTransforms.from_dict(dict(bufs))
+    module.__dict__["_transforms_cache"] = (stamp, t)
+    return t
+
+
+def incoherent_matmul(
+    t: IncoherenceTransforms, x: Tensor, gemm: Callable[[Tensor], Tensor], use_kernel: bool
+) -> Tensor:
+    """Uᵀ gemm(V diag(s)⁻¹ x): the transforms in fp32 around the low-bit matmul ``gemm`` (codes' basis), the result
+    in x's dtype. On CUDA with kernels enabled the FWHT kernels (signs fused) run the transforms."""
+    if x.is_cuda and use_kernel:
+        from kernels.hadamard.launch import incoherence_input, incoherence_output
+
+        xv = incoherence_input(t, x.to(torch.float32)).to(x.dtype)
+        return incoherence_output(t, gemm(xv).to(torch.float32)).to(x.dtype)
+    xv = t.input(x.to(torch.float32)).to(x.dtype)
+    return t.output(gemm(xv).to(torch.float32)).to(x.dtype)
 
 
 def apply_keeping_transforms(module: nn.Module, apply: Callable[[], Any]) -> Any:

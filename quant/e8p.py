@@ -72,7 +72,7 @@ E8P_DIM = 8  # weights per codeword
 E8P_BITS = 2  # code bits per weight: 16-bit index / 8 weights
 RESID_SCALE = 2.0  # ρ: the residual codeword is divided by ρ (3-bit codes)
 _SHIFT = 0.25
-_CHUNK = 4096  # vectors per nearest-point batch (bounds the [chunk, 256, 8] work tensor to 32 MiB)
+_CHUNK = 4096  # vectors per nearest-point batch (bounds the rare full [chunk, 256, 8] fallback to 32 MiB)
 
 
 class E8PConfig(BaseModel):
@@ -179,7 +179,7 @@ _TOPK = 8  # wrong-parity candidates whose sign-flip penalty is computed exactly
 
 def _candidates(y: Tensor, idx: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """Penalised distances ‖y − s⊙a‖² (best valid signs) of y [N, 8] to the rows ``idx`` [N, k] of ``A`` (all
-    256 rows when None), with the sign pattern that reaches them: (dist [N, k], neg bool [N, k, 8])."""
+    256 rows when None): (dist [N, k], negative-sign masks bool [N, k, 8] that reach them, the rows of ``A``)."""
     A = e8p_abs_grid().to(y.device)
     rows = A[None].expand(y.shape[0], -1, -1) if idx is None else A[idx]  # [N, k, 8]
     ay, neg = y.abs(), y < 0
@@ -354,7 +354,7 @@ def quantize_e8p_ldlq(
             Err1[:, j:j2] = E
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     q_w = E8PWeight(
-        codes.to(torch.int32).to(torch.int16).cpu(),
+        torch.where(codes >= 1 << 15, codes - (1 << 16), codes).to(torch.int16).cpu(),  # uint16 bits as int16
         scales.cpu(),
         codes2=None if codes2 is None else codes2.to(torch.uint8).cpu(),
     )

@@ -122,14 +122,11 @@ def _hadamard_gptq(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str) 
 
 @register_method("hadamard-e8p")
 def _hadamard_e8p(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str) -> LayerResult:
-    from quant.e8p import E8PConfig, check_e8p_width, quantize_e8p_ldlq
+    from quant.e8p import E8PConfig, quantize_e8p_ldlq
 
     if H is None:
         raise ConfigError(f"hadamard-e8p needs a Hessian for {name}")
-    try:
-        check_e8p_width(W.shape[1], name)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    # widths not divisible by 8 are refused by the flow's preflight (tasks.method_checks) and by the quantizer
     ecfg = E8PConfig(bits=cfg.bits, scale=cfg.e8p.scale, damp=cfg.damp, block_size=max(8, cfg.block_size // 8 * 8))
     return quantize_incoherent(
         W,

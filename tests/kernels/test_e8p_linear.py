@@ -121,3 +121,16 @@ def test_first_two_bit_layout_is_still_read() -> None:
     t = pack_e8p(q)
     old = {**t, "e8pmeta": torch.tensor([1, 48], dtype=torch.int32)}
     assert unpack_e8p(old).bits == 2 and torch.equal(unpack_e8p(old).dequantize(), q.dequantize())
+
+
+def test_transforms_are_unpacked_once_per_buffer_version() -> None:
+    """The bit-packed signs are unpacked when the buffers change, not on every forward."""
+    mod = E8PLinear.from_packed(pack_e8p(_rotated()))
+    t = mod.transforms()
+    assert t is not None and mod.transforms() is t
+    mod.to(torch.bfloat16)  # integer buffers untouched, fp32 ones re-viewed: the same transforms either way
+    t2 = mod.transforms()
+    assert t2 is not None and torch.equal(t2.V.signs, t.V.signs)  # type: ignore[arg-type]
+    mod.get_buffer("su").zero_()  # modified in place: rebuilt from the new bits
+    t3 = mod.transforms()
+    assert t3 is not None and t3 is not t2 and bool((t3.U.signs == 1).all())  # type: ignore[union-attr]
