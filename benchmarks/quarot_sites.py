@@ -34,23 +34,12 @@ CLIPS = (0.7, 0.8, 0.9, 1.0)
 
 def load_without_activation_quant(path: Path) -> tuple[Any, dict[str, Any]]:
     """The packed model with its rotations and KV quantization but no activation quantizer; and its runtime."""
-    import tasks.quarot as tq
     from tasks.checkpoint import load_packed_model
 
     runtime = json.loads((path / "config.json").read_text())["quantization_config"].get("runtime") or {}
     if "activations" not in runtime:
         raise SystemExit(f"{path} has no activation quantization in its runtime config (not an A4 recipe)")
-    install = tq.install_runtime
-
-    def without_acts(model: Any, config: dict[str, Any], rt: dict[str, Any] | None = None) -> list[str]:
-        return install(model, config, {k: v for k, v in (rt or {}).items() if k != "activations"})
-
-    tq.install_runtime = without_acts  # type: ignore[assignment]
-    try:
-        model = load_packed_model(path)
-    finally:
-        tq.install_runtime = install  # type: ignore[assignment]
-    return model, runtime["activations"]
+    return load_packed_model(path, runtime_parts={"kv_cache"}), runtime["activations"]
 
 
 def with_sites(model: Any, sites: list[str], acts: dict[str, Any]) -> list[Any]:

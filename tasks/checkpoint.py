@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +75,19 @@ def _under(key: str, modules: dict[str, Any]) -> bool:
     return False
 
 
-def load_packed_model(path: Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
-    """A HF causal LM whose quantized linears are ``QuantLinear`` modules reading the packed tensors."""
+def load_packed_model(
+    path: Path,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    runtime_parts: Collection[str] | None = None,
+) -> Any:
+    """A HF causal LM whose quantized linears are ``QuantLinear`` modules reading the packed tensors.
+
+    ``runtime_parts`` keeps only those parts of the checkpoint's A/KV runtime (e.g. ``{"kv_cache"}``), so a
+    benchmark can measure what each costs; None installs all of it, as evaluation does. Online rotations of a
+    QuaRot checkpoint are part of its function and always installed.
+    """
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -118,7 +130,10 @@ def load_packed_model(path: Path, *, device: str = "cpu", dtype: torch.dtype = t
     model = model.to(dtype=dtype).eval()
     from tasks.quarot import install_runtime  # QuaRot online transforms, A/KV fake quantization (CPU torch path)
 
-    install_runtime(model, config_dict, qconfig.get("runtime"))
+    runtime = qconfig.get("runtime") or {}
+    if runtime_parts is not None:
+        runtime = {k: v for k, v in runtime.items() if k in runtime_parts}
+    install_runtime(model, config_dict, runtime)
     return model
 
 

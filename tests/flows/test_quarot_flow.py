@@ -78,6 +78,14 @@ def test_quarot_flow_keys_and_packed_logits(prefect_harness: None, home: Setting
     # same weights, same online transforms and A4/KV4 quantizers: fp32 rounding only (measured ~1e-6 relative)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * float(want.abs().max()))
     assert out["metrics"]["ppl"] > 1 and abs(out["metrics"]["ppl_delta_rel"]) < 1.0, out["metrics"]
+    # one part of the runtime at a time (benchmarks/quarot_budget.py): the KV quantizer alone, A4 left out
+    kv_only = {"kv_cache": recipe.runtime_config()["kv_cache"]}  # type: ignore[index]
+    packed_kv = load_packed_model(pack.root / "native", runtime_parts={"kv_cache"})
+    fake_kv = _fake_quantized_rotated_model({**out, "rotated_ref": rotated[0], "runtime": kv_only}, home)
+    with torch.no_grad():
+        got_kv, want_kv = packed_kv(ids).logits, fake_kv(ids).logits
+    torch.testing.assert_close(got_kv, want_kv, rtol=0, atol=1e-4 * float(want_kv.abs().max()))
+    assert (got_kv - got).abs().max() > 1e-2 * float(got.abs().max())  # A4 really was left out
 
     w4a16 = quantize_model(str(tiny_llama_dir), quarot_recipe(activations={}, kv_cache={}))
     hits = {stage: info["cache_hit"] for stage, info in w4a16["stages"].items()}
