@@ -13,6 +13,7 @@ from quant.hadamard import (
     HadamardSizeError,
     dense_hadamard,
     fwht,
+    fwht_pow2,
     hadamard_factorization,
     paley_matrix,
     paley_recipe,
@@ -101,6 +102,33 @@ def test_fwht_equals_dense_product(n: int) -> None:
     torch.testing.assert_close(fwht(x), x @ H.t(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fwht(x, transpose=True), x @ H, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fwht(fwht(x), transpose=True), x, rtol=1e-12, atol=1e-12)  # inverse
+
+
+def butterfly(x: torch.Tensor) -> torch.Tensor:
+    """x H_{2^k} by radix-2 butterflies, one stage at a time: the textbook FWHT."""
+    n, h = x.shape[-1], 1
+    while h < n:
+        y = x.reshape(*x.shape[:-1], n // (2 * h), 2, h)
+        x = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2).reshape(x.shape)
+        h *= 2
+    return x
+
+
+@pytest.mark.parametrize("k", range(15))  # 1 … 3 fused passes of up to RADIX_BITS stages, even and uneven splits
+def test_fwht_pow2_equals_butterflies(k: int) -> None:
+    n = 1 << k
+    x = torch.randn(3, n, dtype=F64, generator=torch.Generator().manual_seed(k))
+    torch.testing.assert_close(fwht_pow2(x), butterfly(x), rtol=1e-12, atol=1e-9)
+    strided = torch.randn(n, 2, dtype=F64).t()  # non-contiguous rows
+    torch.testing.assert_close(fwht_pow2(strided), butterfly(strided.contiguous()), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(fwht_pow2(x[0]), butterfly(x[0]), rtol=1e-12, atol=1e-9)  # 1-D
+    x32 = x.float()
+    torch.testing.assert_close(fwht_pow2(x32), butterfly(x).float(), rtol=1e-5, atol=1e-5 * math.sqrt(n))
+
+
+def test_fwht_pow2_refuses_other_sizes() -> None:
+    with pytest.raises(ValueError, match="power-of-two last dim, got 12"):
+        fwht_pow2(torch.zeros(2, 12))
 
 
 @pytest.mark.parametrize("n", [12, 24, 80, 112, 512])
