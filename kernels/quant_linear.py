@@ -276,7 +276,7 @@ def module_transforms(module: nn.Module) -> IncoherenceTransforms | None:
         and all(a is b and va == vb for (a, va), (b, vb) in zip(hit[0], stamp, strict=True))
     ):
         return hit[1]  # type: ignore[no-any-return]
-    t = IncoherenceTransforms.from_dict(dict(bufs))
+    t = IncoherenceTransforms.from_dict(dict(bufs)).to(bufs[0][1].device)  # seeded parts are drawn on the CPU
     module.__dict__["_transforms_cache"] = (stamp, t)
     return t
 

@@ -16,8 +16,12 @@ matrix (applied by the fast transform of :mod:`quant.hadamard`, never stored) or
 * ``kind="hadamard"`` (QuIP#'s RHT): σ random, K = H_n / √n; if n has no Hadamard construction, K = Q ⊗ H_{2^k}/√2^k
   with a Haar-random Q of the odd part (``fallback="random_orthogonal"``) or a clear error (``fallback="error"``).
 
-Only σ, P, the explicit factors (fp32, at most a few hundred KB per layer) and the Kronecker layout are stored
-(``IncoherenceTransforms.to_dict``), never a dense n×n matrix; the preprocess uses exactly the stored values.
+What is stored (``IncoherenceTransforms.to_dict``) is never a dense n×n matrix. With the seed of the layer's
+generator known (:meth:`IncoherenceTransforms.with_seed`, what the pack stage does), only the seed, σ (1 bit each)
+and the Kronecker layout are stored, plus a fingerprint of each transform: P and the explicit factors are drawn
+again from the seed on load and checked against it, so a torch whose random generators differ fails loudly instead
+of applying the wrong rotation. (QuIP's int64 permutations and fp32 factors cost 0.42 bits/weight on SmolLM2.)
+Without a seed, P and the explicit factors (fp32, at most a few hundred KB per layer) are stored as they are.
 """
 
 from __future__ import annotations
@@ -54,11 +58,14 @@ __all__ = [
     "is_transform_key",
     "make_transform",
     "quantize_incoherent",
+    "transforms_from_seed",
 ]
 
 TRANSFORM_DTYPE = torch.float32  # storage dtype of sign vectors, rescale and explicit factors
 _KIND_HADAMARD, _KIND_MATRIX = 0, 1
-_KEY = re.compile(r"^(s[uv]|perm_[uv]|kron_[uv]|fac_[uv]\d+|rescale)$")
+_KEY = re.compile(r"^(s[uv]|perm_[uv]|kron_[uv]|fac_[uv]\d+|rescale|tseed|tcheck)$")
+TransformKind = Literal["kron", "hadamard"]
+_KINDS: tuple[TransformKind, ...] = ("hadamard", "kron")  # tseed[1] codes
 
 
 class IncoherenceConfig(BaseModel):
@@ -74,14 +81,15 @@ class IncoherenceConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["kron", "hadamard"] = "hadamard"
+    kind: TransformKind = "hadamard"
     rescale: bool = False
     fallback: Literal["error", "random_orthogonal"] = "random_orthogonal"
     version: ConfigVersion = 1
 
 
 def is_transform_key(key: str) -> bool:
-    """True for the tensor names of ``IncoherenceTransforms.to_dict`` (su, sv, perm_u, kron_v, fac_v0, rescale…)."""
+    """True for the tensor names of ``IncoherenceTransforms.to_dict`` (su, sv, perm_u, kron_v, fac_v0, rescale,
+    tseed, tcheck)."""
     return bool(_KEY.match(key))
 
 
@@ -156,21 +164,56 @@ class OrthogonalTransform:
             y = y * self.signs.to(device=y.device, dtype=y.dtype)
         return y
 
-    def to_tensors(self, side: str) -> dict[str, Tensor]:
+    def fingerprint(self) -> float:
+        """⟨V p, q⟩ for two fixed probe vectors (float64): changes with any sign, permutation entry or factor."""
+        i = torch.arange(self.n, dtype=torch.float64)
+        return float(self.apply(torch.cos(0.7 * i + 0.3)[None])[0] @ torch.sin(1.3 * i + 0.1))
+
+    def same_as(self, other: OrthogonalTransform) -> bool:
+        """Same layout, signs and permutation, factors equal to 1e-6 (what a re-draw from the same seed gives)."""
+
+        def same(a: Tensor | None, b: Tensor | None, tol: float = 0.0) -> bool:
+            if a is None or b is None:
+                return a is None and b is None
+            return a.shape == b.shape and bool(torch.allclose(a.double(), b.double(), rtol=0, atol=tol))
+
+        return (
+            self.n == other.n
+            and [n for n, _ in self.factors] == [n for n, _ in other.factors]
+            and same(self.signs, other.signs)
+            and same(self.perm, other.perm)
+            and all(same(a, b, 1e-6) for (_, a), (_, b) in zip(self.factors, other.factors, strict=True))
+        )
+
+    def to(self, device: torch.device | str) -> OrthogonalTransform:
+        """The same transform with its tensors on ``device``."""
+        return OrthogonalTransform(
+            self.n,
+            None if self.signs is None else self.signs.to(device),
+            None if self.perm is None else self.perm.to(device),
+            tuple((n, None if F is None else F.to(device)) for n, F in self.factors),
+        )
+
+    def has_drawn_parts(self) -> bool:
+        """A permutation or an explicit factor: what a seed saves storing."""
+        return self.perm is not None or any(F is not None for _, F in self.factors)
+
+    def to_tensors(self, side: str, *, seeded: bool = False) -> dict[str, Tensor]:
         """Small tensors: s<side> (σ, bit-packed by :func:`pack_signs`), perm_<side>, kron_<side> int32 [r, 2]
         (size, 0 Hadamard / 1 matrix), fac_<side>i.
 
-        ``side`` is "u" (outputs) or "v" (inputs).
+        ``side`` is "u" (outputs) or "v" (inputs); ``seeded`` leaves out P and the explicit factors (drawn again
+        from the seed on load).
         """
         out: dict[str, Tensor] = {}
         if self.signs is not None:
             out[f"s{side}"] = pack_signs(self.signs)
-        if self.perm is not None:
+        if self.perm is not None and not seeded:
             out[f"perm_{side}"] = self.perm
         kinds = [[size, _KIND_HADAMARD if F is None else _KIND_MATRIX] for size, F in self.factors]
         out[f"kron_{side}"] = torch.tensor(kinds, dtype=torch.int32)
         for i, (_, F) in enumerate(self.factors):
-            if F is not None:
+            if F is not None and not seeded:
                 out[f"fac_{side}{i}"] = F
         return out
 
@@ -223,6 +266,16 @@ def make_transform(n: int, cfg: IncoherenceConfig, generator: torch.Generator) -
     return OrthogonalTransform(n, None, perm, ((p, A), (n // p, B)))
 
 
+def transforms_from_seed(
+    seed: int, kind: TransformKind, m: int, n: int
+) -> tuple[OrthogonalTransform, OrthogonalTransform]:
+    """(U [m], V [n]) as :func:`incoherence_preprocess` draws them from a fresh generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = IncoherenceConfig(kind=kind, fallback="random_orthogonal")
+    V = make_transform(n, cfg, g)
+    return make_transform(m, cfg, g), V
+
+
 @dataclass(frozen=True, eq=False)
 class IncoherenceTransforms:
     """U (outputs, size m), V (inputs, size n) and the optional input rescale s (float32 [n])."""
@@ -230,21 +283,70 @@ class IncoherenceTransforms:
     U: OrthogonalTransform
     V: OrthogonalTransform
     rescale: Tensor | None = None
+    seed: tuple[int, TransformKind] | None = None  # (generator seed, kind) that draws V then U: stored instead
 
     def to_dict(self) -> dict[str, Tensor]:
-        """The checkpoint tensors (names satisfy ``is_transform_key``)."""
-        out = {**self.U.to_tensors("u"), **self.V.to_tensors("v")}
+        """The checkpoint tensors (names satisfy ``is_transform_key``): seed + signs + layout when seeded."""
+        seeded = self.seed is not None
+        out = {**self.U.to_tensors("u", seeded=seeded), **self.V.to_tensors("v", seeded=seeded)}
         if self.rescale is not None:
             out["rescale"] = self.rescale
+        if self.seed is not None:
+            seed, kind = self.seed
+            out["tseed"] = torch.tensor([seed, _KINDS.index(kind)], dtype=torch.int64)
+            out["tcheck"] = torch.tensor([self.U.fingerprint(), self.V.fingerprint()], dtype=torch.float32)
         return {k: v.contiguous() for k, v in out.items()}
 
     @classmethod
     def from_dict(cls, tensors: dict[str, Tensor]) -> IncoherenceTransforms:
-        return cls(
-            OrthogonalTransform.from_tensors(tensors, "u"),
-            OrthogonalTransform.from_tensors(tensors, "v"),
-            tensors.get("rescale"),
-        )
+        """Read ``to_dict``'s tensors; seeded ones draw P and the factors again and check them (ValueError)."""
+        if "tseed" not in tensors:
+            return cls(
+                OrthogonalTransform.from_tensors(tensors, "u"),
+                OrthogonalTransform.from_tensors(tensors, "v"),
+                tensors.get("rescale"),
+            )
+        seed, code = (int(v) for v in tensors["tseed"].tolist())
+        if not 0 <= code < len(_KINDS) or "tcheck" not in tensors:
+            raise ValueError(f"transform seed tensor {tensors['tseed'].tolist()} is not [seed, kind 0/1] with a tcheck")
+        kind = _KINDS[code]
+        sizes = {side: math.prod(int(r[0]) for r in tensors[f"kron_{side}"].tolist()) for side in "uv"}
+        U, V = transforms_from_seed(seed, kind, sizes["u"], sizes["v"])
+        for side, T, check in (("u", U, 0), ("v", V, 1)):
+            layout = [[n, _KIND_HADAMARD if F is None else _KIND_MATRIX] for n, F in T.factors]
+            signs = tensors.get(f"s{side}")
+            want = float(tensors["tcheck"][check])
+            if (
+                layout != tensors[f"kron_{side}"].tolist()
+                or (signs is None) != (T.signs is None)
+                or (
+                    signs is not None
+                    and T.signs is not None
+                    and not torch.equal(unpack_signs(signs.cpu(), T.n), T.signs)
+                )
+                or abs(T.fingerprint() - want) > 1e-5 * (1 + abs(want))
+            ):
+                raise ValueError(
+                    f"{'UV'[check]} transform (size {T.n}) drawn from its stored seed does not match the packer's "
+                    f"fingerprint: this torch {torch.__version__} draws different random numbers; re-pack the model "
+                    "with this torch (the quantize artifact keeps the explicit transforms)"
+                )
+        return cls(U, V, tensors.get("rescale"), (seed, kind))
+
+    def to(self, device: torch.device | str) -> IncoherenceTransforms:
+        """The same transforms with their tensors on ``device`` (seeded ones are drawn on the CPU)."""
+        rescale = None if self.rescale is None else self.rescale.to(device)
+        return IncoherenceTransforms(self.U.to(device), self.V.to(device), rescale, self.seed)
+
+    def with_seed(self, seed: int, kind: TransformKind) -> IncoherenceTransforms:
+        """Store as ``seed`` if drawing V then U from it with ``kind`` gives exactly these transforms (the pack stage
+        knows each layer's seed); unchanged otherwise, so nothing is ever lost."""
+        if self.seed is not None or not (self.U.has_drawn_parts() or self.V.has_drawn_parts()):
+            return self
+        U, V = transforms_from_seed(seed, kind, self.U.n, self.V.n)
+        if not (U.same_as(self.U) and V.same_as(self.V)):
+            return self
+        return IncoherenceTransforms(U, V, self.rescale, (seed, kind))
 
     def input(self, x: Tensor) -> Tensor:
         """x [..., n] ↦ V diag(s)⁻¹ x (rows): what the quantized weight Ŵ̃ multiplies."""

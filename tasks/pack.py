@@ -19,6 +19,7 @@ from infra.safetensors_io import canonicalise_file
 from quant.types import QuantizedWeight
 from tasks.checkpoint import QUANT_METHOD, copy_tokenizer
 from tasks.qlayer import BPW_COUNTED, LayerResult, layer_bits, layer_kind, layer_shape, native_tensors, stored_bits
+from tasks.quantize import layer_seed
 from tasks.recipe import PackConfig, QuantizeConfig
 from tasks.stage import StageContext, StageResult, run_stage
 
@@ -75,8 +76,10 @@ def _write_native(
                 if name.removesuffix(".weight") not in qweights:
                     tensors[name] = h.get_tensor(name)
     layer_bpw: dict[str, dict[str, float]] = {}
+    kind = cfg.transform_kind()
     for name, q in qweights.items():
-        packed = native_tensors(q)  # affine (+ transforms), ICQuant or binary-coded layout
+        seed = (layer_seed(cfg, name), kind) if kind is not None else None  # transforms stored as their seed
+        packed = native_tensors(q, seed)  # affine (+ transforms), ICQuant or binary-coded layout
         for suffix, t in packed.items():
             tensors[f"{name}.{suffix}"] = t.contiguous()
         out_f, in_f = layer_shape(q)
@@ -109,7 +112,6 @@ def _write_native(
         }
         if cfg.bitalloc is not None:
             config["quantization_config"]["bitalloc"] = cfg.bitalloc.model_dump(mode="json")
-    kind = cfg.transform_kind()
     if kind is not None:  # y = Uᵀ Ŵ̃ V diag(s)⁻¹ x, from each module's transform tensors
         config["quantization_config"]["transform"] = {
             "kind": kind,
@@ -186,6 +188,8 @@ def run_pack(
 
     if runtime:
         config["runtime"] = runtime
+    if qcfg.transform_kind() is not None:  # permutations/factors stored as the layer seed (older packs: explicit)
+        config["transform_storage"] = "seed"
 
     def produce(w: Any, run: Any) -> None:
         qweights = {name: load_qlayer(ctx, ref) for name, ref in _layers(ctx, quant_ref).items()}

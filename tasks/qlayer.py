@@ -21,6 +21,7 @@ from torch import Tensor
 from quant.e8p import E8PWeight
 from quant.gptqt import BinaryCodedWeight
 from quant.icquant import ICQuantWeight
+from quant.incoherence import TransformKind
 from quant.mixed import MixedWeight
 from quant.types import QuantizedWeight
 
@@ -93,8 +94,9 @@ def fake_weight(q: LayerResult, dtype: torch.dtype = torch.float32) -> Tensor:
     return dequantize_original(q, dtype)
 
 
-def native_tensors(q: LayerResult) -> dict[str, Tensor]:
-    """The checkpoint tensors of one linear in the native format (names = the reference module's buffers)."""
+def native_tensors(q: LayerResult, transform_seed: tuple[int, TransformKind] | None = None) -> dict[str, Tensor]:
+    """The checkpoint tensors of one linear in the native format (names = the reference module's buffers);
+    ``transform_seed``: the layer's (seed, kind), see :func:`canonical_transforms`."""
     if isinstance(q, ICQuantWeight):
         from kernels.icq_linear import pack_icquant
 
@@ -112,22 +114,26 @@ def native_tensors(q: LayerResult) -> dict[str, Tensor]:
 
         from kernels.e8p_linear import pack_e8p
 
-        return pack_e8p(replace(q, transforms=canonical_transforms(q.transforms) or None))
+        return pack_e8p(replace(q, transforms=canonical_transforms(q.transforms, transform_seed) or None))
     from kernels.packing import pack_quantized_linear
 
     out = pack_quantized_linear(q.codes, q.scales, q.zeros, q.bits, q.group_size, q.g_idx)
-    out.update(canonical_transforms(q.transforms))  # su, sv, perm_u, kron_v, fac_v0, rescale …
+    out.update(canonical_transforms(q.transforms, transform_seed))  # su, sv, kron_v, tseed, rescale …
     return out
 
 
-def canonical_transforms(transforms: dict[str, Tensor] | None) -> dict[str, Tensor]:
+def canonical_transforms(
+    transforms: dict[str, Tensor] | None, seed: tuple[int, TransformKind] | None = None
+) -> dict[str, Tensor]:
     """The transform tensors in the current checkpoint layout (sign vectors bit-packed), whatever layout the
-    qlayer artifact was written in (older ones hold fp32 signs)."""
+    qlayer artifact was written in (older ones hold fp32 signs). With the layer's ``seed`` (and transform kind),
+    permutations and explicit factors are stored as that seed when it reproduces them exactly."""
     if not transforms:
         return {}
     from quant.incoherence import IncoherenceTransforms
 
-    return IncoherenceTransforms.from_dict(transforms).to_dict()
+    t = IncoherenceTransforms.from_dict(transforms)
+    return (t.with_seed(*seed) if seed is not None else t).to_dict()
 
 
 _CODES = {"qweight", "qweight2", "planes"}

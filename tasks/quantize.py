@@ -100,10 +100,15 @@ def incoherence_config(cfg: QuantizeConfig) -> IncoherenceConfig:
     return IncoherenceConfig(kind=kind, rescale=cfg.transform.rescale, fallback=cfg.transform.fallback)
 
 
-def _layer_generator(cfg: QuantizeConfig, name: str) -> torch.Generator:
-    """Per-layer transforms: seeded by a hash of (transform.seed, layer name), independent of scheduling."""
+def layer_seed(cfg: QuantizeConfig, name: str) -> int:
+    """Per-layer transforms: seeded by a hash of (transform.seed, layer name), independent of scheduling. The pack
+    stage stores this seed instead of the drawn permutations and factors."""
     digest = hashlib.sha256(f"{cfg.transform.seed}:{name}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _layer_generator(cfg: QuantizeConfig, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed(layer_seed(cfg, name))
 
 
 @register_method("hadamard-gptq")

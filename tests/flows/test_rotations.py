@@ -32,7 +32,14 @@ def _check_packed_equals_derotated_fake_quant(out: dict, home: Settings, tiny_ll
     assert "incoherence" in pack.manifest.metadata["compressed_tensors_skipped"]
     assert pack.manifest.metadata["formats"] == ["native"]
     config = json.loads((pack.root / "native" / "config.json").read_text())
-    assert config["quantization_config"]["transform"]["kind"] in ("kron", "hadamard")
+    kind = config["quantization_config"]["transform"]["kind"]
+    assert kind in ("kron", "hadamard")
+    from safetensors import safe_open
+
+    with safe_open(str(pack.root / "native" / "model.safetensors"), framework="pt") as f:
+        stored = {k.rpartition(".")[2] for k in f.keys()}  # noqa: SIM118
+    if kind == "kron":  # QuIP: permutations and Haar factors are stored as the layer seed, never as matrices
+        assert "tseed" in stored and not any(k.startswith(("perm_", "fac_")) for k in stored), sorted(stored)
     packed = load_packed_model(pack.root / "native")
     ctx = StageContext(settings=home, store_url=home.effective_store_url)
     index = json.loads(store.read_bytes(out["stages"]["quantize"]["key"], "index.json"))["layers"]

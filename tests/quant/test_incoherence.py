@@ -187,7 +187,8 @@ def test_rms_grid() -> None:
 
 @pytest.mark.parametrize("kind", ["kron", "hadamard"])
 @pytest.mark.parametrize("rescale", [False, True])
-def test_pack_round_trip_is_exact(kind: str, rescale: bool) -> None:
+@pytest.mark.parametrize("seeded", [False, True], ids=["explicit", "seeded"])
+def test_pack_round_trip_is_exact(kind: str, rescale: bool, seeded: bool) -> None:
     """dequantize(pack(Ŵ̃)) with the transforms undone equals the fake-quantized weight; forward matches it."""
     from kernels.packing import pack_quantized_linear
     from kernels.quant_linear import RotatedQuantLinear
@@ -196,10 +197,18 @@ def test_pack_round_trip_is_exact(kind: str, rescale: bool) -> None:
     grid = GridConfig(bits=3, group_size=32, sym=True, scale_mode="rms", scale_dtype="float16")
     cfg = IncoherenceConfig(kind=kind, rescale=rescale)  # type: ignore[arg-type]
     q = quantize_incoherent(
-        W, H, cfg, lambda Wt, Ht: quantize_gptq(Wt, Ht, GPTQConfig(grid=grid)), generator=torch.Generator()
+        W,
+        H,
+        cfg,
+        lambda Wt, Ht: quantize_gptq(Wt, Ht, GPTQConfig(grid=grid)),
+        generator=torch.Generator().manual_seed(5),
     )
     assert q.transforms is not None
-    tensors = {**pack_quantized_linear(q.codes, q.scales, q.zeros, q.bits, q.group_size, q.g_idx), **q.transforms}
+    transforms = q.transforms
+    if seeded:  # what the pack stage stores: the layer seed instead of P and the drawn factors
+        transforms = IncoherenceTransforms.from_dict(transforms).with_seed(5, kind).to_dict()  # type: ignore[arg-type]
+        assert "tseed" in transforms
+    tensors = {**pack_quantized_linear(q.codes, q.scales, q.zeros, q.bits, q.group_size, q.g_idx), **transforms}
     bias = torch.randn(54)
     mod = RotatedQuantLinear.from_packed(tensors, bias=bias.half())
     assert torch.equal(mod.dequantized_weight(), q.dequantize())
@@ -235,3 +244,61 @@ def test_sign_vectors_are_stored_one_bit_each() -> None:
     old = {**d, "su": pre.transforms.U.signs, "sv": pre.transforms.V.signs}  # the fp32 layout of older artifacts
     x = torch.randn(3, 40)
     torch.testing.assert_close(IncoherenceTransforms.from_dict(old).input(x), back.input(x), rtol=0, atol=0)
+
+
+def _nbytes(d: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in d.values())
+
+
+# kron (QuIP): permutation + two Haar factors per side; hadamard on 54 = 27·2: a drawn 27×27 factor (fallback)
+@pytest.mark.parametrize(("kind", "m", "n"), [("kron", 54, 96), ("kron", 13, 64), ("hadamard", 54, 40)])
+@pytest.mark.parametrize("rescale", [False, True])
+def test_transforms_stored_as_their_seed(kind: str, m: int, n: int, rescale: bool) -> None:
+    """With the layer's seed, only seed + signs + layout + fingerprints are stored; reading draws P and the factors
+    again and gives exactly the transforms the quantizer used."""
+    from quant.incoherence import transforms_from_seed
+
+    seed = 1234567890123
+    W, H = random_weight(m, n, 2), random_spd(n, 2)
+    cfg = IncoherenceConfig(kind=kind, rescale=rescale)  # type: ignore[arg-type]
+    tr = incoherence_preprocess(W, H, cfg, generator=torch.Generator().manual_seed(seed)).transforms
+    U, V = transforms_from_seed(seed, kind, m, n)  # type: ignore[arg-type]
+    assert U.same_as(tr.U) and V.same_as(tr.V)
+    explicit = tr.to_dict()
+    seeded = tr.with_seed(seed, kind).to_dict()  # type: ignore[arg-type]
+    assert all(is_transform_key(k) for k in seeded)
+    assert not any(k.startswith(("perm_", "fac_")) for k in seeded) and {"tseed", "tcheck"} <= set(seeded)
+    assert _nbytes(seeded) < _nbytes(explicit) / 4
+    back = IncoherenceTransforms.from_dict(seeded)
+    assert back.seed == (seed, kind) and back.U.same_as(tr.U) and back.V.same_as(tr.V)
+    x, y = torch.randn(3, n, dtype=F64), torch.randn(3, m, dtype=F64)
+    torch.testing.assert_close(back.input(x), tr.input(x), rtol=0, atol=0)
+    torch.testing.assert_close(back.output(y), tr.output(y), rtol=0, atol=0)
+    assert IncoherenceTransforms.from_dict(seeded).to_dict().keys() == seeded.keys()  # stays seeded on re-pack
+    # a seed that does not reproduce them keeps the explicit tensors: nothing is ever lost
+    assert tr.with_seed(seed + 1, kind).to_dict().keys() == explicit.keys()  # type: ignore[arg-type]
+
+
+def test_seeded_transforms_that_do_not_reproduce_fail_loudly() -> None:
+    """A torch that draws other numbers (simulated by tampering) must not load a wrong rotation silently."""
+    W, H = random_weight(54, 96, 2), random_spd(96, 2)
+    tr = incoherence_preprocess(W, H, KRON, generator=torch.Generator().manual_seed(7)).transforms
+    seeded = tr.with_seed(7, "kron").to_dict()
+    for bad in (
+        {**seeded, "tcheck": seeded["tcheck"] + torch.tensor([0.0, 1e-2])},
+        {**seeded, "tseed": torch.tensor([8, 1])},
+    ):
+        with pytest.raises(ValueError, match=r"drawn from its stored seed .* re-pack the model"):
+            IncoherenceTransforms.from_dict(bad)
+    with pytest.raises(ValueError, match="not \\[seed, kind 0/1\\]"):
+        IncoherenceTransforms.from_dict({**seeded, "tseed": torch.tensor([7, 5])})
+    W2 = random_weight(54, 40, 2)
+    odd = incoherence_preprocess(W2, random_spd(40, 2), HAD, generator=torch.Generator().manual_seed(7)).transforms
+    seeded = odd.with_seed(7, "hadamard").to_dict()  # 54 = 27·2: a drawn factor; signs drawn first and stored
+    flipped = seeded["su"].clone()
+    flipped[0] ^= 1
+    with pytest.raises(ValueError, match="drawn from its stored seed"):
+        IncoherenceTransforms.from_dict({**seeded, "su": flipped})
+    W3 = random_weight(40, 96, 2)
+    had = incoherence_preprocess(W3, H, HAD, generator=torch.Generator().manual_seed(7)).transforms
+    assert had.with_seed(7, "hadamard") is had  # 40 = 20·2, 96 = 12·8: only signs, nothing a seed would save
