@@ -123,3 +123,20 @@ def assert_falls_back_once(mod: Any, monkeypatch: Any, in_features: int) -> None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mod(x)  # once only
+
+
+def forward_through_kernel(
+    mod: Any, monkeypatch: Any, launch: Any, gemm: str, in_features: int
+) -> tuple[Tensor, Tensor, list[int], Tensor]:
+    """A coded module's fp16 forward on [2, 3, K] with its kernel forced eligible (on CPU it only runs for CUDA
+    inputs), counting calls to ``launch.<gemm>``. Returns (y, the torch reference's output, calls, x)."""
+    assert not mod._kernel_eligible(torch.randn(1, in_features))  # CPU input: the reference
+    x = torch.randn(2, 3, in_features, device=DEVICE, dtype=torch.float16)
+    mod.use_kernel = False
+    ref = mod(x)
+    mod.use_kernel = True
+    monkeypatch.setattr(mod, "_kernel_eligible", lambda x: True)
+    calls: list[int] = []
+    real = getattr(launch, gemm)
+    monkeypatch.setattr(launch, gemm, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return mod(x), ref, calls, x

@@ -22,6 +22,7 @@ from tests.kernels.synth import (
     SPLIT_CONFIGS,
     assert_falls_back_once,
     assert_matches_ref,
+    forward_through_kernel,
     gemm_inputs,
     rel_err,
     run_without_triton,
@@ -150,19 +151,10 @@ def _module(N=40, K=96, k=3, gs=32, bias=True) -> BCQLinear:
 
 def test_bcq_linear_kernel_path_matches_reference(monkeypatch) -> None:
     """``forward`` through the kernel (forced eligible here: on CPU it only runs for CUDA inputs)."""
-    mod = _module()
-    assert not mod._kernel_eligible(torch.randn(1, 96))  # CPU input: the reference
-    x = torch.randn(2, 3, 96, device=DEVICE, dtype=torch.float16)
-    mod.use_kernel = False
-    ref = mod(x)
-    mod.use_kernel = True
-    monkeypatch.setattr(mod, "_kernel_eligible", lambda x: True)
-    calls = []
     import kernels.bcq.launch as launch
 
-    real = launch.bcq_gemm
-    monkeypatch.setattr(launch, "bcq_gemm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    y = mod(x)
+    mod = _module()
+    y, ref, calls, x = forward_through_kernel(mod, monkeypatch, launch, "bcq_gemm", 96)
     assert calls and y.shape == ref.shape == (2, 3, 40) and y.dtype == torch.float16
     assert rel_err(y, ref) <= TOL["fp16"]
     mod(x)
