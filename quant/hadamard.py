@@ -241,8 +241,8 @@ def fwht_pow2(x: Tensor) -> Tensor:
 
     H_{2^k} = H_{2^a} ⊗ H_{2^b} ⊗ …: each factor (≤ 2^RADIX_BITS points) is one dense ±1 matmul over its axis,
     i.e. RADIX_BITS radix-2 butterfly stages fused, ⌈k / RADIX_BITS⌉ passes — O(n log n) with a BLAS-friendly
-    constant. Radix-2 butterflies in torch cost a stack/add/sub over the whole tensor per stage: on CPU they were
-    half of a Hadamard-rotated model's forward (3–10× slower than this for the SmolLM2 sizes).
+    constant. Radix-2 butterflies in torch cost a stack/add/sub pass over the whole tensor per stage; fused, a
+    2048-token CPU forward of the E8P SmolLM2 model (two transforms per linear) went from 7.06 s to 5.49 s.
     """
     n = x.shape[-1]
     if n & (n - 1):

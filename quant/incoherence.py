@@ -194,6 +194,10 @@ class OrthogonalTransform:
             tuple((n, None if F is None else F.to(device)) for n, F in self.factors),
         )
 
+    def layout(self) -> list[list[int]]:
+        """[[n_i, 0 Hadamard / 1 matrix], …]: the ``kron_<side>`` tensor's rows."""
+        return [[size, _KIND_HADAMARD if F is None else _KIND_MATRIX] for size, F in self.factors]
+
     def has_drawn_parts(self) -> bool:
         """A permutation or an explicit factor: what a seed saves storing."""
         return self.perm is not None or any(F is not None for _, F in self.factors)
@@ -210,8 +214,7 @@ class OrthogonalTransform:
             out[f"s{side}"] = pack_signs(self.signs)
         if self.perm is not None and not seeded:
             out[f"perm_{side}"] = self.perm
-        kinds = [[size, _KIND_HADAMARD if F is None else _KIND_MATRIX] for size, F in self.factors]
-        out[f"kron_{side}"] = torch.tensor(kinds, dtype=torch.int32)
+        out[f"kron_{side}"] = torch.tensor(self.layout(), dtype=torch.int32)
         for i, (_, F) in enumerate(self.factors):
             if F is not None and not seeded:
                 out[f"fac_{side}{i}"] = F
@@ -313,11 +316,10 @@ class IncoherenceTransforms:
         sizes = {side: math.prod(int(r[0]) for r in tensors[f"kron_{side}"].tolist()) for side in "uv"}
         U, V = transforms_from_seed(seed, kind, sizes["u"], sizes["v"])
         for side, T, check in (("u", U, 0), ("v", V, 1)):
-            layout = [[n, _KIND_HADAMARD if F is None else _KIND_MATRIX] for n, F in T.factors]
             signs = tensors.get(f"s{side}")
             want = float(tensors["tcheck"][check])
             if (
-                layout != tensors[f"kron_{side}"].tolist()
+                T.layout() != tensors[f"kron_{side}"].tolist()
                 or (signs is None) != (T.signs is None)
                 or (
                     signs is not None
