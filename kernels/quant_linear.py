@@ -375,7 +375,10 @@ def replace_linears(
         bias = None
         if lin.bias is not None:
             bias = torch.zeros(lin.out_features, dtype=lin.bias.dtype) if lin.bias.is_meta else lin.bias.detach()
-        q = _module_class(t).from_packed(t, bias=bias)
+        try:
+            q = _module_class(t).from_packed(t, bias=bias)
+        except ValueError as exc:  # which layer of the checkpoint, e.g. transforms that cannot be drawn again
+            raise ValueError(f"{name!r}: {exc}") from None
         if (q.in_features, q.out_features) != (lin.in_features, lin.out_features):
             raise ValueError(
                 f"{name!r}: packed shape (in={q.in_features}, out={q.out_features}) does not match the Linear "

@@ -302,3 +302,28 @@ def test_seeded_transforms_that_do_not_reproduce_fail_loudly() -> None:
     W3 = random_weight(40, 96, 2)
     had = incoherence_preprocess(W3, H, HAD, generator=torch.Generator().manual_seed(7)).transforms
     assert had.with_seed(7, "hadamard") is had  # 40 = 20·2, 96 = 12·8: only signs, nothing a seed would save
+
+
+def test_packed_layer_whose_seed_does_not_reproduce_names_the_layer() -> None:
+    """Loading a checkpoint: the one-line error says which layer and what to do."""
+    from kernels.packing import pack_quantized_linear
+    from kernels.quant_linear import replace_linears
+
+    W, H = random_weight(54, 96, 3), random_spd(96, 3)
+    grid = GridConfig(bits=4, group_size=32, sym=True, scale_mode="rms", scale_dtype="float16")
+    q = quantize_incoherent(
+        W,
+        H,
+        KRON,
+        lambda Wt, Ht: quantize_gptq(Wt, Ht, GPTQConfig(grid=grid)),
+        generator=torch.Generator().manual_seed(3),
+    )
+    assert q.transforms is not None
+    seeded = IncoherenceTransforms.from_dict(q.transforms).with_seed(3, "kron").to_dict()
+    seeded["tcheck"] = seeded["tcheck"] + 1.0  # as if this torch drew other numbers
+    tensors = {**pack_quantized_linear(q.codes, q.scales, q.zeros, q.bits, q.group_size, q.g_idx), **seeded}
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(96, 54, bias=False))
+    with pytest.raises(ValueError, match=r"^'proj': U transform \(size 54\) drawn from its stored seed .* re-pack"):
+        replace_linears(model, {"proj": tensors})
+    assert isinstance(model.proj, torch.nn.Linear)  # nothing replaced
