@@ -30,7 +30,7 @@ from pydantic_settings import (
 __all__ = ["Settings", "default_wikitext_dir", "get_settings", "redacted_settings"]
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
-_SECRET_FIELDS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token", "hf_token")
+_SECRET_FIELDS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token", "hf_token", "store_signing_key")
 
 
 def default_wikitext_dir() -> Path | None:
@@ -88,6 +88,12 @@ class Settings(BaseSettings):
     aws_secret_access_key: SecretStr | None = Field(default=None, description="Overrides the standard AWS chain.")
     aws_session_token: SecretStr | None = Field(default=None, description="Optional STS session token.")
     hf_token: SecretStr | None = Field(default=None, description="Hugging Face token for gated hub models.")
+    store_signing_key: SecretStr | None = Field(
+        default=None,
+        description="HMAC key for artifact manifests (16+ characters). With it, a manifest not written by a holder "
+        "of the key is rejected as corrupt: set it for a store others can write to (a shared S3 bucket).",
+        min_length=16,
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto picks CUDA when present.")
     num_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; default all cores.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

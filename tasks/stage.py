@@ -85,21 +85,39 @@ def ensure_artifact(
     *,
     run: Any = None,
 ) -> tuple[ArtifactRef, bool]:
-    """Return (ref, cache_hit): reuse a verified artifact or produce and commit a new one."""
+    """Return (ref, cache_hit): reuse a verified artifact or produce and commit a new one.
+
+    A cached artifact is reused only when its manifest, its files, the parts it lists and the content of every
+    input and part it recorded still check out. A part whose content no longer matches what the index recorded
+    (rewritten together with its manifest) is discarded with the index, so recomputing never adopts it; an input
+    that changed makes this artifact stale, so it is recomputed from the input as it is now."""
     ref = stage_key(stage, version, config, inputs)
     store = ctx.store
     if store.exists(ref):
-        report = store.verify(ref)
-        problems = report.problems if not report.ok else _broken_parts(store, ref)
+        problems, changed = _reuse_problems(store, ref)
         if not problems:
             return ref, True
-        log.warning("artifact %s is corrupt (%s); recomputing", ref, problems[0])
-        store.delete(ref)
+        log.warning("artifact %s cannot be reused (%s); recomputing", ref, problems[0])
+        for link in changed:
+            if link not in inputs.values():
+                _discard(store, link)
+        _discard(store, ref)
     with store.writer(
         stage, ref.key, stage_version=version, config=config, inputs=inputs, producer_run_id=ctx.flow_run_id
     ) as writer:
         produce(writer, run)
+        for part in _writer_parts(writer):
+            writer.link(part)
     return ref, False
+
+
+def _discard(store: ArtifactStore, ref: str) -> None:
+    from infra.errors import ArtifactNotFoundError
+
+    try:
+        store.delete(ref)
+    except ArtifactNotFoundError:
+        pass
 
 
 _REF_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}/[0-9a-f]{64}$")
@@ -117,22 +135,36 @@ def _part_refs(value: Any) -> Iterator[str]:
             yield from _part_refs(v)
 
 
-def _broken_parts(store: ArtifactStore, ref: ArtifactRef) -> list[str]:
-    """Problems of the part artifacts an index artifact lists in ``index.json`` (per-block Hessians, per-layer
-    weights): an index whose parts are damaged is no cache hit, so the stage recomputes (and repairs) them
-    instead of a later stage failing on a corrupt part."""
+def _writer_parts(writer: ArtifactWriter) -> list[str]:
+    """Refs an index artifact being written lists in ``index.json``: the index commits to their content."""
+    index = writer.dir / "index.json"
+    if not index.is_file():
+        return []
+    return sorted(set(_part_refs(json.loads(index.read_text()))))
+
+
+def _reuse_problems(store: ArtifactStore, ref: ArtifactRef) -> tuple[list[str], list[str]]:
+    """(problems, changed links) that forbid reusing ``ref``: its own verification, then that of the parts an
+    index lists in ``index.json`` (per-block Hessians, per-layer weights), so an index whose parts are damaged is
+    no cache hit and the stage recomputes (and repairs) them instead of a later stage failing on a corrupt part."""
+    report = store.verify(ref)
+    if not report.ok:
+        return report.problems, report.changed_links
     manifest = store.manifest(ref)
     if "index.json" not in manifest.file_names():
-        return []
+        return [], []
     try:
         index = json.loads(store.read_bytes(ref, "index.json"))
     except ValueError:
-        return [f"artifact {ref}: index.json is unreadable"]
+        return [f"artifact {ref}: index.json is unreadable"], []
     problems: list[str] = []
-    for part in sorted(set(_part_refs(index))):
-        report = store.verify(part)
-        problems.extend(report.problems)
-    return problems
+    parts = sorted(set(_part_refs(index)))
+    unlinked = [p for p in parts if manifest.links and p not in manifest.links]
+    if unlinked:
+        return [f"artifact {ref}: index.json lists {unlinked[0]}, which its manifest does not commit to"], unlinked
+    for part in parts:
+        problems.extend(store.verify(part).problems)
+    return problems, []
 
 
 def run_stage(

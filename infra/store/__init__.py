@@ -55,6 +55,8 @@ def open_store(url: str | None = None, settings: Settings | None = None, *, chec
         raise ConfigError(
             f"unknown store scheme {scheme!r} in {url!r}: QUANTPIPE_STORE_URL must be file:///dir or s3://bucket/prefix"
         )
+    if settings.store_signing_key is not None:
+        store.signing_key = settings.store_signing_key.get_secret_value().encode()
     if check:
         store.check()
     return store

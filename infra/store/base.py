@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import builtins
 import errno
+import json
+import os
 import shutil
+import socket
 import tempfile
-import uuid
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator, Mapping
@@ -24,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from infra.errors import ArtifactNotFoundError, ConfigError, CorruptArtifactError, StoreError
-from infra.keys import ArtifactRef, validate_key, validate_stage
-from infra.manifest import MANIFEST_NAME, FileEntry, Manifest, sha256_file
+from infra.keys import ArtifactRef, artifact_key, canonical_json, validate_key, validate_stage
+from infra.manifest import FileEntry, Manifest, check_relative_path, sha256_file
 
 __all__ = ["ArtifactStore", "ArtifactWriter", "LocalArtifact", "VerifyReport"]
 
@@ -53,13 +56,96 @@ class VerifyReport:
     ref: ArtifactRef
     ok: bool
     problems: list[str] = field(default_factory=list)
+    # Linked artifacts (inputs or parts) whose content no longer matches what this artifact recorded.
+    changed_links: list[str] = field(default_factory=list)
+
+
+OWNER_FILE = ".qp-owner"
+# A staging directory without a readable owner (or owned on another host) is only swept after this long.
+STALE_AFTER_S = 24 * 3600
 
 
 def _safe_name(name: str) -> str:
-    parts = Path(name).parts
-    if not name or Path(name).is_absolute() or any(p in ("..", "") for p in parts) or name == MANIFEST_NAME:
-        raise ConfigError(f"invalid artifact file name {name!r}: must be a relative path without '..'")
+    try:
+        check_relative_path(name)
+    except ValueError:
+        raise ConfigError(f"invalid artifact file name {name!r}: must be a relative path without '..'") from None
+    if name.split("/")[0] == OWNER_FILE:
+        raise ConfigError(f"invalid artifact file name {name!r}: reserved")
     return name
+
+
+def _start_token(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (Linux), so a recycled pid is not mistaken for the writer."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def _owner_record() -> dict[str, Any]:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_token(os.getpid())}
+
+
+def make_staging_dir(root: Path, prefix: str) -> Path:
+    """A fresh private directory under ``root`` that records its writer, so killed writers' leftovers can be
+    told apart from live ones and swept (:func:`sweep_stale_staging`)."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    (path / OWNER_FILE).write_text(json.dumps(_owner_record()))
+    return path
+
+
+def _owner_alive(owner: dict[str, Any]) -> bool | None:
+    """True/False when this host can tell whether the staging owner still runs; None when it cannot."""
+    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return None
+    pid: int = owner["pid"]
+    if Path("/proc/self/stat").exists():
+        token = _start_token(pid)
+        return token is not None and token == owner.get("start")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def sweep_stale_staging(root: Path, *, now: float | None = None) -> list[Path]:
+    """Remove staging directories of writers that died (SIGKILL, power loss) and return them.
+
+    Safe under concurrency: a directory is removed only when its recorded owner process is gone (same host, pid
+    and start time), or, with no readable owner, when it has not changed for ``STALE_AFTER_S``. Two sweepers may
+    race on one directory; ``rmtree`` of an already removed path is harmless."""
+    removed: list[Path] = []
+    now = time.time() if now is None else now
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            if entry.is_symlink() or not entry.is_dir():
+                if entry.name.startswith(".probe-") and now - entry.lstat().st_mtime > 3600:
+                    entry.unlink(missing_ok=True)
+                continue
+            try:
+                owner = json.loads((entry / OWNER_FILE).read_text())
+                alive = _owner_alive(owner) if isinstance(owner, dict) else None
+            except (OSError, ValueError):
+                alive = None
+            if alive is None:
+                alive = now - entry.stat().st_mtime < STALE_AFTER_S
+        except OSError:
+            continue
+        if not alive:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 class ArtifactWriter:
@@ -81,19 +167,24 @@ class ArtifactWriter:
         self.store = store
         self.stage = validate_stage(stage)
         self.key = validate_key(key)
+        input_refs = {role: str(ArtifactRef(ref)) for role, ref in inputs.items()}
+        if artifact_key(stage, stage_version, config, input_refs) != key:
+            # The key is what readers check a manifest against: an artifact under a key its own config and inputs
+            # do not hash to could never be read back.
+            raise ConfigError(f"artifact {stage}/{key[:12]}…: key does not match its stage, config and inputs")
         self._manifest_fields: dict[str, Any] = {
             "stage": stage,
             "key": key,
             "stage_version": stage_version,
-            "config": dict(config),
-            "inputs": {role: str(ArtifactRef(ref)) for role, ref in inputs.items()},
+            "config": json.loads(canonical_json(config)),
+            "inputs": input_refs,
             "code_version": code_version,
             "producer_run_id": producer_run_id,
         }
-        staging_root.mkdir(parents=True, exist_ok=True)
-        self.dir = Path(tempfile.mkdtemp(prefix=f"{stage}-{key[:12]}-", dir=staging_root))
+        self.dir = make_staging_dir(staging_root, f"{stage}-{key[:12]}-")
         self.metadata: dict[str, Any] = {}
         self._names: list[str] = []
+        self._links: set[str] = set(input_refs.values())
         self.committed: Manifest | None = None
 
     @property
@@ -114,11 +205,9 @@ class ArtifactWriter:
     def add_file(self, name: str, src: Path) -> None:
         shutil.copyfile(src, self.path(name))
 
-    def add_tree(self, prefix: str, src_dir: Path) -> None:
-        """Register every file below ``src_dir`` as ``prefix/<relative path>``."""
-        for item in sorted(src_dir.rglob("*")):
-            if item.is_file():
-                self.add_file(f"{prefix}/{item.relative_to(src_dir).as_posix()}", item)
+    def link(self, ref: str) -> None:
+        """Commit to ``ref``'s current content (a part this artifact lists, e.g. per-layer weights of an index)."""
+        self._links.add(str(ArtifactRef(ref)))
 
     def register_tree(self, prefix: str) -> None:
         """Register files already written below ``self.dir / prefix`` (e.g. by ``save_pretrained``)."""
@@ -132,6 +221,8 @@ class ArtifactWriter:
         entries = []
         for name in sorted(self._names):
             src = self.dir / name
+            if src.is_symlink() or any(parent.is_symlink() for parent in src.relative_to(self.dir).parents[:-1]):
+                raise ConfigError(f"artifact {self.ref}: file {name!r} is a symlink; artifacts hold regular files only")
             if not src.is_file():
                 raise ConfigError(f"artifact {self.ref}: registered file {name!r} was never written")
             digest, size = sha256_file(src)
@@ -139,7 +230,11 @@ class ArtifactWriter:
         return entries
 
     def commit(self) -> Manifest:
-        manifest = Manifest(files=self._entries(), metadata=self.metadata, **self._manifest_fields)
+        # Links are read last, from the committed manifests: the digests this artifact vouches for are those of
+        # the inputs and parts as they are now, verified like any read.
+        links = {ref: self.store.manifest(ref).content_digest() for ref in sorted(self._links)}
+        manifest = Manifest(files=self._entries(), metadata=self.metadata, links=links, **self._manifest_fields)
+        (self.dir / OWNER_FILE).unlink(missing_ok=True)
         self.committed = self.store._commit(manifest, self.dir)
         return self.committed
 
@@ -151,6 +246,9 @@ class ArtifactStore(ABC):
     """exists / get / put / list / verify / delete / lineage over committed artifacts."""
 
     url: str
+    # HMAC key for manifests (QUANTPIPE_STORE_SIGNING_KEY): with one, unsigned or mis-signed manifests are corrupt.
+    signing_key: bytes | None = None
+    _swept: bool = False
 
     # ---- backend primitives -------------------------------------------------------------------
     @abstractmethod
@@ -198,6 +296,9 @@ class ArtifactStore(ABC):
         """Stage files in the body; the artifact is committed when the body finishes without error."""
         from infra.version import code_version as current_code_version
 
+        if not self._swept:
+            self._swept = True
+            sweep_stale_staging(self.staging_root())
         try:
             w = ArtifactWriter(
                 self,
@@ -283,9 +384,21 @@ class ArtifactStore(ABC):
             raise CorruptArtifactError(f"artifact {r}: manifest.json is unreadable ({type(exc).__name__})") from None
         if manifest.stage != r.stage or manifest.key != r.key:
             raise CorruptArtifactError(f"artifact {r}: manifest.json belongs to {manifest.stage}/{manifest.key}")
+        if manifest.digest is None:
+            raise CorruptArtifactError(f"artifact {r}: manifest.json has no digest")
         if not manifest.digest_ok():
             raise CorruptArtifactError(f"artifact {r}: manifest.json was modified (its digest does not match)")
-        return manifest.model_copy(update={"digest": None})
+        if not manifest.key_ok():
+            raise CorruptArtifactError(f"artifact {r}: manifest.json's config or inputs do not hash to its key")
+        if self.signing_key is not None and not manifest.signature_ok(self.signing_key):
+            raise CorruptArtifactError(
+                f"artifact {r}: manifest.json is not signed with this store's key (QUANTPIPE_STORE_SIGNING_KEY)"
+            )
+        return manifest.model_copy(update={"digest": None, "signature": None})
+
+    def manifest_bytes(self, manifest: Manifest) -> bytes:
+        """The bytes a backend publishes for ``manifest`` (digest, and signature when the store has a key)."""
+        return manifest.to_bytes(self.signing_key)
 
     def exists(self, ref: str, *, verify: bool = False) -> bool:
         """True iff a committed manifest exists (and, with ``verify``, all its files check out)."""
@@ -307,13 +420,28 @@ class ArtifactStore(ABC):
         return sorted(ArtifactRef.of(s, k) for s, k in self._list_keys(stage))
 
     def verify(self, ref: str) -> VerifyReport:
+        """Manifest (digest, key, signature), every file's size and sha256, and every link's content digest."""
         r = ArtifactRef(ref)
         try:
             manifest = self.manifest(r)
         except (ArtifactNotFoundError, CorruptArtifactError) as exc:
             return VerifyReport(r, False, [str(exc)])
         problems = self._verify_files(manifest)
-        return VerifyReport(r, not problems, problems)
+        changed: list[str] = []
+        for link, recorded in sorted(manifest.links.items()):
+            try:
+                actual = self.manifest(link).content_digest()
+            except (ArtifactNotFoundError, CorruptArtifactError):
+                # Gone or damaged: reported when that artifact is verified itself, and recomputed by the stage
+                # that needs it (whose result is then checked against this record again).
+                continue
+            if actual != recorded:
+                problems.append(
+                    f"artifact {r}: {link} changed after it was consumed (content {actual[:12]}… != recorded "
+                    f"{recorded[:12]}…): one of them was modified outside quantpipe"
+                )
+                changed.append(link)
+        return VerifyReport(r, not problems, problems, changed)
 
     def delete(self, ref: str) -> None:
         r = ArtifactRef(ref)
@@ -333,7 +461,3 @@ class ArtifactStore(ABC):
             out.append(manifest)
             queue.extend(v for v in manifest.inputs.values() if v not in seen)
         return out
-
-
-def new_writer_id() -> str:
-    return uuid.uuid4().hex[:16]

@@ -72,7 +72,7 @@ class LocalStore(ArtifactStore):
                 os.fsync(fh.fileno())
         tmp_manifest = staging_dir / (MANIFEST_NAME + ".tmp")
         with tmp_manifest.open("wb") as fh:
-            fh.write(manifest.to_bytes())
+            fh.write(self.manifest_bytes(manifest))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp_manifest, staging_dir / MANIFEST_NAME)
@@ -127,6 +127,8 @@ class LocalStore(ArtifactStore):
     def _check_file(self, ref: ArtifactRef, root: Path, entry_path: str, size: int, sha256: str) -> str | None:
         path = root / entry_path
         try:
+            if not path.resolve().is_relative_to(root.resolve()) or path.is_symlink():
+                return f"artifact {ref}: file {entry_path!r} is a link or lies outside the artifact directory"
             st = path.stat()
         except FileNotFoundError:
             return f"artifact {ref}: file {entry_path!r} is missing"

@@ -13,7 +13,6 @@ import hashlib
 import logging
 import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from infra.errors import (
     StoreUnreachableError,
 )
 from infra.manifest import MANIFEST_NAME, FileEntry, Manifest
-from infra.store.base import ArtifactStore, LocalArtifact
+from infra.store.base import OWNER_FILE, ArtifactStore, LocalArtifact, make_staging_dir
 from infra.store.local import LocalStore
 
 __all__ = ["S3Store", "parse_s3_url"]
@@ -244,7 +243,7 @@ class S3Store(ArtifactStore):
                 )
                 uploaded.append(obj)
             manifest_obj = self._obj(manifest.stage, manifest.key, MANIFEST_NAME)
-            body = committed.to_bytes()
+            body = self.manifest_bytes(committed)
             if self._conditional_put:
                 try:
                     self.client.put_object(Bucket=self.bucket, Key=manifest_obj, Body=body, IfNoneMatch="*")
@@ -352,21 +351,23 @@ class S3Store(ArtifactStore):
         if self._cache.exists(ref):
             try:
                 cached = self._cache.get(ref)
-                if cached.manifest.files == manifest.files:
+                if cached.manifest.content_digest() == manifest.content_digest():
                     return cached
             except CorruptArtifactError:
                 pass
             self._cache.delete(ref)
-        staging_root = self._cache.staging_root()
-        staging_root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix="dl-", dir=staging_root))
+        staging = make_staging_dir(self._cache.staging_root(), "dl-")
         try:
             for entry in manifest.files:
                 dest = staging / entry.path
+                # Manifest paths are validated on parse; this is the last line of defence before a write.
+                if not dest.resolve().is_relative_to(staging.resolve()):
+                    raise CorruptArtifactError(f"artifact {ref}: file {entry.path!r} lies outside the artifact")
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 problem = self._stream_check(manifest, entry, dest)
                 if problem:
                     raise CorruptArtifactError(problem + "; run `quantpipe verify` and recompute it")
+            (staging / OWNER_FILE).unlink(missing_ok=True)
             self._cache._commit(manifest, staging)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -16,8 +16,8 @@ from infra.settings import Settings
 from infra.store import ArtifactStore, LocalStore, S3Store, open_store
 
 
-def _key(n: int = 0, stage: str = "calibration") -> str:
-    return artifact_key(stage, 1, {"n": n}, {})
+def _key(n: int = 0, stage: str = "calibration", inputs: dict | None = None) -> str:
+    return artifact_key(stage, 1, {"n": n}, inputs or {})
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -31,7 +31,7 @@ def store(request, tmp_path: Path) -> ArtifactStore:
 
 
 def _put(store: ArtifactStore, n: int = 0, stage: str = "calibration", inputs=None, payload=b"hello") -> str:
-    key = _key(n, stage)
+    key = _key(n, stage, inputs)
     store.put(
         stage,
         key,
@@ -95,7 +95,7 @@ def test_second_put_same_key_keeps_first(store: ArtifactStore) -> None:
 
 def test_failed_producer_leaves_nothing(store: ArtifactStore) -> None:
     key = _key(7)
-    with pytest.raises(RuntimeError), store.writer("calibration", key, stage_version=1, config={}) as w:
+    with pytest.raises(RuntimeError), store.writer("calibration", key, stage_version=1, config={"n": 7}) as w:
         w.add_bytes("partial.bin", b"x" * 100)
         raise RuntimeError("producer crashed")
     assert not store.exists(f"calibration/{key}")
@@ -110,7 +110,7 @@ def test_large_file_multipart(store: ArtifactStore, tmp_path: Path) -> None:
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(12 << 20))
     key = _key(11)
-    store.put("calibration", key, {"big.bin": big}, stage_version=1, config={})
+    store.put("calibration", key, {"big.bin": big}, stage_version=1, config={"n": 11})
     assert store.get(f"calibration/{key}").file("big.bin").read_bytes() == big.read_bytes()
 
 
@@ -183,7 +183,8 @@ def test_concurrent_writers_threads(store: ArtifactStore) -> None:
 
     def write(i: int) -> None:
         try:
-            m = store.put("calibration", key, {"data.bin": f"writer-{i}".encode() * 1000}, stage_version=1, config={})
+            payload = {"data.bin": f"writer-{i}".encode() * 1000}
+            m = store.put("calibration", key, payload, stage_version=1, config={"n": 30})
             results.append(m.files[0].sha256.encode())
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
@@ -203,7 +204,7 @@ def test_concurrent_writers_threads(store: ArtifactStore) -> None:
 def _proc_writer(root: str, key: str, i: int, barrier) -> None:
     store = LocalStore(Path(root))
     barrier.wait()
-    store.put("calibration", key, {"data.bin": f"proc-{i}".encode() * 50_000}, stage_version=1, config={})
+    store.put("calibration", key, {"data.bin": f"proc-{i}".encode() * 50_000}, stage_version=1, config={"n": 31})
 
 
 def test_concurrent_writers_processes(tmp_path: Path) -> None:
@@ -227,7 +228,7 @@ def test_bad_file_names_rejected(store: ArtifactStore) -> None:
     for bad in ("../escape", "/abs", "manifest.json", ""):
         with (
             pytest.raises(ConfigError),
-            store.writer("calibration", _key(40), stage_version=1, config={}) as w,
+            store.writer("calibration", _key(40), stage_version=1, config={"n": 40}) as w,
         ):
             w.add_bytes(bad, b"x")
     assert store.list() == []

@@ -211,7 +211,8 @@ def test_s3_corruption_is_detected(moto_server: str, s3_bucket: str, reference: 
     local = LocalStore(reference.store)
     writer = _s3_store(moto_server, s3_bucket, tmp_path / "w")
     refs = sorted(reference.files)[: 12 if not full_mode() else None]
-    for ref in refs:
+    # All of them, inputs before their consumers (a manifest commits to its inputs' content, so they must exist).
+    for ref in sorted(reference.files, key=lambda r: local.manifest(r).created_at):
         art = local.get(ref)
         m = art.manifest
         writer.put(
