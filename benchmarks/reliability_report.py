@@ -82,6 +82,8 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
             "torn": _sum(by["concurrency"], "torn"),
             "mismatches": _sum(by["concurrency"], "mismatches"),
         },
+        "forgery": {"detected": _sum(by["forgery"], "detected"), "injected": _sum(by["forgery"], "injected")},
+        "traversal": {"refused": _sum(by["traversal"], "refused"), "tried": _sum(by["traversal"], "tried")},
         "security": {"passed": _sum(by["security"], "passed"), "checks": _sum(by["security"], "checks")},
         "doctor": {"passed": _sum(by["doctor"], "passed"), "checks": _sum(by["doctor"], "checks")},
         "artifacts_lost": lost,
@@ -132,6 +134,17 @@ def table_rows(s: dict[str, Any]) -> list[tuple[str, str, str]]:
             "concurrent runs (torn / mismatched)",
             f"{cc['concurrent_runs']} ({cc['torn']} / {cc['mismatches']})",
             f"{cc['distinct_builds']} distinct builds -> {cc['registry_versions']} registry versions",
+        ),
+        (
+            "forged artifacts detected / injected",
+            f"{s['forgery']['detected']} / {s['forgery']['injected']}",
+            "payload + manifest rewritten consistently, digest removed, config or links forged; unsigned store: "
+            "caught through consumers' links, signed store: refused by every read",
+        ),
+        (
+            "path traversal attempts refused / tried",
+            f"{s['traversal']['refused']} / {s['traversal']['tried']}",
+            "hostile file paths in local and planted S3 manifests; nothing written outside the store or cache",
         ),
         (
             "security checks passed / total",
