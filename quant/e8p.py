@@ -50,6 +50,7 @@ from torch import Tensor
 
 from quant.gptq import SWEEP_DTYPE, inverse_cholesky, validate_inputs
 from quant.hessian import HESSIAN_DTYPE, DampFraction, check_damp_max, fix_dead_inputs, proxy_loss
+from quant.precision import exact
 from quant.types import ConfigVersion
 
 __all__ = [
@@ -310,6 +311,7 @@ def row_scales(W: Tensor, scale: float) -> Tensor:
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
+@exact
 def quantize_e8p_ldlq(
     W: Tensor, H: Tensor, cfg: E8PConfig, *, name: str = "layer", sweep_dtype: torch.dtype = SWEEP_DTYPE
 ) -> E8PWeight:

@@ -46,6 +46,7 @@ from quant.hessian import (
     proxy_loss,
 )
 from quant.mixed import check_group_bits, fit_mixed_group_grids
+from quant.precision import exact
 from quant.types import ConfigVersion, GridConfig, QuantizedWeight
 
 __all__ = [
@@ -180,6 +181,7 @@ def with_sweep_stats(
     return replace(qw, stats=stats)
 
 
+@exact
 def quantize_gptq(
     W: Tensor,
     H: Tensor,

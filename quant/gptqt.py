@@ -51,6 +51,7 @@ from quant.gptq import SWEEP_DTYPE, validate_inputs
 from quant.grid import fit_group_grids, quantize_codes
 from quant.hessian import HESSIAN_DTYPE, proxy_loss
 from quant.icquant import GPTQSweepFields, gptq_sweep, pack_bits, unpack_bits
+from quant.precision import exact
 from quant.types import GridConfig, QuantizedWeight
 
 __all__ = [
@@ -404,6 +405,7 @@ def _step2(q: Tensor, s_el: Tensor, d: Tensor, ids_el: Tensor, P: int, L: int, k
     return fit_binary_coding(_level_hist(q, d[None, :] * s_el**2, ids_el, P, L), k)
 
 
+@exact
 def quantize_gptqt(
     W: Tensor, H: Tensor | None, cfg: GPTQTConfig, *, name: str = "layer", sweep_dtype: torch.dtype = SWEEP_DTYPE
 ) -> GPTQTResult:

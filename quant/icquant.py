@@ -58,6 +58,7 @@ from torch import Tensor
 from quant.gptq import SWEEP_DTYPE, inverse_cholesky, validate_inputs
 from quant.grid import GRID_DTYPE, MSE_CLIP_FACTORS, MSE_NORM, dequantize_codes, quantize_codes
 from quant.hessian import HESSIAN_DTYPE, check_finite, fix_dead_inputs, proxy_loss
+from quant.precision import exact
 from quant.types import ConfigVersion, GridConfig
 
 __all__ = [
@@ -611,6 +612,7 @@ class ICQuantWeight:
         return bpw
 
 
+@exact
 def quantize_icquant(
     W: Tensor, H: Tensor | None, cfg: ICQuantConfig, *, name: str = "layer", sweep_dtype: torch.dtype = SWEEP_DTYPE
 ) -> ICQuantWeight:

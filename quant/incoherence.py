@@ -38,6 +38,7 @@ from torch import Tensor
 
 from quant.hadamard import HadamardSizeError, fwht, hadamard_factorization, random_orthogonal, random_signs
 from quant.hessian import HESSIAN_DTYPE, proxy_loss
+from quant.precision import exact
 from quant.types import ConfigVersion, QuantizedWeight
 
 if TYPE_CHECKING:
@@ -410,6 +411,7 @@ def dequantize_original(q: QuantizedWeight | E8PWeight, dtype: torch.dtype = tor
     return W.to(dtype)
 
 
+@exact
 def quantize_incoherent(
     W: Tensor,
     H: Tensor,

@@ -27,6 +27,7 @@ from torch import Tensor
 from quant.gptq import SWEEP_DTYPE, start_sweep, with_sweep_stats
 from quant.grid import dequantize_codes, fit_grid, quantize_codes
 from quant.hessian import HESSIAN_DTYPE, DampFraction, add_damping, check_damp_max, cholesky_failure, damp_schedule
+from quant.precision import exact
 from quant.types import ConfigVersion, GridConfig, QuantizedWeight
 
 __all__ = ["LDLQConfig", "ldl_upper", "quantize_ldlq"]
@@ -74,6 +75,7 @@ def ldl_upper(H: Tensor, damp: float, damp_max: float, name: str) -> tuple[Tenso
     raise cholesky_failure(name, damp_max)
 
 
+@exact
 def quantize_ldlq(
     W: Tensor, H: Tensor, cfg: LDLQConfig, *, name: str = "layer", sweep_dtype: torch.dtype = SWEEP_DTYPE
 ) -> QuantizedWeight:

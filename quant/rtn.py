@@ -13,11 +13,13 @@ from torch import Tensor
 from quant.grid import dequantize_codes, fit_group_grids, quantize_codes
 from quant.hessian import check_finite, proxy_loss
 from quant.mixed import check_group_bits, fit_mixed_group_grids
+from quant.precision import exact
 from quant.types import GridConfig, QuantizedWeight
 
 __all__ = ["quantize_rtn"]
 
 
+@exact
 def quantize_rtn(
     W: Tensor,
     cfg: GridConfig,

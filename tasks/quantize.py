@@ -473,6 +473,9 @@ def _sequential_forward_key(cfg: QuantizeConfig, forward: HessianConfig | None) 
     key: dict[str, Any] = {"hessians_version": HESSIANS_VERSION}
     if forward is not None and forward.compute_dtype != "float32":
         key["forward_dtype"] = forward.compute_dtype
+        # 2: the sweep no longer inherits the bf16 forward's autocast (quant.precision); layers swept partly in
+        # bf16 by earlier versions must not be reused.
+        key["sweep"] = 2
     return key
 
 
