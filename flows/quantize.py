@@ -164,6 +164,17 @@ def validate_recipe_for_model(recipe: Recipe, model_path: Path) -> None:
             f"recipe {recipe.name}: quantize.group_size={recipe.quantize.group_size} is larger than "
             f"the narrowest layer input ({narrowest} columns)"
         )
+    max_positions = cfg.get("max_position_embeddings")
+    if isinstance(max_positions, int) and max_positions > 0:  # windows longer than RoPE was trained for: refuse
+        for field, seq_len in (
+            ("calibration.seq_len", recipe.calibration.seq_len),
+            ("eval.seq_len", recipe.eval.seq_len),
+        ):
+            if seq_len > max_positions:
+                raise ConfigError(
+                    f"recipe {recipe.name}: {field}={seq_len} is longer than the model's max_position_embeddings "
+                    f"({max_positions}); set {field} to at most {max_positions}"
+                )
     from tasks.method_checks import check_method_shapes
     from tasks.quantize import check_transform_sizes
 

@@ -14,14 +14,16 @@ Example ``quantpipe.toml``::
 
 from __future__ import annotations
 
+import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -79,6 +81,11 @@ class Settings(BaseSettings):
     wikitext_dir: Path | None = Field(
         default_factory=default_wikitext_dir, description="Directory with wiki.test.raw / wiki.valid.raw."
     )
+    data_dirs: Annotated[list[Path] | None, NoDecode] = Field(
+        default=None,
+        description="The only directories local calibration files may be read from (a JSON list, or paths joined "
+        "by ':'). Default: $home/data, the working directory (unless it is / or the user's home) and wikitext_dir.",
+    )
     cache_dir: Path | None = Field(default=None, description="Downloads and converted models. Default $home/cache.")
     s3_endpoint_url: str | None = Field(default=None, description="Custom S3 endpoint (MinIO, Ceph, moto).")
     s3_region: str | None = Field(default=None, description="S3 region; default from the AWS config.")
@@ -102,6 +109,22 @@ class Settings(BaseSettings):
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser().resolve() if value is not None else None
+
+    @field_validator("data_dirs", mode="before")
+    @classmethod
+    def _parse_dirs(cls, value: Any) -> Any:
+        """``QUANTPIPE_DATA_DIRS``: a JSON list (``["/data/a", "/data/b"]``) or ``/data/a:/data/b``; empty = default."""
+        if isinstance(value, str):
+            text = value.strip()
+            if not text:
+                return None
+            return json.loads(text) if text.startswith("[") else [p for p in text.split(os.pathsep) if p]
+        return value
+
+    @field_validator("data_dirs", mode="after")
+    @classmethod
+    def _expand_dirs(cls, value: list[Path] | None) -> list[Path] | None:
+        return [p.expanduser().resolve() for p in value] if value is not None else None
 
     @classmethod
     def settings_customise_sources(
@@ -134,6 +157,24 @@ class Settings(BaseSettings):
     @property
     def effective_cache_dir(self) -> Path:
         return self.cache_dir or self.home / "cache"
+
+    @property
+    def effective_data_dirs(self) -> list[Path]:
+        """Roots of local calibration files: ``data_dirs``, or $home/data, the working directory (not when it is
+        the filesystem root or the user's home: that would open every file of the worker) and ``wikitext_dir``."""
+        if self.data_dirs is not None:
+            return list(self.data_dirs)
+        dirs = [self.home / "data"]
+        cwd = Path.cwd().resolve()
+        try:
+            user_home = Path.home().resolve()
+        except RuntimeError:  # no home directory known
+            user_home = None
+        if cwd != Path(cwd.anchor) and cwd != user_home:
+            dirs.append(cwd)
+        if self.wikitext_dir is not None:
+            dirs.append(self.wikitext_dir)
+        return dirs
 
     def resolved_device(self) -> str:
         if self.device != "auto":

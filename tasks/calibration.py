@@ -15,7 +15,7 @@ from typing import Any
 
 from infra.errors import ConfigError
 from infra.settings import Settings
-from tasks.models import ResolvedModel
+from tasks.models import ResolvedModel, model_file
 from tasks.recipe import CalibrationConfig
 from tasks.stage import StageContext, StageResult, run_stage
 
@@ -37,8 +37,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 def tokenizer_digest(path: Path) -> str:
     digest = hashlib.sha256()
     for name in _TOKENIZER_FILES:
-        f = path / name
-        if f.is_file():
+        f = model_file(path, name)  # never a file outside the model dir
+        if f is not None:
             digest.update(name.encode() + b"\0" + f.read_bytes())
     return digest.hexdigest()[:32]
 
@@ -51,7 +51,10 @@ def run_model(ctx: StageContext, model: ResolvedModel) -> StageResult:
         from tasks.models import check_weights_finite
 
         check_weights_finite(model.path)  # once per checkpoint content: the model key hashes every file
-        w.add_file("config.json", model.path / "config.json")
+        config_json = model_file(model.path, "config.json")
+        if config_json is None:
+            raise ConfigError(f"model directory {model.path} has no config.json")
+        w.add_file("config.json", config_json)
         w.metadata.update({"source": model.source, "path": str(model.path)})
 
     return run_stage(ctx, "model", MODEL_VERSION, config, {}, produce)
@@ -69,16 +72,56 @@ def _source_files(dataset: str, settings: Settings, split: str) -> tuple[str, li
         if not f.is_file():
             raise ConfigError(f"{f} not found; set QUANTPIPE_WIKITEXT_DIR to a dir with wiki.valid.raw/wiki.test.raw")
         return "text", [f]
-    path = Path(dataset).expanduser()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    if not path.exists() or not files:
-        raise ConfigError(f"calibration dataset {dataset!r} is neither 'wikitext2' nor an existing file/directory")
+    files = _local_files(dataset, settings)
     suffixes = {p.suffix for p in files}
-    if suffixes <= {".jsonl", ".json"}:
+    if suffixes <= _JSON_SUFFIXES:
         return "json", files
-    if suffixes <= {".txt", ".raw", ".text", ""}:
+    if suffixes <= _TEXT_SUFFIXES:
         return "text", files
-    raise ConfigError(f"calibration files must be .txt/.raw or .jsonl, got {sorted(suffixes)} in {dataset!r}")
+    shown = sorted(s or "(no suffix)" for s in suffixes - _JSON_SUFFIXES - _TEXT_SUFFIXES) or ["a mix of text and JSON"]
+    raise ConfigError(f"calibration files must be .txt/.raw or .jsonl/.json, got {', '.join(shown)} in {dataset!r}")
+
+
+_TEXT_SUFFIXES = {".txt", ".raw", ".text"}
+_JSON_SUFFIXES = {".jsonl", ".json"}
+
+
+def _local_files(dataset: str, settings: Settings) -> list[Path]:
+    """The regular files of a local source, resolved (symlinks included) and all inside ``settings.data_dirs``:
+    a recipe (or a Prefect UI form) must not be able to read any other file of the worker into the store. A
+    directory contributes its files, hidden ones excepted; a symlinked subdirectory is not descended into."""
+    roots = [r.resolve() for r in settings.effective_data_dirs]
+
+    def allowed(p: Path) -> bool:
+        return any(p.is_relative_to(r) for r in roots)
+
+    path = Path(dataset).expanduser().resolve()
+    if not allowed(path) or not path.exists():  # one message for both: no probing of paths outside the roots
+        raise ConfigError(
+            f"calibration dataset {dataset!r} is neither 'wikitext2' nor an existing file/directory under the "
+            f"allowed data directories (QUANTPIPE_DATA_DIRS: {', '.join(map(str, roots)) or 'none'})"
+        )
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise ConfigError(f"calibration dataset {dataset!r} is not a regular file or directory")
+    files = []
+    for entry in sorted(path.rglob("*")):
+        if any(part.startswith(".") for part in entry.relative_to(path).parts):
+            continue
+        real = entry.resolve()
+        if not allowed(real):
+            raise ConfigError(
+                f"calibration file {str(entry)!r} links outside the allowed data directories; refused "
+                "(QUANTPIPE_DATA_DIRS)"
+            )
+        if real.is_file():
+            files.append(real)
+        elif not real.is_dir():
+            raise ConfigError(f"calibration file {str(entry)!r} is not a regular file")
+    if not files:
+        raise ConfigError(f"calibration dataset {dataset!r} is an empty directory")
+    return files
 
 
 def check_text_source(dataset: str, settings: Settings, *, split: str = "validation", text_field: str = "text") -> None:

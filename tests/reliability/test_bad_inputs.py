@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import struct
@@ -109,6 +110,57 @@ def _pickle_only(d: Path) -> None:
     (d / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
 
 
+def _no_tokenizer(d: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (d / name).unlink(missing_ok=True)
+
+
+def _tokenizer_remote_code(d: Path) -> None:
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
+def _shape_lie(d: Path) -> None:
+    """A header whose tensor shape x dtype size does not match the bytes its data_offsets span."""
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    name = next(k for k in sorted(header) if k.endswith("mlp.up_proj.weight"))
+    header[name]["shape"] = [header[name]["shape"][0], header[name]["shape"][1] * 2]
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+def _non_utf8_name(d: Path) -> None:
+    fd = os.open(os.fsencode(d) + b"/\xff\xfe.json", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, b"{}")
+    os.close(fd)
+
+
+def _tokenizer_symlink_out(d: Path) -> None:
+    secret = d.parent / "secret.json"
+    secret.write_text('{"aws_secret_access_key": "abc"}')
+    (d / "special_tokens_map.json").unlink(missing_ok=True)
+    (d / "special_tokens_map.json").symlink_to(secret)
+
+
+def _weights_symlink_out(d: Path) -> None:
+    outside = d.parent / "weights-elsewhere.safetensors"
+    os.replace(d / "model.safetensors", outside)
+    (d / "model.safetensors").symlink_to(outside)
+
+
+def _calib_symlink_out(c: Ctx) -> list[str]:
+    secret = c.tmp.parent / f"{c.tmp.name}-secret.txt"  # outside the allowed data dir (tmp)
+    secret.write_text("aws_secret_access_key = abc\n" * 400)
+    link = c.tmp / "calib.txt"
+    link.symlink_to(secret)
+    return c.quantize(extra=["--set", f"calibration.dataset={link}"])
+
+
 def _recipe(body: str) -> Callable[[Ctx], list[str]]:
     return lambda c: c.quantize(recipe=c.recipe(body))
 
@@ -164,12 +216,23 @@ CASES = [
     Case("nan-weights", _model(_nan_weights), r"NaN/Inf"),
     Case("model-name-not-registrable", _model(lambda d: None, "tiny llama!"), r"invalid registry name"),
     Case("hub-id-offline", lambda c: c.quantize(model="no-such-org/no-such-model"), r"Hugging Face hub"),
+    Case("model-no-tokenizer", _model(_no_tokenizer), r"has no tokenizer"),
+    Case("tokenizer-remote-code", _model(_tokenizer_remote_code), r"auto_map in tokenizer_config\.json.*refused"),
+    Case("safetensors-shape-lie", _model(_shape_lie), r"not a valid safetensors file.*does not fit"),
+    Case("model-file-name-not-utf8", _model(_non_utf8_name), r"file name .* is not UTF-8"),
+    Case("tokenizer-symlink-escapes", _model(_tokenizer_symlink_out), r"symlink .*outside the model directory"),
+    Case("weights-symlink-escapes", _model(_weights_symlink_out), r"symlink .*outside the model directory"),
     # calibration and eval data
     Case("calib-path-missing", _set("calibration.dataset=/nonexistent/calib.txt"), r"neither 'wikitext2' nor"),
     Case("calib-empty", _calib("empty.txt", b"  \n\n \n"), r"is empty"),
     Case("calib-non-utf8", _calib("latin1.txt", "caf\xe9 ".encode("latin-1") * 400), r"not UTF-8"),
     Case("calib-jsonl-no-field", _calib("rows.jsonl", b'{"content": "hi"}\n'), r"no field 'text'"),
     Case("calib-wrong-suffix", _calib("table.csv", b"a,b\n1,2\n"), r"must be \.txt/\.raw or \.jsonl"),
+    Case("calib-no-suffix", _calib("credentials", b"aws_secret_access_key = abc\n" * 400), r"got \(no suffix\)"),
+    Case("calib-outside-data-dirs", _set("calibration.dataset=/etc/passwd"), r"QUANTPIPE_DATA_DIRS"),
+    Case("calib-symlink-escapes", _calib_symlink_out, r"QUANTPIPE_DATA_DIRS"),
+    Case("calib-seq-len-beyond-positions", _set("calibration.seq_len=1024"), r"calibration\.seq_len=1024 .*max_pos"),
+    Case("eval-seq-len-beyond-positions", _set("eval.seq_len=1024"), r"eval\.seq_len=1024 .*max_position_embed"),
     Case("wikitext-dir-missing", lambda c: c.quantize(), r"QUANTPIPE_WIKITEXT_DIR", {"QUANTPIPE_WIKITEXT_DIR": "/nx"}),
     # stores
     Case("s3-url-no-bucket", lambda c: c.quantize(extra=["--store", "s3:///prefix"]), r"has no bucket"),
@@ -231,6 +294,7 @@ def test_bad_input_is_rejected_cleanly(
     argv = case.build(Ctx(tmp_path, rel_inputs))
     monkeypatch.setenv("QUANTPIPE_HOME", str(bad_home))
     monkeypatch.setenv("QUANTPIPE_WIKITEXT_DIR", str(rel_inputs.wikitext_dir))
+    monkeypatch.setenv("QUANTPIPE_DATA_DIRS", json.dumps([str(tmp_path)]))  # where the _calib cases write
     for key, value in case.env.items():
         monkeypatch.setenv(key, value)
     before = _snapshot(bad_home / "store")
