@@ -90,20 +90,29 @@ def cached_perplexity(
     (fewer windows: nothing at all); the model is loaded only if some window is missing.
     """
     model: Any = None
+    scored: dict[int, dict[str, Any]] = {}
+
+    def score(i: int) -> dict[str, Any]:
+        """Window ``i``'s result; a missing window is scored together with the next ``batch_size - 1`` ones."""
+        nonlocal model
+        if i not in scored:
+            if model is None:
+                model = make_model()
+            batch = windows[i : i + cfg.batch_size].to(device)
+            with torch.no_grad():
+                logits = model(batch, use_cache=False).logits.float()
+            losses = torch.nn.functional.cross_entropy(
+                logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none"
+            ).sum(dim=1)
+            for j, loss in enumerate(losses.tolist()):
+                scored[i + j] = {"nll": float(loss), "tokens": int(batch.shape[1] - 1)}
+        return scored.pop(i)
+
     nll, count = 0.0, 0
     for i in range(windows.shape[0]):
 
         def produce(w: Any, _run: Any, i: int = i) -> None:
-            nonlocal model
-            if model is None:
-                model = make_model()
-            batch = windows[i : i + 1].to(device)
-            with torch.no_grad():
-                logits = model(batch, use_cache=False).logits.float()
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-            )
-            result = {"nll": float(loss), "tokens": int(batch[:, 1:].numel())}
+            result = score(i)
             w.add_bytes("nll.json", json.dumps(result).encode())
             w.metadata.update(result)
 
