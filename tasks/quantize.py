@@ -59,10 +59,10 @@ def register_method(name: str) -> Callable[[Method], Method]:
     return deco
 
 
-def grid_config(cfg: QuantizeConfig) -> GridConfig:
+def grid_config(cfg: QuantizeConfig, bits: int | None = None) -> GridConfig:
     # fp16 scales: the packed checkpoint stores fp16 scales, so coding against them keeps pack→unpack exact.
     return GridConfig(
-        bits=cfg.bits,
+        bits=cfg.bits if bits is None else bits,
         group_size=cfg.group_size,
         sym=cfg.sym,
         mse_clip=cfg.mse_clip,
@@ -184,7 +184,7 @@ def _gptqt(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str) -> Layer
 
     if H is None:
         raise ConfigError(f"gptqt needs a Hessian for {name}")
-    grid = grid_config(cfg).model_copy(update={"bits": cfg.gptqt.linear_bits})
+    grid = grid_config(cfg, bits=cfg.gptqt.linear_bits)
     tcfg = GPTQTConfig(
         grid=grid, bits=cfg.bits, base="gptq", share=cfg.gptqt.share, multipliers=cfg.gptqt.multipliers,
         damp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order,

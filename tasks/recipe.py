@@ -272,7 +272,7 @@ class QuantizeConfig(BaseModel):
     @field_validator("bits")
     @classmethod
     def _bits(cls, v: int) -> int:
-        if v not in (2, 3, 4, 8):
+        if v not in (1, 2, 3, 4, 8):  # 1 only for gptqt's binary coding (checked with the method below)
             raise ValueError(f"bits must be one of 2, 3, 4, 8 (packed formats), got {v}")
         return v
 
@@ -303,6 +303,8 @@ class QuantizeConfig(BaseModel):
                 f"hadamard-e8p codes 8 weights in 16 bits (bits: 2) or 16 + 8 bits with the residual codebook "
                 f"(bits: 3), not bits: {self.bits}"
             )
+        if self.bits == 1 and self.method != "gptqt":
+            raise ValueError(f"bits must be one of 2, 3, 4, 8 for method {self.method} (1 only with gptqt), got 1")
         if self.method == "gptqt":
             n = self.gptqt.linear_bits
             if not (1 <= self.bits <= 3 and self.bits < n):
@@ -572,6 +574,8 @@ class Recipe(BaseModel):
             node = data
             parts = path.strip().split(".")
             for part in parts[:-1]:
+                if part in node and node[part] is None:  # an optional section left out (outliers, bitalloc): open it
+                    node[part] = {}
                 if not isinstance(node.get(part), dict):
                     raise ConfigError(f"override {item!r}: unknown section {part!r}")
                 node = node[part]

@@ -80,3 +80,52 @@ def test_rtn_key_ignores_gptq_fields() -> None:
     g2 = Recipe.model_validate({"quantize": {"method": "gptq", "damp": 0.1}})
     assert g1.quantize.key_config() != g2.quantize.key_config()
     assert "workers" not in g1.quantize.key_config()
+
+
+def test_gptqt_one_bit_is_accepted_and_only_for_gptqt(tmp_path: Path) -> None:
+    """README documents GPTQT's binary coding down to k = 1; the bits check rejected it for every method."""
+    one = load_recipe(_write(tmp_path, "quantize: {method: gptqt, bits: 1, gptqt: {linear_bits: 2}}"))
+    assert one.quantize.bits == 1
+    with pytest.raises(ConfigError, match="1 only with gptqt"):
+        load_recipe(_write(tmp_path, "quantize: {method: rtn, bits: 1}"))
+
+
+def test_one_bit_gptqt_quantizes_and_stores(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load
+
+    from tasks.qlayer import load_coded
+    from tasks.quantize import _qlayer_payload, _quantize_tensor
+    from tests.quant.reference import random_spd, random_weight
+
+    recipe = load_recipe(
+        _write(tmp_path, "quantize: {method: gptqt, bits: 1, group_size: 32, gptqt: {linear_bits: 2}}")
+    )
+    q = _quantize_tensor(random_weight(16, 64, 1), random_spd(64, 2) * 100, 100, recipe.quantize, "layer")
+    from safetensors import safe_open
+
+    payload = _qlayer_payload(q)
+    path = tmp_path / "q.safetensors"
+    path.write_bytes(payload)
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+    back = load_coded(load(payload), meta, {})
+    assert torch.equal(back.weight.dequantize(), q.weight.dequantize())  # type: ignore[union-attr]
+    assert q.weight.planes.shape[0] == 1  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("override", "check"),
+    [
+        ("quantize.outliers.gamma=0.1", lambda r: r.quantize.outliers.gamma == 0.1),
+        ("quantize.bitalloc.avg_bits=3", lambda r: r.quantize.bitalloc.avg_bits == 3),
+    ],
+)
+def test_set_opens_an_optional_section(override: str, check) -> None:
+    """README: ``--set`` overrides any field, including those of sections a recipe leaves out (default None)."""
+    assert check(load_recipe("gptq-w4g64").with_overrides(["quantize.mode=parallel", override]))
+
+
+def test_set_on_a_scalar_is_still_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown section 'bits'"):
+        load_recipe("gptq-w4g64").with_overrides(["quantize.bits.x=1"])
