@@ -51,7 +51,6 @@ SKIP_REASON = {
     "mixed": "mixed",
     "e8p": "E8P lattice codes",
 }
-OUTCOMES: dict[str, Any] = {}
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +64,23 @@ def plain(prefect_harness: None, module_home: Settings, tiny_llama_dir: Path) ->
     from flows.quantize import quantize_model
 
     return quantize_model(str(tiny_llama_dir), tiny_recipe())
+
+
+@pytest.fixture(scope="module")
+def run_method(plain: dict, module_home: Settings, tiny_llama_dir: Path) -> Any:
+    """``run_method(name)`` -> (recipe, outcome), each method run through the flow once per module, on demand: the
+    tests that read a method's results run it themselves instead of skipping when another test did not."""
+    from flows.quantize import quantize_model
+
+    outcomes: dict[str, tuple[Any, dict]] = {}
+
+    def run(method: str) -> tuple[Any, dict]:
+        if method not in outcomes:
+            recipe = tiny_recipe(**METHODS[method]).model_copy(update={"name": f"tiny-{method}"})
+            outcomes[method] = (recipe, quantize_model(str(tiny_llama_dir), recipe))
+        return outcomes[method]
+
+    return run
 
 
 def _check_packed_equals_fake_quant(out: dict, home: Settings, model_dir: Path) -> set[str]:
@@ -100,12 +116,8 @@ def _check_packed_equals_fake_quant(out: dict, home: Settings, model_dir: Path) 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
-def test_method_through_the_flow(method: str, plain: dict, module_home: Settings, tiny_llama_dir: Path) -> None:
-    from flows.quantize import quantize_model
-
-    recipe = tiny_recipe(**METHODS[method]).model_copy(update={"name": f"tiny-{method}"})
-    out = quantize_model(str(tiny_llama_dir), recipe)
-    OUTCOMES[method] = (recipe, out)
+def test_method_through_the_flow(method: str, run_method: Any, module_home: Settings, tiny_llama_dir: Path) -> None:
+    recipe, out = run_method(method)
     hits = {stage: info["cache_hit"] for stage, info in out["stages"].items()}
     assert hits["calibration"] and hits["hessians"] and hits["eval-fp"]
     assert not hits["quantize"] and not hits["pack"] and not hits["evaluate"]
@@ -124,13 +136,11 @@ def test_method_through_the_flow(method: str, plain: dict, module_home: Settings
 
 
 @pytest.mark.slow
-def test_group_wise_allocation_mixes_widths_inside_layers(module_home: Settings) -> None:
+def test_group_wise_allocation_mixes_widths_inside_layers(run_method: Any, module_home: Settings) -> None:
     from tasks.quantize import load_qlayer
     from tasks.stage import StageContext
 
-    if "mixed-gptq-group" not in OUTCOMES:
-        pytest.skip("needs test_method_through_the_flow")
-    _recipe, out = OUTCOMES["mixed-gptq-group"]
+    _recipe, out = run_method("mixed-gptq-group")
     store = open_store(settings=module_home)
     quant = out["stages"]["quantize"]["key"]
     alloc = json.loads(store.read_bytes(quant, "allocation.json"))
@@ -147,13 +157,11 @@ def test_group_wise_allocation_mixes_widths_inside_layers(module_home: Settings)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["mixed-gptq", "mixed-icquant"])
-def test_mixed_precision_records_the_allocation(method: str, module_home: Settings) -> None:
+def test_mixed_precision_records_the_allocation(method: str, run_method: Any, module_home: Settings) -> None:
     from tasks.quantize import LAYER_VERSION
     from tasks.stage import stage_key
 
-    if method not in OUTCOMES:
-        pytest.skip("needs test_method_through_the_flow")
-    recipe, out = OUTCOMES[method]
+    recipe, out = run_method(method)
     store = open_store(settings=module_home)
     quant = out["stages"]["quantize"]["key"]
     alloc = json.loads(store.read_bytes(quant, "allocation.json"))
@@ -173,15 +181,14 @@ def test_mixed_precision_records_the_allocation(method: str, module_home: Settin
 
 
 @pytest.mark.slow
-def test_benchmark_aggregates_and_plots_real_results(module_home: Settings, tmp_path: Path) -> None:
+def test_benchmark_aggregates_and_plots_real_results(run_method: Any, module_home: Settings, tmp_path: Path) -> None:
     """benchmarks/methods_smollm2.py's rows, JSONL, plot and MLflow logging on the tiny model's real outcomes."""
-    if len(OUTCOMES) < 3:
-        pytest.skip("needs test_method_through_the_flow")
+    outcomes = [run_method(m) for m in ("icquant-rtn", "icquant-gptq", "gptqt", "mixed-gptq")]
     spec = importlib.util.spec_from_file_location("methods_bench", REPO / "benchmarks" / "methods_smollm2.py")
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rows = [bench.result_row(r, out, {"model": "tiny-llama"}, 1.0) for r, out in OUTCOMES.values()]
+    rows = [bench.result_row(r, out, {"model": "tiny-llama"}, 1.0) for r, out in outcomes]
     jsonl = tmp_path / "methods.jsonl"
     bench.append_rows(rows[:2], jsonl)
     bench.append_rows(rows, jsonl)  # a rerun: the latest row per recipe wins
