@@ -215,13 +215,5 @@ def _schedule(cron: str, timezone: str) -> Any:
         ) from None
 
 
-def read_deployment(name: str) -> Any:
-    """The deployment ``flow/deployment`` as Prefect returns it (for checks and the CLI)."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return client.read_deployment_by_name(name)
-
-
 def deployment_id(result: DeployResult) -> UUID:
     return UUID(result.deployment_id)

@@ -33,8 +33,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
-from urllib.parse import urlparse
+from typing import IO
 
 from infra.errors import ConfigError, QuantpipeError
 from infra.settings import Settings, get_settings
@@ -432,14 +431,3 @@ def running_services(
         yield services
     finally:
         services.stop()
-
-
-def parse_http_url(url: str) -> tuple[str, int]:
-    parsed = urlparse(url)
-    if parsed.hostname is None or parsed.port is None:
-        raise ConfigError(f"expected http://host:port, got {url!r}")
-    return parsed.hostname, parsed.port
-
-
-def describe(proc: ManagedProcess) -> dict[str, Any]:
-    return {"name": proc.name, "pid": proc.pid, "url": proc.url, "log": str(proc.log_path)}
