@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.cli_util import err_console, friendly
+from flows.cli_util import err_console, flow_logs_to_file, friendly
 from infra.errors import QuantpipeError
 from infra.settings import get_settings, redacted_settings
 
@@ -109,7 +109,8 @@ def _run_flow(
 
     n = workers or recipe.quantize.workers
     runner = quantize_model.with_options(task_runner=task_runner_for(n, dask))
-    result: dict[str, Any] = runner(model=model, recipe=recipe, store_url=store, progress=progress)
+    with flow_logs_to_file():  # a failing run's Prefect ERROR lines and tracebacks: log file, not console
+        result: dict[str, Any] = runner(model=model, recipe=recipe, store_url=store, progress=progress)
     return result
 
 

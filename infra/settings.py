@@ -185,32 +185,40 @@ class Settings(BaseSettings):
 
 
 def redacted_settings(settings: Settings) -> dict[str, Any]:
-    """Effective settings as plain JSON-able values, secrets replaced by ``'***'`` (or ``None`` when unset)."""
+    """Effective settings as plain JSON-able values, secrets replaced by ``'***'`` (or ``None`` when unset).
+
+    Secret fields are masked whole; every other text value goes through :mod:`infra.redact` (passwords in URLs,
+    secret query parameters, registered secret values), whatever the field: the Prefect API URL, the S3 endpoint,
+    the store URL and the MLflow artifact location may all carry ``user:password@``.
+    """
+    from pydantic import SecretBytes
+
+    from infra.redact import register_settings
+
+    register_settings(settings)  # so those passwords are also masked wherever else they show up
     out: dict[str, Any] = {}
     for name in Settings.model_fields:
         value = getattr(settings, name)
-        if name in _SECRET_FIELDS:
+        if name in _SECRET_FIELDS or isinstance(value, SecretStr | SecretBytes):
             out[name] = "***" if value is not None else None
         elif isinstance(value, Path):
             out[name] = str(value)
+        elif isinstance(value, str):
+            out[name] = _redact_uri(value)
         else:
             out[name] = value
-    out["effective_store_url"] = settings.effective_store_url
+    out["effective_store_url"] = _redact_uri(settings.effective_store_url)
     out["effective_mlflow_uri"] = _redact_uri(settings.effective_mlflow_uri)
     out["effective_cache_dir"] = str(settings.effective_cache_dir)
-    if out.get("mlflow_tracking_uri"):
-        out["mlflow_tracking_uri"] = _redact_uri(out["mlflow_tracking_uri"])
     return out
 
 
 def _redact_uri(uri: str) -> str:
-    """Hide a password embedded in a URI (``postgresql://user:pw@host``)."""
-    if "://" not in uri or "@" not in uri:
-        return uri
-    scheme, rest = uri.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+    """Hide credentials in a URI (``postgresql://user:pw@host`` -> ``postgresql://user:***@host``) and any
+    registered secret value in any text: :func:`infra.redact.redact_url`."""
+    from infra.redact import redact_url
+
+    return redact_url(uri)
 
 
 @lru_cache(maxsize=1)

@@ -18,6 +18,8 @@ from typing import Any
 
 from pydantic import SecretBytes, SecretStr
 
+from infra.redact import redact
+
 try:  # the limits moved around between MLflow releases; the fallbacks are MLflow 3.x values
     from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 except ImportError:  # pragma: no cover - depends on the installed MLflow
@@ -57,7 +59,6 @@ _SECRET_SUBSTRINGS = (
 _WORD_SPLIT = re.compile(r"[^a-z0-9]+")
 _CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _BAD_KEY_CHARS = re.compile(r"[^\w.\- :/]")
-_URI_PASSWORD = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]+):[^@/\s]+@")
 
 
 def is_secret_key(key: str) -> bool:
@@ -80,8 +81,9 @@ def is_secret_key(key: str) -> bool:
 
 
 def one_line(text: str, limit: int) -> str:
-    """Collapse whitespace and cut to ``limit`` characters with a visible mark."""
-    text = " ".join(str(text).split())
+    """Collapse whitespace, redact credentials (:func:`infra.redact.redact`) and cut to ``limit`` characters with a
+    visible mark. Redaction comes first: a cut through ``user:password@`` would hide it from the URL pattern."""
+    text = redact(" ".join(str(text).split()))
     return truncate(text, limit)
 
 
@@ -139,14 +141,15 @@ def _stringify(value: Any) -> str:
         )
     else:
         text = str(value)
-    return _URI_PASSWORD.sub(r"\1:***@", text)
+    return redact(text)
 
 
 def sanitize(values: Mapping[str, Any] | None, limit: int) -> dict[str, str]:
     """Flatten, drop secrets, clean keys and cut values to ``limit`` characters.
 
     A key is dropped (not masked) when any of its dotted parts names a secret, or when its value is a pydantic
-    ``SecretStr``/``SecretBytes``; a password embedded in a URI value is replaced by ``***``.
+    ``SecretStr``/``SecretBytes``; a password embedded in a URI value, a secret query parameter or a registered secret
+    value (:mod:`infra.redact`) is replaced by ``***``.
     """
     out: dict[str, str] = {}
     if not values:

@@ -7,12 +7,20 @@ they never wrap MLflow's own exception text verbatim (that text is often multi-l
 from __future__ import annotations
 
 from infra.errors import QuantpipeError
+from infra.redact import redact
 
 __all__ = ["RegistryError", "RegistryNotFoundError"]
 
 
 class RegistryError(QuantpipeError):
-    """The tracking server or model registry refused an operation."""
+    """The tracking server or model registry refused an operation.
+
+    The message is redacted (:func:`infra.redact.redact`): it often quotes a tracking URI, an artifact location or
+    MLflow's own text, any of which may carry ``user:password@`` or a signed-URL signature.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
 
 
 class RegistryNotFoundError(RegistryError, LookupError):

@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validat
 
 from infra.errors import ConfigError
 from infra.settings import Settings, get_settings
-from registry._sanitize import MAX_MODEL_TAG_LENGTH, clean_key, is_secret_key, truncate
+from registry._sanitize import MAX_MODEL_TAG_LENGTH, clean_key, is_secret_key, one_line, truncate
 from registry.errors import RegistryError, RegistryNotFoundError
 from registry.tracking import get_client
 
@@ -262,7 +262,8 @@ def _is_not_found(exc: MlflowException) -> bool:
 
 
 def _mlflow_error(action: str, exc: MlflowException) -> RegistryError:
-    text = " ".join(str(exc.message).split())[:300]
+    # MLflow's text repeats the request URL, user:password@ of the tracking URI included: redacted before the cut.
+    text = one_line(str(exc.message), 300)
     if _is_not_found(exc):
         return RegistryNotFoundError(f"{action}: {text}")
     return RegistryError(f"{action}: {text}")

@@ -34,6 +34,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from infra.redact import install_log_redaction, redact_url, register_settings
 from infra.settings import Settings, get_settings
 from registry._sanitize import MAX_PARAM_LENGTH, MAX_TAG_LENGTH, clean_key, one_line, sanitize
 from registry.errors import RegistryError, RegistryNotFoundError
@@ -53,6 +54,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# MLflow's exception texts and log lines name the tracking URI, user:password@ included: redact them everywhere.
+install_log_redaction()
 
 TAG_PARENT = "mlflow.parentRunId"  # what MLflow's UI and fluent API use for nesting
 TAG_KIND = "quantpipe.kind"  # "flow" | "stage"
@@ -98,6 +101,12 @@ def _create_sqlite_atomically(uri: str) -> None:
         return
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.init")
     tmp.unlink(missing_ok=True)
+    # MLflow announces the one-time schema creation at INFO on stderr ("Creating initial MLflow database
+    # tables..."): noise before a command's own output, so it is kept below the console threshold meanwhile.
+    quiet = [logging.getLogger(name) for name in ("mlflow.store.db.utils", "alembic")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
     try:
         client = MlflowClient(tracking_uri=f"sqlite:///{tmp}", registry_uri=f"sqlite:///{tmp}")
         client.search_experiments(max_results=1)  # runs the schema migrations
@@ -112,6 +121,8 @@ def _create_sqlite_atomically(uri: str) -> None:
             pass  # another process published its DB first: use that one
     finally:
         tmp.unlink(missing_ok=True)
+        for lg, level in zip(quiet, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _settings(settings: Settings | None) -> Settings:
@@ -130,6 +141,7 @@ def _configure(settings: Settings) -> _Configured:
         if found is not None:
             return found
         os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+        register_settings(settings)  # the tracking URI's password is masked wherever MLflow repeats it
         parent = _sqlite_parent(uri)
         if parent is not None:
             parent.mkdir(parents=True, exist_ok=True)
@@ -171,11 +183,7 @@ def _ensure_experiment(client: MlflowClient, name: str, location: str) -> str:
 
 
 def _redact(uri: str) -> str:
-    if "://" in uri and "@" in uri:
-        scheme, rest = uri.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
-    return uri
+    return redact_url(uri)
 
 
 def configure(settings: Settings | None = None) -> None:

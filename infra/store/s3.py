@@ -10,8 +10,6 @@ a verified local cache (a :class:`LocalStore`), so each object is fetched and ha
 from __future__ import annotations
 
 import hashlib
-import logging
-import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -27,6 +25,7 @@ from infra.errors import (
     StoreUnreachableError,
 )
 from infra.manifest import MANIFEST_NAME, FileEntry, Manifest
+from infra.redact import install_log_redaction, redact_url, register_url
 from infra.store.base import OWNER_FILE, ArtifactStore, LocalArtifact, make_staging_dir
 from infra.store.local import LocalStore
 
@@ -37,45 +36,10 @@ _CHUNK = 4 << 20
 _TRANSIENT_CODES = ("SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling", "503", "500")
 
 
-class _RedactCredentials(logging.Filter):
-    """Botocore's DEBUG logs print request headers (``Authorization: ... Credential=<access key id>/...``,
-    session tokens). Mask those and any configured secret value in every botocore/s3transfer/urllib3 record."""
-
-    _PATTERNS = (
-        (re.compile(r"Credential=[^/,\s'\"]+"), "Credential=***"),
-        (re.compile(r"Signature=[0-9a-fA-F]+"), "Signature=***"),
-        (re.compile(r"((?:X-Amz-Security-Token|Authorization)'?\s*[:=]\s*b?')[^']*"), r"\1***"),
-    )
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.secrets: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:
-            return True
-        redacted = message
-        for pattern, repl in self._PATTERNS:
-            redacted = pattern.sub(repl, redacted)
-        for secret in self.secrets:
-            redacted = redacted.replace(secret, "***")
-        if redacted != message:
-            record.msg, record.args = redacted, None
-        return True
-
-
-_REDACT = _RedactCredentials()
-
-
 def _install_redaction(secrets: list[str]) -> None:
-    _REDACT.secrets.update(s for s in secrets if s and len(s) >= 8)
-    for name in list(logging.Logger.manager.loggerDict):
-        if name.split(".")[0] in ("botocore", "boto3", "s3transfer", "urllib3"):
-            logger = logging.getLogger(name)
-            if _REDACT not in logger.filters:
-                logger.addFilter(_REDACT)
+    """Botocore's DEBUG logs print request headers (``Authorization: ... Credential=<access key id>/...``,
+    session tokens): mask those and the resolved credential values in every record (:mod:`infra.redact`)."""
+    install_log_redaction(*secrets)
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -127,6 +91,7 @@ class S3Store(ArtifactStore):
         frozen = session.get_credentials()
         known = frozen.get_frozen_credentials() if frozen is not None else None
         _install_redaction([*(credentials or {}).values(), *(known or ())])
+        register_url(endpoint_url)  # a MinIO/Ceph endpoint may carry user:password@
         self._transfer = TransferConfig(
             multipart_threshold=multipart_threshold_mb << 20,
             multipart_chunksize=16 << 20,
@@ -151,7 +116,7 @@ class S3Store(ArtifactStore):
             PartialCredentialsError,
         )
 
-        where = self.endpoint_url or "the default AWS endpoint"
+        where = redact_url(self.endpoint_url) if self.endpoint_url else "the default AWS endpoint"
         if isinstance(exc, NoCredentialsError | PartialCredentialsError):
             return StoreUnreachableError(
                 f"{what}: no AWS credentials for {self.url}; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "

@@ -196,3 +196,84 @@ def test_secrets_never_leak(
     get_settings(refresh=True)
     record("security", "secrets-not-leaked", checks=len(corpora) * 4, passed=len(corpora) * 4 - len(leaks))
     assert leaks == []
+
+
+URL_PASSWORDS = {
+    "QUANTPIPE_PREFECT_API_URL": ("http://pu:{pw}@127.0.0.1:4200/api", "prefect-PW-0001"),
+    "QUANTPIPE_S3_ENDPOINT_URL": ("http://minio:{pw}@127.0.0.1:9000", "minio-PW-0002"),
+    "QUANTPIPE_STORE_URL": ("s3://key:{pw}@bucket/prefix", "store-PW-0003"),
+    "QUANTPIPE_MLFLOW_ARTIFACT_LOCATION": ("mlflow-artifacts://art:{pw}@127.0.0.1:5000/a", "artifact-PW-0004"),
+    "QUANTPIPE_MLFLOW_TRACKING_URI": ("postgresql://alice:{pw}@127.0.0.1:5432/mlflow", "tracking-PW-0005"),
+}
+
+
+def test_config_hides_passwords_in_every_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`quantpipe config` (table and --json): no password of any configured URL, encoded or not."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from infra.settings import get_settings
+
+    monkeypatch.setenv("QUANTPIPE_HOME", str(tmp_path))
+    for var, (template, password) in URL_PASSWORDS.items():
+        monkeypatch.setenv(var, template.format(pw=password))
+    monkeypatch.setenv("QUANTPIPE_HF_TOKEN", HF_SECRET)
+    runner = CliRunner()
+    try:
+        as_json = runner.invoke(app, ["config", "--json"])
+        table = runner.invoke(app, ["config"])
+    finally:
+        monkeypatch.undo()
+        get_settings(refresh=True)
+    assert as_json.exit_code == 0 and table.exit_code == 0, as_json.output + table.output
+    data = json.loads(as_json.stdout)
+    leaks = [
+        f"{var} in {where}"
+        for var, (_, password) in URL_PASSWORDS.items()
+        for where, text in (("--json", as_json.output), ("table", table.output))
+        if password in text
+    ]
+    assert HF_SECRET not in as_json.output + table.output
+    checks = 2 * len(URL_PASSWORDS)
+    record("security", "config-url-passwords", checks=checks, passed=checks - len(leaks))
+    assert leaks == []
+    assert data["prefect_api_url"] == "http://pu:***@127.0.0.1:4200/api"
+    assert data["s3_endpoint_url"] == "http://minio:***@127.0.0.1:9000"
+    assert data["effective_store_url"] == data["store_url"] == "s3://key:***@bucket/prefix"
+    assert data["mlflow_artifact_location"] == "mlflow-artifacts://art:***@127.0.0.1:5000/a"
+    assert data["effective_mlflow_uri"] == "postgresql://alice:***@127.0.0.1:5432/mlflow"
+
+
+def test_unreachable_tracking_server_error_hides_password(tmp_path: Path) -> None:
+    """`quantpipe registry list` against a closed port, tracking URI with user:password@: exit 2, one line, no
+    password on the terminal nor in the log file that gets the details."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    password = "s3cr3tpw"
+    env = {
+        **os.environ,
+        "QUANTPIPE_HOME": str(tmp_path / "home"),
+        "QUANTPIPE_MLFLOW_TRACKING_URI": f"http://alice:{password}@127.0.0.1:{free_port()}/",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",  # MLflow's default retries take minutes against a closed port
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "registry", "list"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    log = (tmp_path / "home" / "logs" / "quantpipe.log").read_text()
+    record("security", "tracking-error-password", checks=2, passed=int(password not in done.stderr + log) * 2)
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+    assert "alice:***@127.0.0.1" in lines[0]
+    assert password not in done.stdout + done.stderr
+    assert "Traceback" in log and password not in log
