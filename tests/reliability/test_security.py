@@ -78,6 +78,7 @@ def test_artifact_keys_and_names_reject_traversal() -> None:
 
 
 def test_local_store_never_leaves_its_root(tmp_path: Path) -> None:
+    from infra.keys import artifact_key
     from infra.store import LocalStore
 
     store = LocalStore(tmp_path / "store")
@@ -85,7 +86,13 @@ def test_local_store_never_leaves_its_root(tmp_path: Path) -> None:
         with pytest.raises(ConfigError):
             store.exists(ref)
     with pytest.raises(ConfigError):
-        store.put("calibration", "0" * 64, {"../../escape.txt": b"x"}, stage_version=1, config={})
+        store.put(
+            "calibration",
+            artifact_key("calibration", 1, {}, {}),
+            {"../../escape.txt": b"x"},
+            stage_version=1,
+            config={},
+        )
     assert not (tmp_path / "escape.txt").exists()
 
 
