@@ -18,8 +18,10 @@ from tasks.stage import StageContext, StageResult, ensure_artifact, run_stage, s
 
 __all__ = ["BLOCK_VERSION", "STAGE_VERSION", "load_block_hessians", "load_tokens", "run_hessians"]
 
-STAGE_VERSION = 2  # 2: Gram matrices from the upper block triangle (ULP-level changes)
-BLOCK_VERSION = 1
+# 2: Gram matrices from the upper block triangle (ULP-level changes); 3: blocks stored compact (BLOCK_VERSION 2)
+STAGE_VERSION = 3
+# 2: each Σxxᵀ stored as its upper triangle in float32 (quant.hessian_store), ≈ 0.25x the bytes of full float64
+BLOCK_VERSION = 2
 
 
 def load_tokens(ctx: StageContext, cal_ref: str) -> Any:
@@ -29,15 +31,23 @@ def load_tokens(ctx: StageContext, cal_ref: str) -> Any:
 
 
 def load_block_hessians(ctx: StageContext, block_ref: str, groups: list[str] | None = None) -> dict[str, Any]:
-    """{group: (H_sum fp64, n)} of one block artifact (verified read)."""
+    """{group: (H_sum fp64 [n, n], n tokens)} of one block artifact (verified read); compact (upper triangle,
+    BLOCK_VERSION 2) and full (version 1) layouts both read."""
     from safetensors import safe_open
+
+    from quant.hessian_store import unpack_upper
 
     path = ctx.store.get(block_ref).file("hessians.safetensors")
     out = {}
     with safe_open(str(path), framework="pt") as f:
-        names = groups or sorted({k.split(".")[0] for k in f.keys()})  # noqa: SIM118
+        keys = set(f.keys())
+        names = groups or sorted({k.split(".")[0] for k in keys})
         for g in names:
-            out[g] = (f.get_tensor(f"{g}.H"), int(f.get_tensor(f"{g}.n").item()))
+            n = int(f.get_tensor(f"{g}.n").item())
+            if f"{g}.H" in keys:
+                out[g] = (f.get_tensor(f"{g}.H"), n)
+            else:
+                out[g] = (unpack_upper(f.get_tensor(f"{g}.H_upper"), int(f.get_tensor(f"{g}.dim").item())), n)
     return out
 
 
@@ -48,6 +58,7 @@ def run_hessians(
     from safetensors.torch import save
 
     from quant.hessian import check_finite
+    from quant.hessian_store import pack_upper
     from tasks.driver import BlockStreamer, collect_block_hessians, for_each_block, peak_rss_mb
 
     config = cfg.key_config()
@@ -73,7 +84,8 @@ def run_hessians(
                     check_finite(s.H, f"{streamer.block_name(i)}.{g}")
                 except ValueError as exc:
                     raise QuantpipeError(str(exc)) from None
-                tensors[f"{g}.H"] = s.H
+                tensors[f"{g}.H_upper"] = pack_upper(s.H)
+                tensors[f"{g}.dim"] = torch.tensor(s.H.shape[0], dtype=torch.int64)
                 tensors[f"{g}.x_sum"] = s.x_sum
                 tensors[f"{g}.n"] = torch.tensor(s.n, dtype=torch.int64)
             payload = save(tensors)
