@@ -224,11 +224,12 @@ def resolve_release_task(entry: ModelEntry, base_dir: Path, newest_by: str) -> R
 @task(name="registry-lookup", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def lookup_task(release: Release, recipe: Recipe) -> dict[str, Any] | None:
     from registry.models import lookup
+    from tasks.register import recipe_identity
 
     info = lookup(
         model=release.name,
         revision=release.revision,
-        recipe=recipe.name,
+        recipe=recipe_identity(recipe)[0],  # the name register gives it (overridden recipes carry a digest suffix)
         recipe_digest=recipe.digest(),
         settings=get_settings(),
     )

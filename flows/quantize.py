@@ -79,8 +79,9 @@ def preflight(ctx: StageContext, model: Any, recipe: Recipe) -> None:
     validate_recipe_for_model(recipe, model.path)
     if recipe.registry.enabled:
         from registry.models import registry_name
+        from tasks.register import recipe_identity
 
-        registry_name(model.name, recipe.name)
+        registry_name(model.name, recipe_identity(recipe)[0])
     cal = recipe.calibration
     check_text_source(cal.dataset, ctx.settings, text_field=cal.text_field)
     check_text_source(recipe.eval.dataset, ctx.settings, split="test")

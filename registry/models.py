@@ -96,6 +96,7 @@ TAG_GATE = "gate"
 TAG_GATE_REASON = "gate_reason"
 TAG_PROMOTION = "promotion"
 TAG_STATUS = "register_status"
+TAG_EVAL_PROTOCOL = "eval_protocol"  # digest of the evaluation settings: ppl only compares within one
 METRIC_PREFIX = "metric."
 LINEAGE_PREFIX = "key."
 _LOOKUP_TAGS = (TAG_BASE_MODEL, TAG_BASE_REVISION, TAG_RECIPE, TAG_BITS)
@@ -353,8 +354,10 @@ def _champion_decision(
     metrics: Mapping[str, float],
     gate_passed: bool,
     gated: bool,
+    protocol: str | None = None,
 ) -> tuple[bool, str]:
-    """Whether ``version`` becomes champion: gate given and passed, and not worse than the current champion.
+    """Whether ``version`` becomes champion: gate given and passed, evaluated with the champion's protocol
+    (``eval_protocol`` tag) and not worse than the current champion.
 
     "Worse" compares ``ppl`` (lower is better; equal moves, so a rebuild of the same quality takes over).
     A champion without a ``metric.ppl`` tag is replaced; a new build without ``ppl`` never replaces one that
@@ -372,6 +375,12 @@ def _champion_decision(
         return True, "gate passed; first champion"
     if str(current.version) == version:
         return True, "already champion"
+    theirs = (current.tags or {}).get(TAG_EVAL_PROTOCOL)
+    if protocol is not None and theirs is not None and theirs != protocol:
+        return False, (
+            f"gate passed but champion v{current.version} was evaluated with another protocol ({theirs} vs "
+            f"{protocol}): perplexities not comparable, champion kept (promote by hand if intended)"
+        )
     old = _finite((current.tags or {}).get(f"{METRIC_PREFIX}ppl"))
     new = _finite(metrics.get("ppl"))
     if old is None:
@@ -390,7 +399,8 @@ def _finish(
     name, version = mv.name, str(mv.version)
     try:
         client.set_registered_model_alias(name, ALIAS_CANDIDATE, version)
-        promote_it, why = _champion_decision(client, name, version, metrics, gate_passed, gated)
+        protocol = (mv.tags or {}).get(TAG_EVAL_PROTOCOL)
+        promote_it, why = _champion_decision(client, name, version, metrics, gate_passed, gated, protocol)
         if promote_it:
             client.set_registered_model_alias(name, ALIAS_CHAMPION, version)
         client.set_model_version_tag(name, version, TAG_PROMOTION, truncate(why, MAX_MODEL_TAG_LENGTH))

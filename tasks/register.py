@@ -2,18 +2,63 @@
 
 Not cached in the store: the registry itself is the record, and ``register_build`` is idempotent on the build
 key (the pack + evaluate artifact refs), so a rerun never duplicates a version.
+
+Names do not lie: a build whose effective recipe differs from the shipped recipe file of the same name (``--set``
+overrides, an edited copy) registers as ``<model>.<recipe>-<digest8>``, with the base recipe and the overridden
+fields as tags; and every version carries its evaluation protocol, so the champion rule only compares builds
+measured the same way.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from pathlib import Path
 from typing import Any
 
-from infra.keys import artifact_key
-from tasks.recipe import Recipe
+from infra.keys import artifact_key, canonical_json
+from tasks.recipe import Recipe, load_recipe
 from tasks.stage import StageContext, StageResult
 
-__all__ = ["run_register"]
+__all__ = ["eval_protocol", "recipe_identity", "run_register"]
+
+SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+_MAX_OVERRIDES_TAG = 4000
+
+
+def _diff(base: Any, new: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted paths of the fields where ``new`` differs from ``base`` (model_dump dicts), with the new values."""
+    if isinstance(base, dict) and isinstance(new, dict):
+        out: dict[str, Any] = {}
+        for key in sorted(set(base) | set(new)):
+            out.update(_diff(base.get(key), new.get(key), f"{prefix}{key}."))
+        return out
+    return {} if base == new else {prefix.rstrip("."): new}
+
+
+def recipe_identity(recipe: Recipe) -> tuple[str, dict[str, str]]:
+    """(recipe part of the registered name, extra version tags).
+
+    The shipped name when the recipe is the shipped file's (same digest) or is not a shipped name at all (the
+    user named it); ``<name>-<digest8>`` plus ``recipe_base`` / ``recipe_overrides`` tags when it claims a
+    shipped name but differs from it."""
+    shipped_file = SHIPPED_RECIPES / f"{recipe.name}.yaml"
+    if not shipped_file.is_file():
+        return recipe.name, {}
+    shipped = load_recipe(shipped_file)
+    if shipped.digest() == recipe.digest():
+        return recipe.name, {}
+    overrides = _diff(shipped.model_dump(mode="json"), recipe.model_dump(mode="json"))
+    text = json.dumps(overrides, sort_keys=True, default=str)
+    if len(text) > _MAX_OVERRIDES_TAG:
+        text = text[: _MAX_OVERRIDES_TAG - 1] + "…"
+    return f"{recipe.name}-{recipe.digest()[:8]}", {"recipe_base": recipe.name, "recipe_overrides": text}
+
+
+def eval_protocol(recipe: Recipe) -> str:
+    """Digest of what a perplexity was measured on (dataset, sequence length, windows): equal digests only."""
+    return hashlib.sha256(canonical_json(recipe.eval.key_config()).encode()).hexdigest()[:16]
 
 
 def run_register(
@@ -28,17 +73,22 @@ def run_register(
     from registry.models import PromotionGate, register_build, registry_name
 
     started = time.perf_counter()
-    name = registry_name(model_name, recipe.name)
+    recipe_name, identity_tags = recipe_identity(recipe)
+    name = registry_name(model_name, recipe_name)
     build_key = artifact_key("register", 1, {"name": name}, {k: refs[k] for k in ("pack", "evaluate")})
     gate = PromotionGate(max_ppl_increase=recipe.registry.max_ppl_increase, max_ppl=recipe.registry.max_ppl)
     tags = {
         "base_model": model_name,
         "base_revision": revision,
-        "recipe": recipe.name,
+        "recipe": recipe_name,
         "recipe_digest": recipe.digest(),
         "method": recipe.quantize.method,
         "bits": str(recipe.quantize.bits),
         "group_size": str(recipe.quantize.group_size),
+        "eval_protocol": eval_protocol(recipe),
+        "eval_windows": str(recipe.eval.n_windows),
+        "eval_seq_len": str(recipe.eval.seq_len),
+        **identity_tags,
         **{f"key.{stage}": ref for stage, ref in refs.items()},
     }
     pack = ctx.store.get(refs["pack"])

@@ -57,6 +57,7 @@ def _register(
     revision: str = "rev1",
     recipe: str = "gptq-w4g64",
     bits: int = 4,
+    protocol: str | None = None,
 ) -> ModelVersionInfo:
     with flow_run("quantize", params={}, tags={}, settings=settings) as run_id:
         pass
@@ -68,6 +69,7 @@ def _register(
         "key.calibration": CAL_REF,
         "key.pack": "pack/" + build_key.ljust(64, "0")[:64],
         "hf_token": "hf_SECRET",
+        **({"eval_protocol": protocol} if protocol else {}),
     }
     return register_build(
         name,
@@ -214,6 +216,18 @@ def test_gate_pass_sets_champion_and_failure_does_not(settings, checkpoint_dir):
     assert set(passed.aliases) == {"candidate", "champion"}
     assert passed.tags["gate"] == "passed"
     assert show(NAME, "1", settings=settings).aliases == []
+
+
+def test_champion_compares_only_builds_of_one_evaluation_protocol(settings, checkpoint_dir):
+    """A 2-window evaluation's lower ppl must not unseat a champion measured on 16 windows (issue: the gate
+    compared perplexities measured under different settings)."""
+    gate = PromotionGate(max_ppl=20)
+    v1 = _register(settings, checkpoint_dir, "p1", ppl=12.0, gate=gate, protocol="sixteen-windows")
+    assert "champion" in v1.aliases
+    v2 = _register(settings, checkpoint_dir, "p2", ppl=9.0, gate=gate, protocol="two-windows")
+    assert v2.aliases == ["candidate"] and "another protocol" in v2.tags["promotion"]
+    v3 = _register(settings, checkpoint_dir, "p3", ppl=11.0, gate=gate, protocol="sixteen-windows")
+    assert "champion" in v3.aliases
 
 
 def test_champion_not_moved_to_worse_build(settings, checkpoint_dir):
