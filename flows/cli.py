@@ -185,6 +185,9 @@ def demo(
             f"{rec.eval.n_windows} eval windows of {rec.eval.seq_len} (the recipe's standard protocol is 128x512 and "
             "16 windows: pass --full)"
         )
+    from tasks.calibration import describe_text_source
+
+    console.print(f"data: {describe_text_source(rec.calibration.dataset, settings)}")
     out = _run_flow("smollm2-135m", rec, store=None, workers=None, progress=True)
     _print_outcome(out)
     console.print(f"store: {settings.effective_store_url}   MLflow: {settings.effective_mlflow_uri}")

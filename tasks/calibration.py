@@ -61,13 +61,30 @@ def run_model(ctx: StageContext, model: ResolvedModel) -> StageResult:
 
 
 _WIKITEXT_FILES = {"validation": "wiki.valid.raw", "test": "wiki.test.raw"}
+HUB_WIKITEXT = "wikitext2-hub"  # the Hugging Face ``wikitext`` dataset through ``datasets`` (needs the hub)
+
+
+def describe_text_source(dataset: str, settings: Settings) -> str:
+    """One line saying where a dataset name's text comes from (the demo prints it)."""
+    if dataset == HUB_WIKITEXT:
+        return "WikiText-2 raw from the Hugging Face hub ('wikitext' dataset)"
+    if dataset == "wikitext2":
+        if settings.wikitext_dir is None:
+            return "WikiText-2 raw shipped with quantpipe (CC BY-SA 3.0, tasks/data/wikitext-2-raw)"
+        return f"WikiText-2 raw from {settings.wikitext_dir} (QUANTPIPE_WIKITEXT_DIR)"
+    return f"local text {dataset}"
 
 
 def _source_files(dataset: str, settings: Settings, split: str) -> tuple[str, list[Path]]:
     """(builder, files) for a local source; builder '' means the hub dataset."""
+    if dataset == HUB_WIKITEXT:
+        return "", []
     if dataset == "wikitext2":
-        if settings.wikitext_dir is None:
-            return "", []
+        if settings.wikitext_dir is None:  # no local copy configured: the one shipped with quantpipe (offline)
+            from tasks.bundled_data import bundled_wikitext_dir
+
+            f = bundled_wikitext_dir(settings.effective_cache_dir) / _WIKITEXT_FILES[split]
+            return "text", [f]
         f = settings.wikitext_dir / _WIKITEXT_FILES[split]
         if not f.is_file():
             raise ConfigError(f"{f} not found; set QUANTPIPE_WIKITEXT_DIR to a dir with wiki.valid.raw/wiki.test.raw")

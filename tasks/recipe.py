@@ -54,8 +54,9 @@ class CalibrationConfig(BaseModel):
 
     dataset: str = Field(
         default="wikitext2",
-        description="'wikitext2' (wiki.valid.raw from the settings' wikitext_dir, or the hub dataset), or a path "
-        "to a local .txt/.jsonl file or a directory of them.",
+        description="'wikitext2' (wiki.valid.raw from QUANTPIPE_WIKITEXT_DIR, else the copy shipped with "
+        "quantpipe), 'wikitext2-hub' (the Hugging Face dataset), or a path to a local .txt/.jsonl file or a "
+        "directory of them under QUANTPIPE_DATA_DIRS.",
     )
     text_field: str = Field(default="text", description="JSONL field holding the text.")
     n_samples: int = Field(default=128, ge=1, le=100_000, description="Number of token windows.")
@@ -397,7 +398,11 @@ class PackConfig(BaseModel):
 class EvalConfig(BaseModel):
     model_config = _FROZEN
 
-    dataset: Literal["wikitext2"] = Field(default="wikitext2", description="Perplexity text (wiki.test.raw).")
+    dataset: Literal["wikitext2", "wikitext2-hub"] = Field(
+        default="wikitext2",
+        description="Perplexity text: wiki.test.raw (QUANTPIPE_WIKITEXT_DIR, else the copy shipped with quantpipe), "
+        "or 'wikitext2-hub' for the Hugging Face dataset.",
+    )
     seq_len: int = Field(default=2048, ge=8, description="Tokens per non-overlapping window.")
     n_windows: int = Field(default=16, ge=0, description="First N windows; 0 = all.")
     batch_size: int = Field(default=1, ge=1, description="Windows per forward (not keyed).")
