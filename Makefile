@@ -2,15 +2,19 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP_FLAGS ?= -q --disable-pip-version-check
+# Not -q: a first install takes minutes and should show what it is doing (PIP_FLAGS=-q to silence it).
+PIP_FLAGS ?= --disable-pip-version-check --progress-bar on
 
 .PHONY: setup test test-fast lint demo bench lock clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
+	@echo "== creating $(VENV) and installing quantpipe (pinned by constraints.txt; a few minutes the first time)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "== 1/2 torch 2.13.0 (CPU wheel)"
 	$(PY) -m pip install $(PIP_FLAGS) -c constraints.txt torch==2.13.0
+	@echo "== 2/2 quantpipe and its dependencies (prefect, mlflow, transformers, ...)"
 	$(PY) -m pip install $(PIP_FLAGS) -c constraints.txt -e ".[dev,dask]"
 	touch $@
 
