@@ -67,9 +67,50 @@ _FP16_MAX = 65504.0
 
 def _round_scale(scale: Tensor, scale_dtype: str) -> Tensor:
     """Scales as stored: fp16-rounded (within fp16's normal range) when the packed format keeps fp16 scales."""
-    if scale_dtype == "float16":
+    if scale_dtype in ("float16", "float16_min"):
         scale = scale.clamp(_FP16_MIN_NORMAL, _FP16_MAX).to(torch.float16).to(GRID_DTYPE)
     return scale
+
+
+def _fp16_exact(x: Tensor) -> Tensor:
+    return x.to(torch.float16).to(GRID_DTYPE) == x
+
+
+def _round_significand(x: Tensor, keep: Tensor) -> Tensor:
+    """x (> 0) rounded to ``keep`` significant bits (round half to even on the significand)."""
+    m, e = torch.frexp(x)  # x = m·2^e, m ∈ [0.5, 1)
+    step = torch.ldexp(torch.ones_like(m), keep.to(torch.int32))
+    return torch.ldexp(torch.round(m * step) / step, e)
+
+
+def _fp16_min_grid(scale: Tensor, zero: Tensor, wmin: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """``scale_dtype="float16_min"``: fp16 scales whose grid minimum −scale·zero is an fp16 number too.
+
+    llama.cpp's Q4_1 stores ``d`` and ``m = −scale·zero`` as fp16 and decodes ``q·d + m``, so a grid is exact
+    there only when that product is. An fp16 scale has 11 significant bits; the product has up to
+    ``11 + bitlen(odd part of zero)``. Where it does not fit, the scale keeps ``11 − bitlen(odd part of zero)``
+    bits (round to nearest, zero recomputed); where the new zero still does not fit, it keeps ``11 − bits``,
+    which fits every zero in 0..2^bits − 1. Grids whose product already fits are unchanged.
+    """
+    maxq = (1 << bits) - 1
+
+    def refit(bad: Tensor, keep: Tensor, scale: Tensor, zero: Tensor) -> tuple[Tensor, Tensor]:
+        scale = torch.where(bad, _round_significand(scale, keep), scale)
+        return scale, torch.where(bad, torch.round(-wmin / scale).clamp(0, maxq), zero)
+
+    bad = ~_fp16_exact(scale * zero)
+    if not bool(bad.any()):
+        return scale, zero
+    z = zero.to(torch.int64)
+    odd = torch.where(z > 0, z // (z & -z), torch.ones_like(z))  # odd part of the zero point
+    odd_bits = torch.floor(torch.log2(odd.to(torch.float64))).to(torch.int64) + 1
+    scale, zero = refit(bad, 11 - odd_bits, scale, zero)
+    bad = ~_fp16_exact(scale * zero)
+    if bool(bad.any()):
+        scale, zero = refit(bad, torch.full_like(z, 11 - bits), scale, zero)
+        if not bool(_fp16_exact(scale * zero).all()):
+            raise ValueError("float16_min: a grid minimum −scale·zero is outside fp16's range")
+    return scale, zero
 
 
 def _grid_from_range(
@@ -85,6 +126,8 @@ def _grid_from_range(
     scale = (wmax - wmin) / maxq
     scale = _round_scale(torch.where(scale >= _TINY, scale, torch.ones_like(scale)), scale_dtype)
     zero = torch.round(-wmin / scale).clamp_(0, maxq)
+    if scale_dtype == "float16_min":
+        scale, zero = _fp16_min_grid(scale, zero, wmin, bits)
     return scale, zero
 
 

@@ -43,7 +43,8 @@ class GridConfig(BaseModel):
         sym: false
         mse_clip: false
         scale_dtype: float32   # float16: scales rounded to fp16 BEFORE coding, so an fp16-scale packed
-                               # checkpoint dequantizes exactly to the fake-quantized weights
+                               # checkpoint dequantizes exactly to the fake-quantized weights;
+                               # float16_min: also −scale·zero exactly fp16 (llama.cpp Q4_1's d and m)
         scale_mode: minmax     # rms: clip at 2.4·RMS (needs sym: true)
         version: 1
     """
@@ -54,7 +55,7 @@ class GridConfig(BaseModel):
     group_size: int = -1
     sym: bool = False
     mse_clip: bool = False
-    scale_dtype: Literal["float32", "float16"] = "float32"
+    scale_dtype: Literal["float32", "float16", "float16_min"] = "float32"
     scale_mode: Literal["minmax", "rms"] = "minmax"
     version: ConfigVersion = 1
 

@@ -1,9 +1,11 @@
 """Stage ``pack``: a loadable checkpoint from the ``qlayer`` artifacts.
 
 ``native/`` is quantpipe's own format (see :mod:`tasks.checkpoint`), readable by :class:`QuantLinear` and the
-kernels. ``compressed-tensors/`` is the ``pack-quantized`` export that transformers and vLLM load, written
-whenever the scheme is representable there (4/8-bit integer groups that divide every layer, static groups);
-otherwise the artifact records why it was skipped.
+kernels. Next to it, every serving format the build can be written in exactly (:mod:`tasks.export`):
+``compressed-tensors/`` (pack-quantized, sym and asym: vLLM, transformers), ``gptq/`` (quant_method gptq:
+vLLM, GPTQModel) and ``gguf/`` (llama.cpp: W4 g32 → Q4_1/Q4_0, W8 g32 → Q8_0). Each is decoded again by an
+independent reader where one is installed before it ships; the manifest lists the written ``formats`` and, per
+format not written, ``<format>_skipped`` with the one-line reason.
 """
 
 from __future__ import annotations
@@ -14,51 +16,24 @@ from typing import Any
 
 import torch
 
-from infra.errors import QuantpipeError
 from infra.safetensors_io import canonicalise_file
-from quant.types import QuantizedWeight
 from tasks.checkpoint import QUANT_METHOD, copy_tokenizer
+from tasks.export import ExportInputs, write_exports
 from tasks.qlayer import BPW_COUNTED, LayerResult, layer_bits, layer_kind, layer_shape, native_tensors, stored_bits
 from tasks.quantize import layer_seed
 from tasks.recipe import PackConfig, QuantizeConfig
 from tasks.stage import StageContext, StageResult, run_stage
 
-__all__ = ["STAGE_VERSION", "compressed_tensors_reason", "run_pack"]
+__all__ = ["STAGE_VERSION", "run_pack"]
 
-STAGE_VERSION = 2  # 2: transform sign vectors bit-packed (1 bit per sign instead of fp32)
+# 2: transform sign vectors bit-packed (1 bit per sign instead of fp32); 3: serving exports (compressed-tensors
+# asym too, gptq, gguf), each verified by an independent decoder
+STAGE_VERSION = 3
 
 
 def _layers(ctx: StageContext, quant_ref: str) -> dict[str, str]:
     index = json.loads(ctx.store.read_bytes(quant_ref, "index.json"))
     return {name: v["ref"] for name, v in index["layers"].items()}
-
-
-def compressed_tensors_reason(cfg: QuantizeConfig, qweights: dict[str, LayerResult]) -> str | None:
-    """None when representable in compressed-tensors pack-quantized, else why not."""
-    if cfg.icquant_base() is not None:
-        return "ICQuant outlier grids and index-coded positions have no compressed-tensors representation"
-    if cfg.method == "gptqt":
-        return "GPTQT binary coding (bit-planes + α') has no compressed-tensors representation"
-    if cfg.method == "hadamard-e8p":
-        return "E8P lattice codes (16-bit codeword per 8 weights) have no compressed-tensors representation"
-    if cfg.bitalloc is not None or len({q.bits for q in qweights.values()}) > 1:
-        return "mixed per-layer bit-widths have no single compressed-tensors scheme"
-    if not all(isinstance(q, QuantizedWeight) for q in qweights.values()):
-        return "layers are not plain affine-grid weights"
-    if cfg.transform_kind() is not None or any(q.transforms for q in qweights.values()):
-        return f"{cfg.method} weights need the online incoherence transforms, which compressed-tensors cannot express"
-    if cfg.bits not in (4, 8):
-        return f"compressed-tensors pack-quantized supports 4/8-bit integers, not {cfg.bits}-bit"
-    if not cfg.sym:
-        # Measured: transformers 5.24 + compressed-tensors 0.20 re-initialise packed asymmetric zero points on load
-        # (shape mismatch [N/8, G] vs [N, G]), silently changing the weights. Export only what loads exactly.
-        return "asymmetric zero points do not load correctly in transformers/compressed-tensors (sym only)"
-    for name, q in qweights.items():
-        if q.g_idx is not None:
-            return f"{name} uses act-order without static groups (g_idx)"
-        if q.in_features % q.group_size:
-            return f"{name}: group {q.group_size} does not divide {q.in_features} columns (ragged last group)"
-    return None
 
 
 def _write_native(
@@ -122,48 +97,6 @@ def _write_native(
     return layer_bpw
 
 
-def _write_compressed_tensors(out: Path, model_path: Path, cfg: QuantizeConfig, qweights: dict[str, Any]) -> None:
-    """Export via compressed-tensors' own compressor: weights = our fake-quantized values, qparams = our grids."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (
-        QuantizationArgs,
-        QuantizationConfig,
-        QuantizationScheme,
-        apply_quantization_config,
-    )
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, use_safetensors=True)
-    if cfg.group_size <= 0:  # one grid per output channel: each layer's "group" is its own width
-        wargs = QuantizationArgs(num_bits=cfg.bits, type="int", symmetric=cfg.sym, strategy="channel")
-    else:
-        wargs = QuantizationArgs(
-            num_bits=cfg.bits, type="int", symmetric=cfg.sym, strategy="group", group_size=cfg.group_size
-        )
-    qcfg = QuantizationConfig(
-        config_groups={"group_0": QuantizationScheme(targets=sorted(qweights), weights=wargs)},
-        quantization_status="frozen",
-    )
-    apply_quantization_config(model, qcfg)
-    half = 1 << (cfg.bits - 1)
-    for name, q in qweights.items():
-        m = model.get_submodule(name)
-        if not hasattr(m, "weight_scale"):
-            raise QuantpipeError(f"compressed-tensors did not attach qparams to {name}")
-        m.weight.data.copy_(q.dequantize())
-        m.weight_scale.data.copy_(q.scales.reshape(m.weight_scale.shape))
-        if hasattr(m, "weight_zero_point"):
-            # ours: codes 0..2^b-1 with zero z; theirs: signed codes −2^(b−1)..2^(b−1)−1 → shift both by 2^(b−1)
-            m.weight_zero_point.data.copy_(
-                (q.zeros - half).reshape(m.weight_zero_point.shape).to(m.weight_zero_point.dtype)
-            )
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
-    compressor.compress_model(model)
-    model.save_pretrained(out)
-    compressor.update_config(out)
-    copy_tokenizer(model_path, out)
-
-
 def run_pack(
     ctx: StageContext,
     model_path: Path,
@@ -176,7 +109,6 @@ def run_pack(
 ) -> StageResult:
     """``runtime``: A/KV fake quantization the packed model applies (``Recipe.runtime_config``); keyed when set."""
     from tasks.quantize import load_qlayer
-    from tasks.quarot import runtime_reason
 
     config = {
         **cfg.model_dump(mode="json"),
@@ -218,14 +150,12 @@ def run_pack(
             overall = sum(v[f"bpw_{part}"] * v["n_weights"] for v in layer_bpw.values()) / max(n_weights, 1)
             meta["bits_per_weight_stored" if part == "total" else f"bits_per_weight_stored_{part}"] = overall
         meta["layer_bits_counted"] = {f"bpw_{k}": v for k, v in BPW_COUNTED.items()}  # what layer_bits.json sums
-        reason = compressed_tensors_reason(qcfg, qweights) if cfg.compressed_tensors else "disabled in recipe"
-        reason = reason or runtime_reason(model_path, runtime)
-        if reason is None:
-            _write_compressed_tensors(w.dir / "compressed-tensors", model_path, qcfg, qweights)
-            w.register_tree("compressed-tensors")
-            meta["formats"].append("compressed-tensors")
-        else:
-            meta["compressed_tensors_skipped"] = reason
+        exports = write_exports(
+            w.dir, ExportInputs(model_path, qcfg, qweights, runtime), lambda flag: bool(getattr(cfg, flag))
+        )
+        for name in exports["formats"]:
+            w.register_tree(name)
+        meta.update({**exports, "formats": ["native", *exports["formats"]]})
         w.metadata.update(meta)
         if run is not None:
             run.log_metrics({k: float(v) for k, v in meta.items() if isinstance(v, int | float)})

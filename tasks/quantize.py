@@ -66,7 +66,7 @@ def grid_config(cfg: QuantizeConfig, bits: int | None = None) -> GridConfig:
         group_size=cfg.group_size,
         sym=cfg.sym,
         mse_clip=cfg.mse_clip,
-        scale_dtype="float16",
+        scale_dtype="float16_min" if cfg.fp16_min else "float16",
         scale_mode=cfg.scale_mode,
     )
 

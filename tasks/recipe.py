@@ -233,6 +233,11 @@ class QuantizeConfig(BaseModel):
     scale_mode: Literal["minmax", "rms"] = Field(
         default="minmax", description="Grid range: minmax (max|w|), or rms: ±2.4·RMS(w) (needs sym; for rotations)."
     )
+    fp16_min: bool = Field(
+        default=False,
+        description="W4 asymmetric grids whose minimum −scale·zero is also an fp16 number (scales keep fewer "
+        "significand bits where needed), so llama.cpp's Q4_1 (fp16 d and m) holds them exactly (rtn/gptq).",
+    )
     transform: TransformConfig = Field(
         default_factory=TransformConfig, description="Incoherence transforms (quip, hadamard-gptq, hadamard-e8p only)."
     )
@@ -295,6 +300,11 @@ class QuantizeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _method_options(self) -> QuantizeConfig:
+        if self.fp16_min and (self.effective_method() not in ("rtn", "gptq") or self.bits != 4 or self.sym):
+            raise ValueError(
+                "fp16_min is for W4 asymmetric rtn/gptq grids (llama.cpp Q4_1), not "
+                f"{self.effective_method()} W{self.bits} {'sym' if self.sym else 'asym'}"
+            )
         if self.outliers is not None and self.method not in ("rtn", "gptq", *ICQUANT_METHODS):
             raise ValueError(f"outliers (ICQuant) combine with rtn/gptq/icquant-*, not with method {self.method}")
         if self.icquant_base() is not None and self.scale_mode != "minmax":
@@ -364,6 +374,8 @@ class QuantizeConfig(BaseModel):
             exclude.add("transform")
         if self.scale_mode == "minmax":  # default: keeps the keys of recipes written before scale_mode existed
             exclude.add("scale_mode")
+        if not self.fp16_min:  # default: keeps the keys of recipes written before fp16_min existed
+            exclude.add("fp16_min")
         exclude |= {"outliers", "gptqt", "bitalloc", "e8p"}  # added below only where they change the weights
         out = self.model_dump(mode="json", exclude=exclude)
         base = self.icquant_base()
@@ -392,6 +404,15 @@ class PackConfig(BaseModel):
 
     compressed_tensors: bool = Field(
         default=True, description="Also export compressed-tensors (pack-quantized) when the scheme is representable."
+    )
+    gptq: bool = Field(
+        default=True,
+        description="Also export a GPTQ checkpoint (quant_method gptq: qweight/qzeros/scales/g_idx) when it fits.",
+    )
+    gguf: bool = Field(
+        default=True,
+        description="Also export a GGUF file for llama.cpp when every layer's grid is a llama.cpp type "
+        "(W4 g32 asym: Q4_1, W4 g32 sym: Q4_0, W8 g32 sym: Q8_0).",
     )
 
 
@@ -564,6 +585,11 @@ class Recipe(BaseModel):
         for section in ("rotation", "activations", "kv_cache"):  # defaults: digests of older recipes unchanged
             if getattr(self, section) == type(getattr(self, section))():
                 data.pop(section)
+        if not self.quantize.fp16_min:  # fields added later, at their defaults: digests of older recipes unchanged
+            data["quantize"].pop("fp16_min")
+        for fmt in ("gptq", "gguf"):
+            if getattr(self.pack, fmt):
+                data["pack"].pop(fmt)
         if not self.activations.group_size and "activations" in data:
             data["activations"].pop("group_size")
         return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:16]

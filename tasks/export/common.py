@@ -1,0 +1,92 @@
+"""What every serving export shares: which builds are plain affine grids, the source tensors, the tokenizer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quant.types import QuantizedWeight
+from tasks.qlayer import LayerResult
+from tasks.recipe import QuantizeConfig
+
+__all__ = ["ExportInputs", "affine_reason", "decoder_linear_names", "source_tensors"]
+
+
+@dataclass(frozen=True)
+class ExportInputs:
+    """One build as the exporters see it: the base model dir, the scheme, the quantized layers, the runtime."""
+
+    model_path: Path
+    cfg: QuantizeConfig
+    qweights: dict[str, LayerResult]
+    runtime: dict[str, Any] | None = None
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return json.loads((self.model_path / "config.json").read_text())
+
+    def affine(self) -> dict[str, QuantizedWeight]:
+        """The layers as plain affine grids (call after ``affine_reason`` returned None)."""
+        out = {}
+        for name, q in self.qweights.items():
+            if not isinstance(q, QuantizedWeight):
+                raise TypeError(f"{name} is not a plain affine-grid layer")
+            out[name] = q
+        return out
+
+
+def affine_reason(inputs: ExportInputs, fmt: str) -> str | None:
+    """None when the build is one plain affine scheme (codes + per-group scale/zero, no online transforms, one
+    bit-width) that ``fmt`` can hold in principle, else why not (one line naming ``fmt``)."""
+    from tasks.quarot import QUAROT_KEY
+
+    cfg, qweights = inputs.cfg, inputs.qweights
+    if cfg.icquant_base() is not None:
+        return f"ICQuant outlier grids and index-coded positions have no {fmt} representation"
+    if cfg.method == "gptqt":
+        return f"GPTQT binary coding (bit-planes + α') has no {fmt} representation"
+    if cfg.method == "hadamard-e8p":
+        return f"E8P lattice codes (16-bit codeword per 8 weights) have no {fmt} representation"
+    if cfg.bitalloc is not None or len({q.bits for q in qweights.values()}) > 1:
+        return f"mixed per-layer bit-widths have no single {fmt} scheme"
+    if not all(isinstance(q, QuantizedWeight) for q in qweights.values()):
+        return "layers are not plain affine-grid weights"
+    if cfg.transform_kind() is not None or any(q.transforms for q in qweights.values()):  # type: ignore[union-attr]
+        return f"{cfg.method} weights need the online incoherence transforms, which {fmt} cannot express"
+    if QUAROT_KEY in inputs.config:
+        return f"QuaRot needs online Hadamard transforms, which {fmt} cannot express"
+    if inputs.runtime:
+        return f"activation/KV fake quantization ({', '.join(sorted(inputs.runtime))}) is not a {fmt} scheme"
+    return None
+
+
+def source_tensors(model_path: Path, skip: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the base checkpoint, in file order, except weights of the linears in ``skip``."""
+    from safetensors import safe_open
+
+    skip = skip or set()
+    for f in sorted(model_path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for name in h.keys():  # noqa: SIM118
+                if name.removesuffix(".weight") in skip and name.endswith(".weight"):
+                    continue
+                yield name, h.get_tensor(name)
+
+
+def decoder_linear_names(model_path: Path) -> list[str]:
+    """Names of the 2-D ``*.weight`` tensors inside decoder blocks (``.layers.<i>.``): the linears an engine's
+    GPTQ/GGUF loader expects quantized."""
+    from safetensors import safe_open
+
+    out = []
+    for f in sorted(model_path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for name in h.keys():  # noqa: SIM118
+                if ".layers." in name and name.endswith(".weight") and len(h.get_slice(name).get_shape()) == 2:
+                    out.append(name.removesuffix(".weight"))
+    return sorted(out)

@@ -1,0 +1,54 @@
+"""The flow's pack stage writes every serving format a W4 g32 asym fp16_min build maps to (gptq-w4g32's scheme)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flows.quantize import quantize_model
+from infra.settings import Settings
+from infra.store import open_store
+from tests.flows.conftest import tiny_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def test_pack_writes_every_format_and_each_reproduces_the_native_weights(
+    prefect_harness: None, home: Settings, tiny_llama_dir: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tasks.checkpoint import load_packed_model
+    from tasks.quantize import load_qlayer
+    from tasks.stage import StageContext
+    from tests.helpers.gptq_reader import read_gptq_checkpoint
+
+    out = quantize_model(str(tiny_llama_dir), tiny_recipe(sym=False, fp16_min=True))
+    store = open_store(settings=home)
+    pack = store.get(out["stages"]["pack"]["key"])
+    meta = pack.manifest.metadata
+    assert meta["formats"] == ["native", "compressed-tensors", "gptq", "gguf"]
+    assert meta["exports"]["gguf"]["ggml_type"] == "Q4_1" and meta["exports"]["gptq"]["checkpoint_format"] == "gptq_v2"
+    assert not any(k.endswith("_skipped") for k in meta)
+    assert store.verify(out["stages"]["pack"]["key"]).ok  # every export file is in the manifest, hashed
+
+    ctx = StageContext(settings=home, store_url=home.effective_store_url)
+    index = json.loads(store.read_bytes(out["stages"]["quantize"]["key"], "index.json"))["layers"]
+    weights = {name: load_qlayer(ctx, entry["ref"]).dequantize() for name, entry in index.items()}
+    native = load_packed_model(pack.root / "native")
+    ids = torch.randint(0, native.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = native(ids).logits
+        ct = AutoModelForCausalLM.from_pretrained(pack.root / "compressed-tensors")
+        assert torch.equal(ct(ids).logits, ref)
+        gguf_dir = pack.root / "gguf"
+        gg = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=meta["exports"]["gguf"]["file"])
+        torch.testing.assert_close(gg(ids).logits, ref, rtol=0, atol=1e-5)
+    gptq_state = read_gptq_checkpoint(pack.root / "gptq")
+    gg_state = gg.state_dict()
+    for name, w in weights.items():
+        assert torch.equal(gptq_state[f"{name}.weight"], w), name
+        assert torch.equal(gg_state[f"{name}.weight"].to(torch.float32), w), name
