@@ -104,11 +104,12 @@ def _quiet_prefect() -> None:
 def _run_flow(
     model: str, recipe: Any, *, store: str | None, workers: int | None, progress: bool, dask: str | None = None
 ) -> dict[str, Any]:
+    from flows.prefect_backend import with_prefect_backend
     from flows.quantize import quantize_model
     from flows.runners import task_runner_for
 
     n = workers or recipe.quantize.workers
-    runner = quantize_model.with_options(task_runner=task_runner_for(n, dask))
+    runner = with_prefect_backend(quantize_model.with_options(task_runner=task_runner_for(n, dask)))
     with flow_logs_to_file():  # a failing run's Prefect ERROR lines and tracebacks: log file, not console
         result: dict[str, Any] = runner(model=model, recipe=recipe, store_url=store, progress=progress)
     return result

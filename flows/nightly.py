@@ -30,6 +30,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from flows.prefect_backend import is_api_loss, record_flow_result
 from infra.errors import ConfigError, QuantpipeError
 from infra.settings import Settings, get_settings
 from tasks.recipe import Recipe, load_recipe, parse_recipe
@@ -376,7 +377,12 @@ def nightly_requantize(
 
     seconds = time.perf_counter() - started
     markdown = render_summary(rows, watchlist=str(watchlist_path), seconds=seconds)
-    create_markdown_artifact(markdown=markdown, key=ARTIFACT_KEY, description="nightly requantization summary")
+    try:
+        create_markdown_artifact(markdown=markdown, key=ARTIFACT_KEY, description="nightly requantization summary")
+    except Exception as exc:  # the builds are done and registered: a lost Prefect API must not fail the night
+        if not is_api_loss(exc):
+            raise
+        logger.warning("summary artifact not posted, the Prefect API is unreachable: %s", _one_line(exc))
     print(markdown)
     counts = {
         "ran": sum(r.status in ("registered", "failed") for r in rows),
@@ -392,4 +398,5 @@ def nightly_requantize(
             f"nightly requantization: {bad} of {len(rows)} entries failed or could not be resolved "
             f"(see the '{ARTIFACT_KEY}' artifact); the others completed"
         )
+    record_flow_result(summary)  # a Prefect API lost from here on must not fail the night (flows.prefect_backend)
     return summary

@@ -167,10 +167,12 @@ def nightly(
 ) -> None:
     """Run the nightly requantization once, now, in this process (exit 1 if any entry failed)."""
     from flows.nightly import load_watchlist, nightly_requantize
+    from flows.prefect_backend import with_prefect_backend
 
     _quiet()
     load_watchlist(watchlist)  # a broken file is a one-line error before Prefect starts
-    state = nightly_requantize(watchlist_path=watchlist, store_url=store, fail_on_error=False, return_state=True)
+    run = with_prefect_backend(nightly_requantize)  # this process's own Prefect API unless one is configured
+    state = run(watchlist_path=watchlist, store_url=store, fail_on_error=False, return_state=True)
     summary: dict[str, Any] = state.result()
     if as_json:
         typer.echo(json.dumps(summary, default=str))

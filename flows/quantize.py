@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
+from flows.prefect_backend import record_flow_result
 from infra.errors import ConfigError, QuantpipeError
 from infra.settings import Settings, get_settings
 from tasks.recipe import Recipe
@@ -283,4 +284,6 @@ def quantize_model(model: str, recipe: Recipe, store_url: str | None = None, pro
     settings = get_settings()
     ctx = StageContext(settings=settings, store_url=store_url or settings.effective_store_url, progress=progress)
     ctx.store.check()
-    return run_quantize_pipeline(ctx, model, recipe).model_dump()
+    outcome = run_quantize_pipeline(ctx, model, recipe).model_dump()
+    record_flow_result(outcome)  # every stage done: a Prefect API lost from here on must not fail the run
+    return outcome

@@ -40,18 +40,14 @@ def _picklable_stage_context() -> None:
 
 
 def _api_url_for_workers() -> str:
-    """The Prefect API the Dask workers must report to: the configured one, or this process's ephemeral
-    server (started now), so workers do not each start (and migrate) an ephemeral server of their own."""
-    from prefect.settings import get_current_settings
+    """The Prefect API the Dask workers must report to: the configured one, or this process's own server
+    (started now, :mod:`flows.prefect_backend`), so workers do not each start (and migrate) a server of their own."""
+    from flows.prefect_backend import ensure_prefect_backend
 
-    url = get_current_settings().api.url
-    if url:
-        return str(url)
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start(timeout=120)
-    return str(server.api_url)
+    url = ensure_prefect_backend()
+    if not url:
+        raise ConfigError("Dask workers need a Prefect API: set PREFECT_API_URL (or enable Prefect's ephemeral mode)")
+    return url
 
 
 def dask_task_runner(spec: str, *, workers: int) -> Any:
