@@ -92,6 +92,8 @@ def run_register(
         **{f"key.{stage}": ref for stage, ref in refs.items()},
     }
     pack = ctx.store.get(refs["pack"])
+    # serving exports inside the pack (tasks.export): `quantpipe export NAME/VERSION --format F` resolves them
+    tags["formats"] = ",".join(pack.manifest.metadata.get("formats", ["native"]))
     prefix = pack.manifest.file("native/config.json").path.removesuffix("native/config.json")
     checkpoint = pack.root / prefix if prefix else pack.root
     with ctx.tracked(

@@ -52,15 +52,19 @@ def pack_dense_int32(values: Tensor, bits: int) -> Tensor:
     if (flat < 0).any() or (flat >= (1 << bits)).any():
         raise ValueError(f"values outside 0..{(1 << bits) - 1}")
     words_per_row = n * bits // 32
-    out = torch.empty(flat.shape[0], words_per_row, dtype=torch.int64)
-    shifts = torch.arange(bits, dtype=torch.int64)
-    word_shifts = torch.arange(32, dtype=torch.int64)
-    rows_per_chunk = max(1, _CHUNK // max(n, 1))
-    for r0 in range(0, flat.shape[0], rows_per_chunk):
-        chunk = flat[r0 : r0 + rows_per_chunk]
-        bitplanes = (chunk[..., None] >> shifts) & 1  # [rows, n, bits], least significant bit first
-        words = bitplanes.reshape(chunk.shape[0], words_per_row, 32) << word_shifts
-        out[r0 : r0 + rows_per_chunk] = words.sum(dim=-1)
+    if 32 % bits == 0:  # whole codes per word: word w = Σ_j v[P·w + j] << (bits·j)
+        per_word = 32 // bits
+        shifts = torch.arange(per_word, dtype=torch.int64) * bits
+        out = (flat.reshape(flat.shape[0], words_per_row, per_word) << shifts).sum(dim=-1)
+    else:  # codes straddle words (3-bit): go through the bit planes, a chunk of rows at a time
+        out = torch.empty(flat.shape[0], words_per_row, dtype=torch.int64)
+        plane_shifts = torch.arange(bits, dtype=torch.int64)
+        word_shifts = torch.arange(32, dtype=torch.int64)
+        rows_per_chunk = max(1, _CHUNK // max(n, 1))
+        for r0 in range(0, flat.shape[0], rows_per_chunk):
+            chunk = flat[r0 : r0 + rows_per_chunk]
+            planes = (chunk[..., None] >> plane_shifts) & 1  # [rows, n, bits], least significant bit first
+            out[r0 : r0 + rows_per_chunk] = (planes.reshape(chunk.shape[0], words_per_row, 32) << word_shifts).sum(-1)
     out = torch.where(out >= 1 << 31, out - (1 << 32), out)  # two's complement int32
     return out.to(torch.int32).reshape(*lead, words_per_row)
 

@@ -1,6 +1,6 @@
 """compressed-tensors ``pack-quantized`` export (what llm-compressor writes and vLLM serves), symmetric and asymmetric.
 
-Written through compressed-tensors' own ``ModelCompressor`` from our fake-quantized weights and grids, so the
+Written with compressed-tensors' own per-module compressor from our fake-quantized weights and grids, so the
 packed codes, scales and zero points are the library's encoding of exactly our numbers:
 
 * ``weight_packed`` int32 [N, K·b/32] (codes − 2^(b−1), offset back on packing), ``weight_scale`` [N, G] (our
@@ -65,34 +65,53 @@ def _weight_args(cfg: Any) -> Any:
     )
 
 
+def _linear_names(model_path: Path) -> list[str]:
+    """Every ``nn.Linear`` of the architecture (a meta-device skeleton: no weights read or allocated)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
 def write_compressed_tensors(out: Path, inputs: ExportInputs) -> dict[str, Any]:
-    """Write the checkpoint dir ``out``; returns what the pack manifest records about it."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, apply_quantization_config
-    from transformers import AutoModelForCausalLM
+    """Write the checkpoint dir ``out``; returns what the pack manifest records about it.
+
+    Each quantized linear goes through compressed-tensors' own ``PackedQuantizationCompressor.compress`` (what
+    ``ModelCompressor.compress_model`` runs per module) from our fake-quantized weight and grid; the config is the
+    library's ``QuantizationConfig`` written by ``ModelCompressor.update_config``. Every other tensor of the base
+    checkpoint is copied unchanged (no model is instantiated).
+    """
+    from compressed_tensors.compressors import BaseCompressor, ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+    from safetensors.torch import save_file
+
+    from infra.safetensors_io import canonicalise_file
+    from tasks.export.common import source_tensors
 
     cfg, qweights = inputs.cfg, inputs.affine()
-    model = AutoModelForCausalLM.from_pretrained(inputs.model_path, dtype=torch.float32, use_safetensors=True)
-    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    fmt = "pack-quantized"
+    scheme = QuantizationScheme(targets=["Linear"], weights=_weight_args(cfg), format=fmt)
     qcfg = QuantizationConfig(  # llm-compressor's shape: every Linear, minus the ones left in full precision
-        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=_weight_args(cfg))},
-        ignore=sorted(n for n in linears if n not in qweights),
-        quantization_status="frozen",
+        config_groups={"group_0": scheme},
+        ignore=sorted(n for n in _linear_names(inputs.model_path) if n not in qweights),
+        format=fmt,
+        quantization_status="compressed",
     )
-    apply_quantization_config(model, qcfg)
+    compressor = BaseCompressor.get_value_from_registry(fmt)
+    tensors = dict(source_tensors(inputs.model_path, skip=set(qweights)))
     half = 1 << (cfg.bits - 1)
     for name, q in qweights.items():
-        m = model.get_submodule(name)
-        if not hasattr(m, "weight_scale"):
-            raise RuntimeError(f"compressed-tensors did not attach qparams to {name}")
-        m.weight.data.copy_(q.dequantize())
-        m.weight_scale.data.copy_(q.scales.reshape(m.weight_scale.shape))
-        if hasattr(m, "weight_zero_point"):  # theirs = ours − 2^(b−1) (module docstring)
-            m.weight_zero_point.data.copy_((q.zeros - half).reshape(m.weight_zero_point.shape))
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
-    compressor.compress_model(model)
-    model.save_pretrained(out)
-    compressor.update_config(out)
+        state = {"weight": q.dequantize(), "weight_scale": q.scales.clone()}
+        if not cfg.sym:  # theirs = ours − 2^(b−1) (module docstring)
+            state["weight_zero_point"] = (q.zeros - half).to(torch.int8)
+        for suffix, t in compressor.compress(state, scheme).items():
+            tensors[f"{name}.{suffix}"] = t.contiguous()
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    canonicalise_file(out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(inputs.config, indent=2, sort_keys=True))
+    ModelCompressor(quantization_config=qcfg).update_config(str(out))
     if not cfg.sym:  # packed zero points: see the module docstring (upstream meta-device bug)
         config = json.loads((out / "config.json").read_text())
         config["quantization_config"]["dequantize"] = True
@@ -127,10 +146,20 @@ def decompressed_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def verify_compressed_tensors(path: Path, inputs: ExportInputs) -> str | None:
-    """None when compressed-tensors' decompression of ``path`` equals our dequantized weights bit for bit."""
-    weights = decompressed_weights(path)
+    """None when compressed-tensors' own decompressor (the ``decompress`` that ``decompress_model`` and
+    transformers' loader run per module) rebuilds our dequantized weights bit for bit from the files in ``path``."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors import safe_open
+
+    qcfg = QuantizationConfig.model_validate(json.loads((path / "config.json").read_text())["quantization_config"])
+    scheme = qcfg.config_groups["group_0"]
+    compressor = BaseCompressor.get_value_from_registry(qcfg.format)
+    handles = [safe_open(str(f), framework="pt") for f in sorted(path.glob("*.safetensors"))]
+    keys = {k: h for h in handles for k in h.keys()}  # noqa: SIM118
     for name, q in inputs.affine().items():
-        got = weights.get(name)
+        state = {k.removeprefix(f"{name}."): h.get_tensor(k) for k, h in keys.items() if k.startswith(f"{name}.")}
+        got = compressor.decompress(state, scheme).get("weight") if "weight_packed" in state else None
         if got is None or not torch.equal(got, q.dequantize()):
             diff = "missing" if got is None else f"max |Δ| {(got - q.dequantize()).abs().max().item():.3g}"
             return f"compressed-tensors decompression of {name} differs from the quantized weights ({diff})"

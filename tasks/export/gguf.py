@@ -247,26 +247,31 @@ def write_gguf(out: Path, inputs: ExportInputs) -> dict[str, Any]:
 
 
 def dequantized_weights(path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Every llama.cpp tensor of the file decoded by the ``gguf`` package's own dequantizer, q/k rows permuted
-    back to the Hugging Face order, keyed by llama.cpp name."""
-    import gguf
+    """Every block-quantized tensor of the file as transformers' GGUF loader reads it (its own header parser and
+    block dequantizer, ``transformers.integrations.gguf``), q/k rows permuted back to the Hugging Face order,
+    keyed by llama.cpp name."""
+    from transformers.integrations.gguf.dequant import GGML_BLOCK, dequantize
+    from transformers.integrations.gguf.reader import GgufHeader, load_gguf_state_dict
 
     n_head = int(config["num_attention_heads"])
     n_kv = int(config.get("num_key_value_heads") or n_head)
+    header = GgufHeader.from_file(str(path))
+    lazy = load_gguf_state_dict(header)
     out = {}
-    for t in gguf.GGUFReader(str(path)).tensors:
-        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).to(torch.float32)
-        w = w.reshape([int(d) for d in reversed(t.shape.tolist())]) if w.dim() > 1 else w
-        heads = n_head if ".attn_q." in t.name else n_kv if ".attn_k." in t.name else None
+    for info in header.tensors:
+        if info.ggml_type not in GGML_BLOCK:  # plain tensors are stored as they are
+            continue
+        w = dequantize(lazy[info.name][()].reshape(-1), info.ggml_type).reshape(info.shape)
+        heads = n_head if ".attn_q." in info.name else n_kv if ".attn_k." in info.name else None
         if heads is not None:
             w = w[torch.argsort(_rows_permutation(w.shape[0], heads))]
-        out[t.name] = w
+        out[info.name] = w
     return out
 
 
 def verify_gguf(path: Path, inputs: ExportInputs) -> str | None:
-    """None when the ``gguf`` package decodes every quantized tensor of ``path`` to our dequantized weights bit
-    for bit, else what differs."""
+    """None when transformers' GGUF reader decodes every quantized tensor of ``path`` to our dequantized weights
+    bit for bit, else what differs."""
     import gguf
 
     weights = dequantized_weights(path, inputs.config)
@@ -275,5 +280,5 @@ def verify_gguf(path: Path, inputs: ExportInputs) -> str | None:
         got = weights.get(f"{names.get_name(name)}.weight")
         if got is None or not torch.equal(got, q.dequantize()):
             diff = "missing" if got is None else f"max |Δ| {(got - q.dequantize()).abs().max().item():.3g}"
-            return f"the gguf package decodes {name} differently from the quantized weights ({diff})"
+            return f"transformers' GGUF reader decodes {name} differently from the quantized weights ({diff})"
     return None

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_pack_writes_every_format_and_each_reproduces_the_native_weights(
-    prefect_harness: None, home: Settings, tiny_llama_dir: Path
+    prefect_harness: None, home: Settings, tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -52,3 +52,33 @@ def test_pack_writes_every_format_and_each_reproduces_the_native_weights(
     for name, w in weights.items():
         assert torch.equal(gptq_state[f"{name}.weight"], w), name
         assert torch.equal(gg_state[f"{name}.weight"].to(torch.float32), w), name
+
+    # the registered version lists its formats; `quantpipe export` resolves (and copies) each one
+    from registry.models import show
+    from tasks.export.registered import export_build
+
+    target = f"{out['model_name']}/{out['model_version']}"
+    assert show(out["model_name"], out["model_version"], settings=home).tags["formats"] == ",".join(meta["formats"])
+    info = export_build(target, "gguf", tmp_path / "llama.cpp", home)
+    file = Path(info["location"])
+    assert file.parent == tmp_path / "llama.cpp" and file.name == meta["exports"]["gguf"]["file"]
+    assert file.read_bytes() == (gguf_dir / file.name).read_bytes()
+    info = export_build(out["stages"]["pack"]["key"], "gptq", None, home)
+    assert Path(info["location"]) == pack.root / "gptq" and "quantize_config.json" in info["files"]
+
+
+def test_export_refuses_formats_a_build_has_not_got(
+    prefect_harness: None, home: Settings, tiny_llama_dir: Path
+) -> None:
+    from infra.errors import ConfigError
+    from tasks.export.registered import export_build
+
+    out = quantize_model(str(tiny_llama_dir), tiny_recipe(sym=False).with_overrides(["pack.gptq=false"]))
+    target = f"{out['model_name']}/{out['model_version']}"
+    with pytest.raises(ConfigError, match=r"has no gguf export: .*quantize\.fp16_min: true"):
+        export_build(target, "gguf", None, home)
+    with pytest.raises(ConfigError, match="has no gptq export: disabled in recipe"):
+        export_build(target, "gptq", None, home)
+    with pytest.raises(ConfigError, match="unknown export format 'onnx'"):
+        export_build(target, "onnx", None, home)
+    assert export_build(target, "compressed-tensors", None, home)["location"].endswith("compressed-tensors")

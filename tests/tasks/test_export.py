@@ -265,3 +265,32 @@ def test_write_exports_records_why_each_format_is_missing(tmp_path: Path, tiny_l
     assert meta["gptq_skipped"] == "disabled in recipe"
     assert "fp16_min" in meta["gguf_skipped"]
     assert not (tmp_path / "gguf").exists() and not (tmp_path / "gptq").exists()
+
+
+def test_pack_time_verification_catches_a_changed_export(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """The decoders the pack runs before shipping an export notice one changed code."""
+    from safetensors.torch import load_file, save_file
+
+    from tasks.export.compressed_tensors import verify_compressed_tensors
+    from tasks.export.gguf import verify_gguf
+
+    inputs = _inputs(tiny_llama_dir, sym=False, fp16_min=True)
+    meta = _write(tmp_path, inputs, "compressed_tensors", "gguf")
+    assert meta["formats"] == ["compressed-tensors", "gguf"]
+
+    st = tmp_path / "compressed-tensors" / "model.safetensors"
+    tensors = load_file(str(st))
+    tensors["model.layers.1.mlp.down_proj.weight_packed"][0, 0] ^= 1  # one code off by one
+    save_file(tensors, str(st), metadata={"format": "pt"})
+    assert "model.layers.1.mlp.down_proj differs" in verify_compressed_tensors(tmp_path / "compressed-tensors", inputs)
+
+    from transformers.integrations.gguf.reader import GgufHeader
+
+    file = tmp_path / "gguf" / meta["exports"]["gguf"]["file"]
+    header = GgufHeader.from_file(str(file))
+    info = next(t for t in header.tensors if t.name == "blk.0.attn_v.weight")
+    data = bytearray(file.read_bytes())
+    data[header.data_start + info.offset + 4] ^= 0x01  # first Q4_1 block: byte 4 = codes 0 and 16
+    file.write_bytes(bytes(data))
+    reason = verify_gguf(file, inputs)
+    assert reason is not None and "model.layers.0.self_attn.v_proj" in reason
