@@ -159,8 +159,11 @@ class BlockStreamer:
         """Materialise module ``name`` (weights from disk) on the target device."""
         mod = self.module(name)
         mod.to_empty(device=self.device)
+        for sub in mod.modules():  # non-persistent buffers (Gemma's embed_scale) are not in the checkpoint:
+            if getattr(sub, "_non_persistent_buffers_set", None):  # transformers' own init recomputes them
+                self.model._init_weights(sub)
         state = {}
-        for pname, _ in list(mod.named_parameters()) + list(mod.named_buffers()):
+        for pname in mod.state_dict():
             full = f"{name}.{pname}"
             if full not in self.weights and full == f"{self.mapping.lm_head}.weight":
                 full = f"{self.mapping.embed}.weight"  # tied embeddings

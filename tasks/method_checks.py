@@ -30,17 +30,23 @@ def max_index_codes(rows: int, cols: int, n_outliers: int, index_bits: int | Non
 
 
 def check_method_shapes(model_path: Path, cfg: QuantizeConfig) -> None:
-    """Raise ConfigError if the ICQuant or E8P options cannot apply to some quantized linear of the model."""
-    if cfg.icquant_base() is None and cfg.method != "hadamard-e8p":
-        return
+    """Raise ConfigError if the group size, ICQuant or E8P options cannot apply to some quantized linear of the
+    model (read from the checkpoint's own shapes, whatever the family: fused linears, head_dim·heads ≠ hidden)."""
     from tasks.driver import _WeightIndex
     from tasks.quantize import plan_layers
 
-    o = cfg.outlier_config()
     config = json.loads((Path(model_path) / "config.json").read_text())
     index = _WeightIndex(Path(model_path))
     for job in plan_layers(model_path, cfg, [None] * int(config.get("num_hidden_layers", 0))):
         rows, cols = (int(s) for s in index.entries[f"{job.name}.weight"][3])
+        if cfg.group_size > cols:
+            raise ConfigError(
+                f"quantize.group_size={cfg.group_size} is larger than {job.name}'s input ({cols} columns); "
+                f"use a group size of at most {cols}"
+            )
+        if cfg.icquant_base() is None and cfg.method != "hadamard-e8p":
+            continue
+        o = cfg.outlier_config()
         if cfg.method == "hadamard-e8p":
             if cols % 8:
                 raise ConfigError(

@@ -24,6 +24,7 @@ from typing import Any
 
 from infra.errors import ConfigError, QuantpipeError
 from infra.settings import Settings
+from quant.arch import mapping_for, supported_architectures
 
 __all__ = [
     "DEMO_MODELS",
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 CONVERSION_VERSION = 2  # bump when the GGUF → safetensors conversion changes (re-converts cached models)
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = supported_architectures()  # derived from quant/arch/mapping.py, one mapping per family
 
 
 @dataclass(frozen=True)
@@ -340,13 +341,15 @@ def _check_weights_match_config(path: Path, config: dict[str, Any], files: list[
     for f in sorted(files):
         shapes.update(_safetensors_shapes(f))
     hidden, vocab = config.get("hidden_size"), config.get("vocab_size")
-    emb = shapes.get("model.embed_tokens.weight")
+    mapping = mapping_for(config.get("architectures") or [])
+    emb = shapes.get(f"{mapping.embed}.weight")
     if emb is not None and hidden and vocab and emb != [vocab, hidden]:
         raise ConfigError(
             f"model {path}: config.json says vocab_size={vocab}, hidden_size={hidden} but "
-            f"model.embed_tokens.weight has shape {emb}; config.json does not belong to these weights"
+            f"{mapping.embed}.weight has shape {emb}; config.json does not belong to these weights"
         )
-    layers = {int(m.group(1)) for name in shapes if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+    block = re.compile(re.escape(mapping.blocks) + r"\.(\d+)\.")
+    layers = {int(m.group(1)) for name in shapes if (m := block.match(name))}
     n_layers = config.get("num_hidden_layers")
     if layers and n_layers is not None and len(layers) != int(n_layers):
         raise ConfigError(

@@ -90,6 +90,13 @@ def check_recipe_for_model(recipe: Recipe, model_path: Path) -> None:
             )
     if not recipe.rotation.enabled:
         return
+    mapping = mapping_for(config.get("architectures") or [])
+    if not mapping.quarot:
+        raise ConfigError(
+            f"recipe {recipe.name}: QuaRot's norm folding and V/O rotation are derived for the Llama family only, "
+            f"not for {mapping.family} ({', '.join(config.get('architectures') or [])}); use hadamard-gptq or "
+            "hadamard-e8p (per-layer rotations) on this model"
+        )
     if "rms_norm_eps" not in config:
         raise ConfigError(
             f"recipe {recipe.name}: QuaRot folds RMSNorm scales into the linears, but model {model_path} "

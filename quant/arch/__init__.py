@@ -6,6 +6,24 @@ a model type. Adding a Llama-like family means adding a mapping, not an ``if``.
 
 from __future__ import annotations
 
-from quant.arch.mapping import LLAMA_FAMILY, ArchMapping, LinearGroup, mapping_for
+from quant.arch.mapping import (
+    GEMMA_FAMILY,
+    LLAMA_FAMILY,
+    PHI3_FAMILY,
+    QWEN3_FAMILY,
+    ArchMapping,
+    LinearGroup,
+    mapping_for,
+    supported_architectures,
+)
 
-__all__ = ["LLAMA_FAMILY", "ArchMapping", "LinearGroup", "mapping_for"]
+__all__ = [
+    "GEMMA_FAMILY",
+    "LLAMA_FAMILY",
+    "PHI3_FAMILY",
+    "QWEN3_FAMILY",
+    "ArchMapping",
+    "LinearGroup",
+    "mapping_for",
+    "supported_architectures",
+]

@@ -66,3 +66,51 @@ def build_tiny_llama(
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+# Tiny random configs of every family quantpipe maps (quant/arch/mapping.py), with the features that make each
+# family different switched on: sliding windows shorter than the calibration length, soft-capping, q/k norms,
+# fused linears, local/global attention layers.
+FAMILY_CONFIGS: dict[str, tuple[str, str, dict]] = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 32}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 32}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {"head_dim": 16, "sliding_window": 32, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 50.0},
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        {"head_dim": 16, "sliding_window": 32, "query_pre_attn_scalar": 16, "sliding_window_pattern": 2},
+    ),
+}
+
+
+def build_tiny_family(out_dir: Path, family: str, *, num_layers: int = 2, seed: int = 0) -> Path:
+    """Save a random model of ``family`` (a key of FAMILY_CONFIGS) + tokenizer to ``out_dir`` (idempotent)."""
+    import torch
+    import transformers
+
+    if (out_dir / "config.json").is_file():
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out_dir)
+    config_name, model_name, extra = FAMILY_CONFIGS[family]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, config_name)(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        **extra,
+    )
+    getattr(transformers, model_name)(cfg).eval().save_pretrained(out_dir, safe_serialization=True)
+    return out_dir

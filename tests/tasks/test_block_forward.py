@@ -27,15 +27,28 @@ TINY = {
 
 def _families() -> dict[str, tuple[Any, Any, dict[str, Any]]]:
     from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
         LlamaConfig,
         LlamaForCausalLM,
         MistralConfig,
         MistralForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
     )
 
+    gemma = {"head_dim": 16, "sliding_window": 32, "query_pre_attn_scalar": 16}
     return {
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 24}),
+        "phi3": (Phi3Config, Phi3ForCausalLM, {"pad_token_id": 0}),
+        "gemma2-sliding-softcap": (Gemma2Config, Gemma2ForCausalLM, {**gemma, "attn_logit_softcapping": 50.0}),
+        "gemma3-local-global": (Gemma3TextConfig, Gemma3ForCausalLM, {**gemma, "sliding_window_pattern": 2}),
         "llama": (LlamaConfig, LlamaForCausalLM, {}),
         "mistral-sliding-32": (MistralConfig, MistralForCausalLM, {"sliding_window": 32}),
         "qwen2-sliding-layers": (
@@ -46,12 +59,22 @@ def _families() -> dict[str, tuple[Any, Any, dict[str, Any]]]:
     }
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral-sliding-32", "qwen2-sliding-layers"])
+FAMILIES = [
+    "llama",
+    "mistral-sliding-32",
+    "qwen2-sliding-layers",
+    "qwen3",
+    "phi3",
+    "gemma2-sliding-softcap",
+    "gemma3-local-global",
+]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_block_outputs_equal_the_models_hidden_states(family: str, tmp_path: Path) -> None:
     config_cls, model_cls, extra = _families()[family]
     torch.manual_seed(0)
     config = config_cls(**TINY, **extra)
-    config._attn_implementation = "sdpa"
     model = model_cls(config).eval()
     model.save_pretrained(tmp_path)
     ids = torch.randint(0, 256, (2, 128), generator=torch.Generator().manual_seed(1))
