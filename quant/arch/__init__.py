@@ -6,24 +6,5 @@ a model type. Adding a Llama-like family means adding a mapping, not an ``if``.
 
 from __future__ import annotations
 
-from quant.arch.mapping import (
-    GEMMA_FAMILY,
-    LLAMA_FAMILY,
-    PHI3_FAMILY,
-    QWEN3_FAMILY,
-    ArchMapping,
-    LinearGroup,
-    mapping_for,
-    supported_architectures,
-)
-
-__all__ = [
-    "GEMMA_FAMILY",
-    "LLAMA_FAMILY",
-    "PHI3_FAMILY",
-    "QWEN3_FAMILY",
-    "ArchMapping",
-    "LinearGroup",
-    "mapping_for",
-    "supported_architectures",
-]
+from quant.arch.mapping import *  # noqa: F403  (the package re-exports exactly the mapping module's names)
+from quant.arch.mapping import __all__ as __all__

@@ -237,3 +237,16 @@ class PipelineInputs:
         argv = ["quantize", "--model", str(self.model_dir), "--recipe", str(self.recipe), "--json"]
         argv += extra_argv or []
         return Job(argv=argv, env=env, log=log, kill_after=kill_after, kill_anchor=kill_anchor)
+
+
+def rerun_without_pack(forks: ForkServer, inputs: PipelineInputs, reference: dict[str, FileSig], home: Path) -> None:
+    """Delete the pack and rerun the pipeline in ``home``: it must succeed, leave a store that verifies, and end
+    with exactly the reference run's bytes (damaged or forged parts recomputed, never adopted)."""
+    from infra.store import LocalStore
+
+    root = home / "store"
+    LocalStore(root).delete(next(r for r in reference if r.startswith("pack/")))
+    (rerun,) = forks.run([inputs.job(home, home.parent / "rerun.log")])
+    assert rerun.rc == 0, rerun.tail()
+    assert verify_all(root) == []
+    assert compare_stores(reference, store_files(root)) == []

@@ -30,6 +30,7 @@ from tests.reliability.harness import (
     full_mode,
     manifest_bytes,
     record,
+    rerun_without_pack,
     store_files,
     verify_all,
 )
@@ -190,12 +191,7 @@ def test_pipeline_recomputes_when_only_parts_are_corrupt(
     parts = [r for r in reference.files if r.split("/")[0] in ("qlayer", "hessian-block")]
     for ref in rng.sample(parts, 3):
         _corrupt(root / "artifacts" / ref, "flip", rng)
-    pack = next(r for r in reference.files if r.startswith("pack/"))
-    LocalStore(root).delete(pack)
-    (rerun,) = forks.run([rel_inputs.job(home, tmp_path / "rerun.log")])
-    assert rerun.rc == 0, rerun.tail()
-    assert verify_all(root) == []
-    assert compare_stores(reference.files, store_files(root)) == []
+    rerun_without_pack(forks, rel_inputs, reference.files, home)
     record("corruption", "pipeline-parts", injected=3, detected=3, recomputed=3)
 
 
