@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,9 @@ def validate_recipe_for_model(recipe: Recipe, model_path: Path) -> None:
     check_method_shapes(model_path, recipe.quantize)
 
 
+MAX_LAYER_WORKERS = 64  # QuantizeConfig.workers' upper bound
+
+
 def _configure_threads(settings: Settings, workers: int) -> None:
     import torch
 
@@ -252,13 +256,27 @@ def _quantize_stage(
     progress = _progress(ctx)
 
     def map_layers(jobs: list[LayerJob]) -> list[str]:
+        """At most ``quantize.workers`` layer tasks in flight, whatever task runner the flow got (the CLI's, a
+        deployment's default or a nightly run's): the recipe's setting is what sizes torch's threads per task."""
+        refs: list[str] = [""] * len(jobs)
+        pending: deque[tuple[int, Any]] = deque()
         with progress.track("quantize: layers", len(jobs)) as advance:
-            futures = [quantize_layer_task.submit(ctx, model.path, model_ref, job, recipe) for job in jobs]
-            refs = []
-            for i, fut in enumerate(futures):
-                refs.append(fut.result())
-                advance(i)
-            return refs
+            done = 0
+
+            def collect() -> None:
+                nonlocal done
+                i, fut = pending.popleft()
+                refs[i] = fut.result()
+                advance(done)
+                done += 1
+
+            for i, job in enumerate(jobs):
+                if len(pending) >= qcfg.workers:
+                    collect()
+                pending.append((i, quantize_layer_task.submit(ctx, model.path, model_ref, job, recipe)))
+            while pending:
+                collect()
+        return refs
 
     started = time.perf_counter()
     with progress.track("quantize: blocks", _n_blocks(model.path) if qcfg.mode == "sequential" else 0) as adv:
@@ -278,7 +296,13 @@ def _quantize_stage(
     return result
 
 
-@flow(name="quantize-model", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True, validate_parameters=True)
+# The runner only bounds threads; how many layer tasks run at once is the recipe's quantize.workers (map_layers).
+@flow(
+    name="quantize-model",
+    task_runner=ThreadPoolTaskRunner(max_workers=MAX_LAYER_WORKERS),
+    log_prints=True,
+    validate_parameters=True,
+)
 def quantize_model(model: str, recipe: Recipe, store_url: str | None = None, progress: bool = False) -> dict[str, Any]:
     """Quantize ``model`` (local HF dir, demo model name or hub id) with ``recipe``; returns the outcome dict."""
     settings = get_settings()
