@@ -76,6 +76,23 @@ def verify(
         raise typer.Exit(1)
 
 
+@app.command("export")
+@friendly
+def export_cmd(
+    target: str = typer.Argument(..., help="Registered 'NAME/VERSION' (or alias) or 'pack/<key>'."),
+    fmt: str = typer.Option(..., "--format", help="compressed-tensors | gptq | gguf | native"),
+    out: str = typer.Option(None, "--out", help="Copy the export's files into this new or empty directory."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Where a build's serving export is (copied with --out); refused with the pack's reason if it has none."""
+    from pathlib import Path
+
+    from tasks.export.registered import export_build
+
+    info = export_build(target, fmt, Path(out) if out else None, get_settings(refresh=True))
+    typer.echo(json.dumps(info, default=str) if as_json else str(info["location"]))
+
+
 @app.command()
 @friendly
 def lineage(

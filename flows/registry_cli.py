@@ -79,9 +79,11 @@ def lookup_cmd(
     bits: int = typer.Option(None, "--bits"),
     alias: str = typer.Option(None, "--alias"),
     name: str = typer.Option(None, "--name"),
+    fmt: str = typer.Option(None, "--format", help="Print the location of this export of the version instead."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Print the model URI of the newest matching version (exit 1 when none matches)."""
+    """Print the model URI of the newest matching version (exit 1 when none matches); with ``--format``, where
+    that version's export in this format is (refused with the pack's reason when the build has none)."""
     from registry.models import lookup
 
     info = lookup(
@@ -99,6 +101,12 @@ def lookup_cmd(
         else:
             console.print("no registered version matches", style="yellow")
         raise typer.Exit(1)
+    if fmt is not None:
+        from tasks.export.registered import export_build
+
+        where = export_build(f"{info.name}/{info.version}", fmt, None, get_settings(refresh=True))
+        typer.echo(json.dumps(where, default=str) if as_json else str(where["location"]))
+        return
     typer.echo(json.dumps(_dump(info), default=str) if as_json else info.uri)
 
 

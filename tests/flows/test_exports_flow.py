@@ -82,3 +82,24 @@ def test_export_refuses_formats_a_build_has_not_got(
     with pytest.raises(ConfigError, match="unknown export format 'onnx'"):
         export_build(target, "onnx", None, home)
     assert export_build(target, "compressed-tensors", None, home)["location"].endswith("compressed-tensors")
+
+
+def test_export_and_lookup_commands(
+    prefect_harness: None, home: Settings, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """`quantpipe export NAME/VERSION --format F [--out DIR]` and `quantpipe registry lookup --format F`."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    out = quantize_model(str(tiny_llama_dir), tiny_recipe(sym=False, fp16_min=True))
+    target = f"{out['model_name']}/{out['model_version']}"
+    runner = CliRunner()
+    copied = runner.invoke(app, ["export", target, "--format", "gguf", "--out", str(tmp_path / "cpp")])
+    assert copied.exit_code == 0, copied.output
+    assert Path(copied.stdout.strip()).parent == tmp_path / "cpp" and Path(copied.stdout.strip()).is_file()
+    looked = runner.invoke(app, ["registry", "lookup", "--name", out["model_name"], "--format", "gptq"])
+    assert looked.exit_code == 0, looked.output
+    assert (Path(looked.stdout.strip()) / "quantize_config.json").is_file()
+    refused = runner.invoke(app, ["export", target, "--format", "onnx"])
+    assert refused.exit_code == 2 and "unknown export format" in refused.output
