@@ -61,6 +61,7 @@ class VerifyReport:
 
 
 OWNER_FILE = ".qp-owner"
+_ENOSPC_TEXT = "No space left on device"
 # A staging directory without a readable owner (or owned on another host) is only swept after this long.
 STALE_AFTER_S = 24 * 3600
 
@@ -322,6 +323,12 @@ class ArtifactStore(ABC):
             if translated is None:
                 raise
             raise translated from None
+        except Exception as exc:
+            # Writers that are not Python file objects (safetensors' Rust serializer, tokenizers) report a full
+            # disk as their own exception type with the OS error in the text: the same one-line store error.
+            if _ENOSPC_TEXT not in str(exc):
+                raise
+            raise self._disk_error(OSError(errno.ENOSPC, "No space left on device"), str(w.ref)) or exc from None
         finally:
             w.abort()
 

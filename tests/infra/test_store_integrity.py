@@ -295,3 +295,22 @@ def test_consumer_of_a_changed_input_is_recomputed(tmp_path: Path) -> None:
     _forge(ctx.store.root, pack, b"altered weights")
     assert not evaluate()
     assert calls == [b"weights", b"altered weights"]
+
+
+def test_a_full_disk_reported_by_a_non_python_writer_is_a_store_error(tmp_path: Path) -> None:
+    """safetensors' serializer raises SafetensorError('... No space left on device (os error 28)'), not OSError:
+    it must still become the one-line disk-full error (a CI run hit it mid-flow and printed 'unexpected')."""
+    from infra.errors import StoreError
+
+    class SafetensorError(Exception):
+        pass
+
+    store = _local(tmp_path)
+    key = artifact_key("calibration", 1, {}, {})
+    with (
+        pytest.raises(StoreError, match="no space left on device"),
+        store.writer("calibration", key, stage_version=1, config={}),
+    ):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    with pytest.raises(ValueError, match="unrelated"), store.writer("calibration", key, stage_version=1, config={}):
+        raise ValueError("unrelated")
