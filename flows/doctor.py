@@ -41,7 +41,11 @@ class Check:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    """The exception as one redacted line: MLflow and botocore errors quote the URLs they failed on, credentials
+    included (redacted before truncating, so a cut never lands inside ``user:password@``)."""
+    from infra.redact import redact
+
+    text = redact(" ".join(str(exc).split())) or type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
 
 

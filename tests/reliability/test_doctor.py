@@ -95,3 +95,11 @@ def test_doctor_against_s3_and_prefect_server(
     code, payload, _ = _doctor(monkeypatch, env, "--json", "--min-free-gb", "0.01")
     store = next(c for c in payload["checks"] if c["name"] == "store")
     assert code == 1 and store["status"] == "FAIL" and "does not exist" in store["detail"]
+
+
+def test_doctor_failure_lines_never_carry_a_password() -> None:
+    """Exception texts from MLflow/botocore quote the URL they failed on; doctor prints them redacted."""
+    from flows.doctor import _one_line
+
+    line = _one_line(RuntimeError("API request to http://alice:s3cr3t-pw-123@127.0.0.1:9/api failed " + "x" * 400))
+    assert "s3cr3t-pw-123" not in line and "alice:***@127.0.0.1" in line and len(line) <= 300
