@@ -55,3 +55,13 @@ def test_console_script_installed() -> None:
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "quantize" in out.stdout and "verify" in out.stdout
+
+
+def test_eval_refuses_windows_beyond_the_models_positions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_llama_dir: Path
+) -> None:
+    monkeypatch.setenv("QUANTPIPE_HOME", str(tmp_path))
+    result = runner.invoke(app, ["eval", "-m", str(tiny_llama_dir), "--seq-len", "4096", "--windows", "1"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "max_position_embeddings (512)" in lines[0]
