@@ -237,12 +237,9 @@ def eval_cmd(
     settings = get_settings(refresh=True)
     ctx = StageContext(settings=settings, store_url=settings.effective_store_url)
     resolved = resolve_model(model, settings)
-    max_positions = json.loads((Path(resolved.path) / "config.json").read_text()).get("max_position_embeddings")
-    if isinstance(max_positions, int) and 0 < max_positions < seq_len:  # as the quantize flow refuses it
-        raise QuantpipeError(
-            f"--seq-len {seq_len} is longer than the model's max_position_embeddings ({max_positions}); "
-            f"use at most {max_positions}"
-        )
+    from flows.quantize import check_positions
+
+    check_positions(json.loads((Path(resolved.path) / "config.json").read_text()), "--seq-len", seq_len)
     cfg = EvalConfig(seq_len=seq_len, n_windows=windows)
     device = settings.resolved_device()
     if build is None:

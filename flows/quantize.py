@@ -155,6 +155,16 @@ def _n_blocks(model_path: Path) -> int:
     return int(json.loads((Path(model_path) / "config.json").read_text()).get("num_hidden_layers", 0))
 
 
+def check_positions(config: dict[str, Any], what: str, seq_len: int) -> None:
+    """Refuse windows longer than the model's max_position_embeddings (RoPE was not trained for them)."""
+    max_positions = config.get("max_position_embeddings")
+    if isinstance(max_positions, int) and 0 < max_positions < seq_len:
+        raise ConfigError(
+            f"{what}={seq_len} is longer than the model's max_position_embeddings ({max_positions}); "
+            f"use at most {max_positions}"
+        )
+
+
 def validate_recipe_for_model(recipe: Recipe, model_path: Path) -> None:
     """Fail before any work when the recipe cannot apply to this model (e.g. a group wider than a layer)."""
     import json
@@ -167,17 +177,8 @@ def validate_recipe_for_model(recipe: Recipe, model_path: Path) -> None:
             f"recipe {recipe.name}: quantize.group_size={recipe.quantize.group_size} is larger than "
             f"the narrowest layer input ({narrowest} columns)"
         )
-    max_positions = cfg.get("max_position_embeddings")
-    if isinstance(max_positions, int) and max_positions > 0:  # windows longer than RoPE was trained for: refuse
-        for field, seq_len in (
-            ("calibration.seq_len", recipe.calibration.seq_len),
-            ("eval.seq_len", recipe.eval.seq_len),
-        ):
-            if seq_len > max_positions:
-                raise ConfigError(
-                    f"recipe {recipe.name}: {field}={seq_len} is longer than the model's max_position_embeddings "
-                    f"({max_positions}); set {field} to at most {max_positions}"
-                )
+    check_positions(cfg, f"recipe {recipe.name}: calibration.seq_len", recipe.calibration.seq_len)
+    check_positions(cfg, f"recipe {recipe.name}: eval.seq_len", recipe.eval.seq_len)
     from tasks.method_checks import check_method_shapes
     from tasks.quantize import check_transform_sizes
 

@@ -631,11 +631,14 @@ def parse_recipe(data: Any, *, source: str) -> Recipe:
         raise ConfigError(_format_validation(exc, source)) from None
 
 
+SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
 def load_recipe(path_or_name: str | Path) -> Recipe:
     """A recipe from a YAML path, or a shipped recipe name (``gptq-w4g64`` → ``recipes/gptq-w4g64.yaml``)."""
     path = Path(path_or_name)
     if not path.is_file():
-        shipped = Path(__file__).resolve().parents[1] / "recipes" / f"{path_or_name}.yaml"
+        shipped = SHIPPED_RECIPES / f"{path_or_name}.yaml"
         if shipped.is_file():
             path = shipped
         else:

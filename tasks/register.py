@@ -14,16 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 from infra.keys import artifact_key, canonical_json
-from tasks.recipe import Recipe, load_recipe
+from tasks.recipe import SHIPPED_RECIPES, Recipe, load_recipe
 from tasks.stage import StageContext, StageResult
 
 __all__ = ["eval_protocol", "recipe_identity", "run_register"]
 
-SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 _MAX_OVERRIDES_TAG = 4000
 
 
