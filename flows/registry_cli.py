@@ -100,6 +100,7 @@ def lookup_cmd(
             typer.echo("null")
         else:
             console.print("no registered version matches", style="yellow")
+            _explain(model=model, revision=revision, recipe=recipe, bits=bits, alias=alias, name=name)
         raise typer.Exit(1)
     if fmt is not None:
         from tasks.export.registered import export_build
@@ -108,6 +109,25 @@ def lookup_cmd(
         typer.echo(json.dumps(where, default=str) if as_json else str(where["location"]))
         return
     typer.echo(json.dumps(_dump(info), default=str) if as_json else info.uri)
+
+
+def _explain(
+    *,
+    model: str | None,
+    revision: str | None,
+    recipe: str | None,
+    bits: int | None,
+    alias: str | None,
+    name: str | None,
+) -> None:
+    """After a miss, say what the registry holds near the query (candidates, gate reasons, which flag is off)."""
+    from registry.explain import explain_miss
+    from registry.models import TAG_BASE_MODEL, TAG_BASE_REVISION, TAG_BITS, TAG_RECIPE
+
+    given = {TAG_BASE_MODEL: model, TAG_BASE_REVISION: revision, TAG_RECIPE: recipe, TAG_BITS: bits}
+    wanted = {k: str(v) for k, v in given.items() if v is not None}
+    for line in explain_miss(wanted, name=name, alias=alias, settings=get_settings(refresh=True)):
+        console.print(line, highlight=False, soft_wrap=True)
 
 
 @registry_app.command("promote")

@@ -43,6 +43,7 @@ def test_quantize_json_then_lookup_eval_lineage(
     assert looked.exit_code == 0 and looked.stdout.strip() == f"models:/tiny-llama.cli-rtn/{out['model_version']}"
     missing = runner.invoke(app, ["registry", "lookup", "--model", "tiny-llama", "--bits", "2"])
     assert missing.exit_code == 1
+    assert "match everything but --bits '2'; they have 3" in missing.output
 
     ev = runner.invoke(
         app,
