@@ -149,6 +149,40 @@ def register_task(
     return run_register(ctx, model_name=model.name, revision=model.revision, recipe=recipe, refs=refs, metrics=metrics)
 
 
+@task(name="hessians-shard", cache_policy=NO_CACHE)
+def hessian_shard_task(ctx: StageContext, job: Any) -> list[str]:
+    from tasks.hessians import run_hessian_shard
+
+    return run_hessian_shard(ctx, job)
+
+
+def _hessians_stage(ctx: StageContext, model: Any, model_ref: str, cal_ref: str, recipe: Recipe) -> StageResult:
+    """One task for the stage; with ``hessians.shards`` > 1 one task per calibration shard on the flow's runner
+    (threads, or Dask workers with --dask), submitted from the flow so the runner is the flow's, then the reduce."""
+    n_blocks = _n_blocks(model.path)
+    shards = recipe.hessians.shards
+    if shards == 1:
+        named = hessians_task.with_options(task_run_name=f"hessians {n_blocks} blocks")
+        return named(ctx, model, model_ref, cal_ref, recipe)
+    from tasks.hessians import run_hessians
+
+    _configure_threads(ctx.settings, shards)
+
+    def map_shards(jobs: list[Any]) -> list[list[str]]:
+        futures = [
+            hessian_shard_task.with_options(
+                task_run_name=f"hessians shard {job.shard + 1}/{job.of} (samples {job.start}-{job.stop - 1})"
+            ).submit(ctx, job)
+            for job in jobs
+        ]
+        return [f.result() for f in futures]
+
+    with _progress(ctx).track("hessians: blocks reduced", n_blocks) as advance:
+        return run_hessians(
+            ctx, model.path, model_ref, cal_ref, recipe.hessians, progress=advance, map_shards=map_shards
+        )
+
+
 def _n_blocks(model_path: Path) -> int:
     import json
 
@@ -223,7 +257,7 @@ def run_quantize_pipeline(ctx: StageContext, model_source: str, recipe: Recipe) 
         work, work_ref = prepare_model(ctx, model, model_ref, recipe.rotation)
         qcfg = recipe.quantize
         if qcfg.mode == "parallel":
-            stages["hessians"] = hessians_task(ctx, work, work_ref, cal_ref, recipe)
+            stages["hessians"] = _hessians_stage(ctx, work, work_ref, cal_ref, recipe)
         stages["quantize"] = _quantize_stage(ctx, work, work_ref, cal_ref, stages.get("hessians"), recipe)
         quant_ref = stages["quantize"].ref
         stages["pack"] = pack_task(ctx, work, work_ref, quant_ref, recipe)

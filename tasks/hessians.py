@@ -3,12 +3,24 @@
 Per-block artifacts (``hessian-block``) are committed as soon as a block is done, so a killed run resumes at the
 first missing block (earlier blocks are only re-forwarded, without hooks). The stage artifact is an index of the
 block artifacts plus the peak RSS, which stays near one block + activations because blocks are streamed.
+
+Sharded collection (``hessians.shards`` > 1): Σ x xᵀ, Σ x and n are exactly additive over calibration samples, so
+the samples are split into contiguous shards aligned to ``micro_batch`` (each shard sees the very micro-batches one
+process would, so every chunk's Gram product is the same computation), each shard streams the blocks on its own
+(a task of the flow's runner: threads locally, Dask workers with ``--dask``) and commits one ``hessian-partial`` per
+(shard, block) — the unit of resume — and a reduce sums the partials in shard order into the usual block artifact.
+The shard count is an execution setting: block and stage keys are the same whatever it is, and the partials, which
+keep their float64 sums so the reduce loses nothing, are deleted once their block artifact is committed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from infra.errors import QuantpipeError
@@ -16,12 +28,26 @@ from infra.keys import ArtifactRef
 from tasks.recipe import HessianConfig
 from tasks.stage import StageContext, StageResult, ensure_artifact, run_stage, stage_key
 
-__all__ = ["BLOCK_VERSION", "STAGE_VERSION", "load_block_hessians", "load_tokens", "run_hessians"]
+__all__ = [
+    "BLOCK_VERSION",
+    "PARTIAL_VERSION",
+    "STAGE_VERSION",
+    "ShardJob",
+    "load_block_hessians",
+    "load_tokens",
+    "run_hessian_shard",
+    "run_hessians",
+    "shard_ranges",
+]
 
 # 2: Gram matrices from the upper block triangle (ULP-level changes); 3: blocks stored compact (BLOCK_VERSION 2)
 STAGE_VERSION = 3
 # 2: each Σxxᵀ stored as its upper triangle in float32 (quant.hessian_store), ≈ 0.25x the bytes of full float64
 BLOCK_VERSION = 2
+# 1: one shard's float64 upper-triangle sums for one block (deleted after the reduce)
+PARTIAL_VERSION = 1
+
+ShardMap = Callable[[list["ShardJob"]], list[list[str]]]
 
 
 def load_tokens(ctx: StageContext, cal_ref: str) -> Any:
@@ -51,14 +77,147 @@ def load_block_hessians(ctx: StageContext, block_ref: str, groups: list[str] | N
     return out
 
 
-def run_hessians(
-    ctx: StageContext, model_path: Any, model_ref: str, cal_ref: str, cfg: HessianConfig, *, progress: Any = None
-) -> StageResult:
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard's work: calibration rows ``[start, stop)`` through the blocks, a partial for each of ``blocks``."""
+
+    shard: int
+    of: int
+    start: int
+    stop: int
+    blocks: tuple[int, ...]
+    model_path: str
+    model_ref: str
+    cal_ref: str
+    cfg: HessianConfig
+
+
+def shard_ranges(rows: int, shards: int, micro_batch: int) -> list[tuple[int, int]]:
+    """Contiguous row ranges, as even as possible in whole micro-batches (at most one shard per micro-batch)."""
+    if rows < 1 or shards < 1 or micro_batch < 1:
+        raise ValueError(f"need rows, shards and micro_batch >= 1, got {rows}, {shards}, {micro_batch}")
+    units = -(-rows // micro_batch)
+    k = min(shards, units)
+    bounds = [min(rows, (units * s // k) * micro_batch) for s in range(k + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+def _forward_context(device_type: str, cfg: HessianConfig) -> Any:
     import torch
-    from safetensors.torch import save
+
+    if cfg.compute_dtype == "bfloat16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _stats_tensors(stats: dict[str, Any], where: str, dtype: Any) -> dict[str, Any]:
+    """One block's statistics as safetensors entries: upper triangles in ``dtype``, Σx (float64) and n."""
+    import torch
 
     from quant.hessian import check_finite
     from quant.hessian_store import pack_upper
+
+    tensors = {}
+    for g, s in stats.items():
+        assert s.H is not None and s.x_sum is not None
+        try:
+            check_finite(s.H, f"{where}.{g}")
+        except ValueError as exc:
+            raise QuantpipeError(str(exc)) from None
+        tensors[f"{g}.H_upper"] = pack_upper(s.H, dtype)
+        tensors[f"{g}.dim"] = torch.tensor(s.H.shape[0], dtype=torch.int64)
+        tensors[f"{g}.x_sum"] = s.x_sum
+        tensors[f"{g}.n"] = torch.tensor(s.n, dtype=torch.int64)
+    return tensors
+
+
+def _partial_ref(job: ShardJob, block: int) -> ArtifactRef:
+    config = {**job.cfg.key_config(), "block": block, "shard": job.shard, "of": job.of, "rows": [job.start, job.stop]}
+    return stage_key("hessian-partial", PARTIAL_VERSION, config, {"model": job.model_ref, "calibration": job.cal_ref})
+
+
+def run_hessian_shard(ctx: StageContext, job: ShardJob) -> list[str]:
+    """Forward one shard through the blocks and commit its partial sums per block; returns the partial refs in
+    ``job.blocks`` order. Partials already committed (a killed run) are only re-forwarded."""
+    import torch
+    from safetensors.torch import save
+
+    from tasks.driver import BlockStreamer, collect_block_hessians, for_each_block
+
+    refs = {i: _partial_ref(job, i) for i in job.blocks}
+    todo = {i for i, r in refs.items() if not (ctx.store.exists(r) and ctx.store.verify(r).ok)}
+    if todo:
+        streamer = BlockStreamer(Path(job.model_path), device=ctx.settings.resolved_device())
+        ids = load_tokens(ctx, job.cal_ref)[job.start : job.stop]
+        config = {**job.cfg.key_config(), "shard": job.shard, "of": job.of, "rows": [job.start, job.stop]}
+        inputs = {"model": job.model_ref, "calibration": job.cal_ref}
+
+        def visit(i: int, block: Any, hidden: Any) -> Any:
+            stats, out = collect_block_hessians(streamer, block, hidden, micro_batch=job.cfg.micro_batch)
+            payload = save(_stats_tensors(stats, streamer.block_name(i), torch.float64))
+
+            def produce_partial(pw: Any, _run: Any) -> None:
+                pw.add_bytes("hessians.safetensors", payload)
+                pw.metadata.update({"block": i, "shard": job.shard, "of": job.of, "rows": [job.start, job.stop]})
+
+            ensure_artifact(ctx, "hessian-partial", PARTIAL_VERSION, {**config, "block": i}, inputs, produce_partial)
+            return out
+
+        with _forward_context(streamer.device.type, job.cfg):
+            for_each_block(
+                streamer, ids, visit, skip=lambda i: i not in todo, micro_batch=job.cfg.micro_batch, until=max(todo)
+            )
+    return [str(refs[i]) for i in job.blocks]
+
+
+def _reduce_partials(ctx: StageContext, refs: Sequence[str]) -> tuple[dict[str, Any], int]:
+    """Sum the shards' partial statistics of one block in shard order; (safetensors entries as one process
+    writes them, token count)."""
+    import torch
+    from safetensors import safe_open
+
+    sums: dict[str, Any] = {}
+    for ref in refs:
+        path = ctx.store.get(ref).file("hessians.safetensors")
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118
+                t = f.get_tensor(name)
+                if name.endswith(".dim"):
+                    if name in sums and int(sums[name]) != int(t):
+                        raise QuantpipeError(f"partials {refs[0]} and {ref} disagree on {name}; recollect Hessians")
+                    sums[name] = t
+                else:
+                    sums[name] = t if name not in sums else sums[name] + t
+    tensors = {k: (v.to(torch.float32) if k.endswith(".H_upper") else v) for k, v in sums.items()}
+    tokens = max((int(v) for k, v in sums.items() if k.endswith(".n")), default=0)
+    return tensors, tokens
+
+
+def _local_map(ctx: StageContext) -> ShardMap:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(jobs: list[ShardJob]) -> list[list[str]]:
+        with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="hessian-shard") as pool:
+            return list(pool.map(lambda job: run_hessian_shard(ctx, job), jobs))
+
+    return run
+
+
+def run_hessians(
+    ctx: StageContext,
+    model_path: Any,
+    model_ref: str,
+    cal_ref: str,
+    cfg: HessianConfig,
+    *,
+    progress: Any = None,
+    map_shards: ShardMap | None = None,
+) -> StageResult:
+    """The hessians stage. With ``cfg.shards`` > 1 the shards run through ``map_shards`` (the flow passes one that
+    submits a task per shard to its runner; default: local threads) and their partials are reduced per block."""
+    import torch
+    from safetensors.torch import save
+
     from tasks.driver import BlockStreamer, collect_block_hessians, for_each_block, peak_rss_mb
 
     config = cfg.key_config()
@@ -67,6 +226,16 @@ def run_hessians(
     def block_ref(i: int) -> ArtifactRef:
         return stage_key("hessian-block", BLOCK_VERSION, {**config, "block": i}, inputs)
 
+    def commit_block(i: int, tensors: dict[str, Any], tokens: int) -> None:
+        payload = save(tensors)
+        dims = {k[: -len(".dim")]: int(v) for k, v in tensors.items() if k.endswith(".dim")}
+
+        def produce_block(bw: Any, _run: Any) -> None:
+            bw.add_bytes("hessians.safetensors", payload)
+            bw.metadata.update({"block": i, "tokens": tokens, "dims": dims})
+
+        ensure_artifact(ctx, "hessian-block", BLOCK_VERSION, {**config, "block": i}, inputs, produce_block)
+
     def produce(w: Any, run: Any) -> None:
         streamer = BlockStreamer(model_path, device=ctx.settings.resolved_device())
         refs = [block_ref(i) for i in range(streamer.n_blocks)]
@@ -74,42 +243,30 @@ def run_hessians(
         todo = [i for i, d in enumerate(done) if not d]
         ids = load_tokens(ctx, cal_ref)
         tokens = int(ids.numel())
+        ranges = shard_ranges(int(ids.shape[0]), cfg.shards, cfg.micro_batch)
 
-        def visit(i: int, block: Any, hidden: Any) -> Any:
-            stats, out = collect_block_hessians(streamer, block, hidden, micro_batch=cfg.micro_batch)
-            tensors = {}
-            for g, s in stats.items():
-                assert s.H is not None and s.x_sum is not None
-                try:
-                    check_finite(s.H, f"{streamer.block_name(i)}.{g}")
-                except ValueError as exc:
-                    raise QuantpipeError(str(exc)) from None
-                tensors[f"{g}.H_upper"] = pack_upper(s.H)
-                tensors[f"{g}.dim"] = torch.tensor(s.H.shape[0], dtype=torch.int64)
-                tensors[f"{g}.x_sum"] = s.x_sum
-                tensors[f"{g}.n"] = torch.tensor(s.n, dtype=torch.int64)
-            payload = save(tensors)
+        if todo and len(ranges) > 1:
+            jobs = [
+                ShardJob(s, len(ranges), a, b, tuple(todo), str(model_path), model_ref, cal_ref, cfg)
+                for s, (a, b) in enumerate(ranges)
+            ]
+            partials = (map_shards or _local_map(ctx))(jobs)
+            for n, i in enumerate(todo):
+                block_partials = [shard_refs[n] for shard_refs in partials]
+                tensors, _ = _reduce_partials(ctx, block_partials)
+                commit_block(i, tensors, tokens)
+                for ref in block_partials:  # the block artifact now holds their sum
+                    ctx.store.delete(ref)
+                if progress is not None:
+                    progress(i)
+        elif todo:
 
-            def produce_block(bw: Any, _run: Any) -> None:
-                bw.add_bytes("hessians.safetensors", payload)
-                bw.metadata.update(
-                    {
-                        "block": i,
-                        "tokens": tokens,
-                        "dims": {g: int(s.H.shape[0]) for g, s in stats.items() if s.H is not None},
-                    }
-                )
+            def visit(i: int, block: Any, hidden: Any) -> Any:
+                stats, out = collect_block_hessians(streamer, block, hidden, micro_batch=cfg.micro_batch)
+                commit_block(i, _stats_tensors(stats, streamer.block_name(i), torch.float32), tokens)
+                return out
 
-            ensure_artifact(ctx, "hessian-block", BLOCK_VERSION, {**config, "block": i}, inputs, produce_block)
-            return out
-
-        if todo:
-            autocast = (
-                torch.autocast(streamer.device.type, dtype=torch.bfloat16)
-                if cfg.compute_dtype == "bfloat16"
-                else contextlib.nullcontext()
-            )
-            with autocast:
+            with _forward_context(streamer.device.type, cfg):
                 for_each_block(
                     streamer,
                     ids,
@@ -119,11 +276,12 @@ def run_hessians(
                     micro_batch=cfg.micro_batch,
                     until=max(todo),
                 )
+        groups = [g.name for g in streamer.mapping.groups]
         w.add_bytes("index.json", json.dumps({"blocks": [str(r) for r in refs]}, indent=1).encode())
         w.metadata.update(
             {
                 "blocks": [str(r) for r in refs],
-                "groups": [g.name for g in streamer.mapping.groups],
+                "groups": groups,
                 "tokens": tokens,
                 "resumed_blocks": sum(done),
                 "peak_rss_mb": round(peak_rss_mb(), 1),

@@ -74,9 +74,16 @@ class HessianConfig(BaseModel):
         "Σ x xᵀ is still accumulated from fp32 copies of the activations).",
     )
     micro_batch: int = Field(default=8, ge=1, description="Samples per forward call (memory vs speed; not keyed).")
+    shards: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="Calibration shards collected in parallel (threads, or Dask workers with --dask) and summed per "
+        "block; execution only: the artifacts' keys are the same whatever the count (not keyed).",
+    )
 
     def key_config(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"micro_batch"})
+        return self.model_dump(mode="json", exclude={"micro_batch", "shards"})
 
 
 # method → its default transform kind

@@ -50,8 +50,12 @@ def test_quantize_on_a_local_dask_cluster(
     from flows.quantize import quantize_model
     from registry.models import show
 
+    from tasks.recipe import HessianConfig
+
+    # Hessians collected in 2 calibration shards, one per Dask worker, then reduced per block (issue 20).
+    sharded = tiny_recipe().model_copy(update={"hessians": HessianConfig(micro_batch=4, shards=2)})
     flow = quantize_model.with_options(task_runner=task_runner_for(2, "2"))
-    out = flow(model=str(tiny_llama_dir), recipe=tiny_recipe())
+    out = flow(model=str(tiny_llama_dir), recipe=sharded)
     assert out["stages"]["quantize"]["cache_hit"] is False
     assert out["model_name"] == "tiny-llama.tiny-gptq"
     info = show(out["model_name"], out["model_version"], settings=ops_home)
@@ -62,4 +66,5 @@ def test_quantize_on_a_local_dask_cluster(
     again = quantize_model(model=str(tiny_llama_dir), recipe=tiny_recipe(), store_url=(tmp_path / "s2").as_uri())
     assert again["stages"]["quantize"]["cache_hit"] is False
     assert again["stages"]["quantize"]["key"] == out["stages"]["quantize"]["key"]
+    assert again["stages"]["hessians"]["key"] == out["stages"]["hessians"]["key"]  # shards are not keyed
     assert again["metrics"]["ppl"] == pytest.approx(out["metrics"]["ppl"])
