@@ -21,7 +21,15 @@ import torch
 from tasks.recipe import EvalConfig
 from tasks.stage import StageContext, StageResult, ensure_artifact, run_stage
 
-__all__ = ["FP_VERSION", "STAGE_VERSION", "eval_windows", "perplexity", "run_eval_fp", "run_evaluate"]
+__all__ = [
+    "FP_VERSION",
+    "STAGE_VERSION",
+    "check_fits_in_memory",
+    "eval_windows",
+    "perplexity",
+    "run_eval_fp",
+    "run_evaluate",
+]
 
 STAGE_VERSION = 2  # 2: hub-identical text (rows keep line breaks)
 FP_VERSION = 2
@@ -131,6 +139,41 @@ def cached_perplexity(
     }
 
 
+def _safetensors_bytes(model_dir: Path, *, as_float32: bool) -> int:
+    """Bytes the tensors of a checkpoint take once loaded (headers only): as stored, or every float as fp32."""
+    import struct
+
+    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+    total = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with f.open("rb") as fh:
+            header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            n = math.prod(entry["shape"])
+            dtype = entry["dtype"]
+            total += n * (4 if as_float32 and dtype in ("F16", "BF16", "F32") else sizes.get(dtype, 4))
+    return total
+
+
+def check_fits_in_memory(need_bytes: int, what: str, *, available_bytes: int | None = None) -> None:
+    """Refuse in one line, before loading, a model that cannot fit: evaluation holds the whole model (plus
+    ~20 % for activations and loader copies), and an OOM kill would lose the run with no message at all."""
+    if available_bytes is None:
+        import psutil
+
+        available_bytes = int(psutil.virtual_memory().available)
+    need = int(need_bytes * 1.2) + (256 << 20)
+    if need > available_bytes:
+        from infra.errors import ConfigError
+
+        raise ConfigError(
+            f"evaluating {what} needs about {need / 2**30:.1f} GiB of memory but {available_bytes / 2**30:.1f} GiB "
+            "is available: evaluate on a machine with more memory (or a GPU: QUANTPIPE_DEVICE=cuda), or free memory"
+        )
+
+
 def run_eval_fp(
     ctx: StageContext, model_path: Path, model_ref: str, cfg: EvalConfig, progress: Callable[[int], None] | None = None
 ) -> StageResult:
@@ -138,6 +181,8 @@ def run_eval_fp(
 
     def produce(w: Any, run: Any) -> None:
         device = ctx.settings.resolved_device()
+        if device == "cpu":
+            check_fits_in_memory(_safetensors_bytes(model_path, as_float32=True), f"the fp model {model_path.name}")
         windows = eval_windows(model_path, cfg, ctx)
         metrics = cached_perplexity(
             ctx,
@@ -210,26 +255,14 @@ _BPW_PARTS = ("codes", "positions", "offsets", "grids", "other")
 
 @_serialized
 def _bits_plot(out: Path, layer_bpw: dict[str, dict[str, float]], layers: dict[str, Any], title: str) -> str:
-    """Stacked bar of the measured bits/weight of every packed layer (codes, positions, grids, other)."""
-    import matplotlib
+    """Block x linear heatmap of the measured bits/weight of every packed layer (:mod:`tasks.plots`: readable
+    at any depth), titled with the average of each stored part (codes, positions, grids, other)."""
+    from tasks.plots import bits_title, layer_heatmap
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = sorted(layer_bpw, key=lambda n: (layers.get(n, {}).get("block", 0), n))
-    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.12), 3.5))
-    bottom = [0.0] * len(names)
-    for part in _BPW_PARTS:
-        vals = [layer_bpw[n].get(f"bpw_{part}", 0.0) for n in names]
-        ax.bar(range(len(names)), vals, bottom=bottom, label=part)
-        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-    ax.set_xlabel("layer (block order)")
-    ax.set_ylabel("stored bits / weight")
-    ax.set_title(f"{title}: measured bits per weight")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(out / "layer_bits.png", dpi=100)
-    plt.close(fig)
+    totals = {
+        n: float(v.get("bpw_total", sum(v.get(f"bpw_{p}", 0.0) for p in _BPW_PARTS))) for n, v in layer_bpw.items()
+    }
+    layer_heatmap(out / "layer_bits.png", totals, title=bits_title(title, layer_bpw, _BPW_PARTS), unit="bits / weight")
     return "layer_bits.png"
 
 
@@ -260,6 +293,8 @@ def run_evaluate(
         device = ctx.settings.resolved_device()
         packed = ctx.store.get(pack_ref)
         native_dir = packed.root / packed.manifest.file("native/config.json").path.rsplit("/", 1)[0]
+        if device == "cpu":
+            check_fits_in_memory(_safetensors_bytes(native_dir, as_float32=False), f"the packed build {pack_ref}")
         windows = eval_windows(model_path, cfg, ctx)
         metrics = cached_perplexity(
             ctx,

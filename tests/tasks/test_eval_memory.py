@@ -1,0 +1,31 @@
+"""Evaluation refuses, before loading, a model that cannot fit in memory (one line, with the numbers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from infra.errors import ConfigError
+from tasks.evaluate import _safetensors_bytes, check_fits_in_memory
+
+
+def test_loaded_size_from_headers_matches_the_tensors(tiny_llama_dir: Path) -> None:
+    stored = loaded32 = 0
+    for f in tiny_llama_dir.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as h:
+            for name in h.keys():  # noqa: SIM118
+                t = h.get_tensor(name)
+                stored += t.numel() * t.element_size()
+                loaded32 += t.numel() * (4 if t.is_floating_point() else t.element_size())
+    assert _safetensors_bytes(tiny_llama_dir, as_float32=False) == stored
+    assert _safetensors_bytes(tiny_llama_dir, as_float32=True) == loaded32
+
+
+def test_refuses_with_need_and_available() -> None:
+    gib = 2**30
+    check_fits_in_memory(10 * gib, "a 10 GiB model", available_bytes=13 * gib)
+    with pytest.raises(ConfigError, match=r"needs about 96\.2 GiB of memory but 24\.0 GiB is available") as err:
+        check_fits_in_memory(80 * gib, "the fp model llama-70b", available_bytes=24 * gib)
+    assert "\n" not in str(err.value) and "llama-70b" in str(err.value)
