@@ -12,10 +12,9 @@ from typing import Any
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from flows.cli_util import err_console, flow_logs_to_file, friendly
+from flows.cli_util import err_console, flow_logs_to_file, friendly, out_console
 from infra.errors import QuantpipeError
 from infra.settings import get_settings, redacted_settings
 
@@ -23,7 +22,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Quantize, pa
 models_app = typer.Typer(no_args_is_help=True, help="Model sources (fetch GGUF releases).")
 app.add_typer(models_app, name="models")
 
-console = Console()
+console = out_console()
 
 
 @app.command()

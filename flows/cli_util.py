@@ -49,6 +49,17 @@ class _RedactingConsole(Console):
 
 
 err_console: Console = _RedactingConsole(stderr=True)
+PIPED_WIDTH = 240  # rich cuts tables to 80 columns when stdout is not a terminal: wide enough for URLs and paths
+
+
+def out_console() -> Console:
+    """The stdout console of a command: terminal width on a terminal, :data:`PIPED_WIDTH` when piped or captured
+    (``quantpipe serve | tee``, a service's log), so tables keep their URLs whole."""
+    import sys
+
+    return _RedactingConsole(width=None if sys.stdout.isatty() else PIPED_WIDTH)
+
+
 install_log_redaction()  # quantpipe's and the libraries' log records (MLflow, Prefect, botocore, ...) are redacted
 
 

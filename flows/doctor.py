@@ -17,14 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from flows.cli_util import out_console
 from infra.settings import Settings
 
 __all__ = ["Check", "register", "run_checks"]
 
-console = Console()
+console = out_console()
 _TIMEOUT = 5.0
 
 

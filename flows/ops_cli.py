@@ -9,16 +9,15 @@ from types import FrameType
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from flows.cli_util import err_console, friendly
+from flows.cli_util import err_console, friendly, out_console
 from infra.errors import ConfigError
 from infra.settings import get_settings
 
 __all__ = ["register"]
 
-console = Console()
+console = out_console()
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 

@@ -6,14 +6,13 @@ import json
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from flows.cli_util import friendly
+from flows.cli_util import friendly, out_console
 from infra.settings import get_settings
 
 registry_app = typer.Typer(no_args_is_help=True, help="MLflow model registry: lookups, promotion, lineage.")
-console = Console()
+console = out_console()
 
 
 def _dump(info: Any) -> dict[str, Any]:

@@ -65,3 +65,22 @@ def test_eval_refuses_windows_beyond_the_models_positions(
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "max_position_embeddings (512)" in lines[0]
+
+
+def test_piped_tables_are_not_cut_to_80_columns() -> None:
+    """`quantpipe serve | tee log` used to cut its URL table at 80 columns (rich's width for a non-terminal)."""
+    import io
+    from contextlib import redirect_stdout
+
+    from rich.table import Table
+
+    from flows.cli_util import PIPED_WIDTH, out_console
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        console = out_console()
+        table = Table("service", "URL")
+        table.add_row("mlflow", "http://127.0.0.1:5000/" + "x" * 100)
+        console.print(table)
+    assert console.width == PIPED_WIDTH
+    assert "x" * 100 in buf.getvalue()
