@@ -62,7 +62,7 @@ def _progress(ctx: StageContext) -> Any:
     return StageProgress(enabled=ctx.progress)
 
 
-@task(name="model", cache_policy=NO_CACHE)
+@task(name="model", task_run_name="model {source}", cache_policy=NO_CACHE)
 def model_task(ctx: StageContext, source: str, recipe: Recipe | None = None) -> tuple[Any, StageResult]:
     from tasks.calibration import run_model
     from tasks.models import resolve_model
@@ -89,7 +89,11 @@ def preflight(ctx: StageContext, model: Any, recipe: Recipe) -> None:
     check_text_source(recipe.eval.dataset, ctx.settings, split="test")
 
 
-@task(name="calibration", cache_policy=NO_CACHE)
+@task(
+    name="calibration",
+    task_run_name="calibration {recipe.calibration.n_samples}x{recipe.calibration.seq_len} tokens",
+    cache_policy=NO_CACHE,
+)
 def calibration_task(ctx: StageContext, model: Any, model_ref: str, recipe: Recipe) -> StageResult:
     from tasks.calibration import run_calibration
 
@@ -104,14 +108,16 @@ def hessians_task(ctx: StageContext, model: Any, model_ref: str, cal_ref: str, r
         return run_hessians(ctx, model.path, model_ref, cal_ref, recipe.hessians, progress=advance)
 
 
-@task(name="quantize-layer", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=1)
+@task(
+    name="quantize-layer", task_run_name="quantize {job.name}", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=1
+)
 def quantize_layer_task(ctx: StageContext, model_path: Path, model_ref: str, job: Any, recipe: Recipe) -> str:
     from tasks.quantize import quantize_layer
 
     return quantize_layer(ctx, model_path, model_ref, job, recipe.quantize)
 
 
-@task(name="pack", cache_policy=NO_CACHE)
+@task(name="pack", task_run_name="pack {recipe.name}", cache_policy=NO_CACHE)
 def pack_task(ctx: StageContext, model: Any, model_ref: str, quant_ref: str, recipe: Recipe) -> StageResult:
     from tasks.pack import run_pack
 
@@ -120,7 +126,7 @@ def pack_task(ctx: StageContext, model: Any, model_ref: str, quant_ref: str, rec
     )
 
 
-@task(name="eval-fp", cache_policy=NO_CACHE)
+@task(name="eval-fp", task_run_name="evaluate full precision", cache_policy=NO_CACHE)
 def eval_fp_task(ctx: StageContext, model: Any, model_ref: str, recipe: Recipe) -> StageResult:
     from tasks.evaluate import run_eval_fp
 
@@ -128,7 +134,7 @@ def eval_fp_task(ctx: StageContext, model: Any, model_ref: str, recipe: Recipe) 
         return run_eval_fp(ctx, model.path, model_ref, recipe.eval, progress=advance)
 
 
-@task(name="evaluate", cache_policy=NO_CACHE)
+@task(name="evaluate", task_run_name="evaluate {recipe.name}", cache_policy=NO_CACHE)
 def evaluate_task(
     ctx: StageContext, model: Any, pack_ref: str, quant_ref: str, fp_ref: str, recipe: Recipe
 ) -> StageResult:
@@ -140,7 +146,7 @@ def evaluate_task(
         )
 
 
-@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+@task(name="register", task_run_name="register {model.name}", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
 def register_task(
     ctx: StageContext, model: Any, recipe: Recipe, refs: dict[str, str], metrics: dict[str, float]
 ) -> StageResult:
@@ -237,18 +243,34 @@ def run_quantize_pipeline(ctx: StageContext, model_source: str, recipe: Recipe) 
     """The flow body; also callable without Prefect (``flow.fn``) for unit tests."""
     from prefect.runtime import flow_run
 
+    from flows.summary import SUMMARY_KEY, build_summary, post_markdown, record_evaluation, record_registration
     from registry.tracking import flow_run as mlflow_flow_run
     from tasks.quarot import prepare_model
+    from tasks.register import prefect_flow_run_url
+    from tasks.stage import run_logger
 
+    logger = run_logger()
     ctx.flow_run_id = flow_run.get_id()
     stages: dict[str, StageResult] = {}
     with mlflow_flow_run(
         f"quantize:{recipe.name}",
         params={"model": model_source, "recipe": recipe.model_dump(mode="json")},
-        tags={"recipe": recipe.name, "recipe_digest": recipe.digest(), "prefect_flow_run_id": ctx.flow_run_id or ""},
+        tags={
+            "recipe": recipe.name,
+            "recipe_digest": recipe.digest(),
+            "prefect_flow_run_id": ctx.flow_run_id or "",
+            "prefect_flow_run_url": prefect_flow_run_url(ctx.flow_run_id) or "",
+        },
         settings=ctx.settings,
     ) as parent:
         ctx.parent_run_id = parent
+        logger.info(
+            "quantize %s with recipe %s (digest %s): MLflow parent run %s",
+            model_source,
+            recipe.name,
+            recipe.digest()[:12],
+            parent,
+        )
         model, stages["model"] = model_task(ctx, model_source, recipe)
         model_ref = stages["model"].ref
         stages["calibration"] = calibration_task(ctx, model, model_ref, recipe)
@@ -264,13 +286,15 @@ def run_quantize_pipeline(ctx: StageContext, model_source: str, recipe: Recipe) 
         stages["eval-fp"] = eval_fp_task(ctx, model, model_ref, recipe)
         stages["evaluate"] = evaluate_task(ctx, model, stages["pack"].ref, quant_ref, stages["eval-fp"].ref, recipe)
         metrics = {k: float(v) for k, v in stages["evaluate"].metadata.items()}
+        record_evaluation(ctx, stages, metrics, logger)
         refs = {name: s.ref for name, s in stages.items()}
         if work_ref != model_ref:
             refs["rotated-model"] = work_ref
         if recipe.registry.enabled:
             stages["register"] = register_task(ctx, model, recipe, refs, metrics)
+            record_registration(ctx, stages["register"], logger)
     reg = stages.get("register")
-    return QuantizeOutcome(
+    outcome = QuantizeOutcome(
         flow_run_id=ctx.flow_run_id,
         mlflow_run_id=ctx.parent_run_id,
         model_name=reg.metadata["name"] if reg else None,
@@ -279,6 +303,10 @@ def run_quantize_pipeline(ctx: StageContext, model_source: str, recipe: Recipe) 
         stages={n: {"key": s.ref, "cache_hit": s.cache_hit, "seconds": s.seconds} for n, s in stages.items()},
         metrics=metrics,
     )
+    if ctx.flow_run_id is not None:  # a Prefect run: its page gets the summary artifact
+        summary = build_summary(ctx, model_source, recipe.name, outcome)
+        post_markdown(summary.markdown(), SUMMARY_KEY, f"quantpipe run summary: {summary.title}", logger)
+    return outcome
 
 
 def _quantize_stage(

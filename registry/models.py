@@ -71,6 +71,7 @@ __all__ = [
     "ModelVersionInfo",
     "PromotionGate",
     "demote",
+    "describe_version",
     "download_version",
     "lineage_tags",
     "list_versions",
@@ -213,6 +214,7 @@ class ModelVersionInfo(BaseModel):
     aliases: list[str] = Field(default_factory=list)
     tags: dict[str, str] = Field(default_factory=dict)
     creation_timestamp: int | None = None
+    description: str = ""
 
     @field_validator("version", mode="before")
     @classmethod
@@ -249,6 +251,7 @@ def _info(mv: ModelVersion, aliases: Iterable[str] = ()) -> ModelVersionInfo:
         aliases=sorted(set(mv.aliases or ()) | set(aliases)),
         tags=dict(mv.tags or {}),
         creation_timestamp=mv.creation_timestamp,
+        description=mv.description or "",
     )
 
 
@@ -410,15 +413,22 @@ def _finish(
     log.info("registered %s version %s (%s)", name, version, why)
 
 
-def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+_GENERIC_DESCRIPTION = "quantpipe builds (see version tags for lineage)"  # what older registrations wrote
+
+
+def _ensure_registered_model(client: MlflowClient, name: str, description: str | None = None) -> None:
+    """Create ``name`` with ``description``; an existing model whose description is empty or the old generic
+    line gets ``description`` (one a person wrote is kept)."""
     try:
-        client.get_registered_model(name)
+        model = client.get_registered_model(name)
+        if description and (model.description or "").strip() in ("", _GENERIC_DESCRIPTION):
+            client.update_registered_model(name, description=description)
         return
     except MlflowException as exc:
         if not _is_not_found(exc):
             raise _mlflow_error(f"cannot read registered model {name!r}", exc) from exc
     try:
-        client.create_registered_model(name, description="quantpipe builds (see version tags for lineage)")
+        client.create_registered_model(name, description=description or _GENERIC_DESCRIPTION)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # lost a creation race: fine
             raise _mlflow_error(f"cannot create registered model {name!r}", exc) from exc
@@ -435,8 +445,14 @@ def register_build(
     build_key: str,
     gate: PromotionGate | None,
     settings: Settings | None = None,
+    model_description: str | None = None,
 ) -> ModelVersionInfo:
     """Register the packed checkpoint in ``checkpoint_dir`` as a new version of ``name`` (idempotent).
+
+    ``run_id`` becomes the version's source run (the flow's parent run, so the MLflow UI links the version to
+    the run holding the build's metrics and plots); ``model_description`` is the registered model's description
+    (:func:`registry.card.registered_model_description`); the version's card is set afterwards with
+    :func:`describe_version`, once its number is known.
 
     Uploads the directory to ``run_id``'s artifacts under ``model/``, creates the version with all
     ``tags``, ``build_key``, ``metric.<name>`` and gate tags, moves ``candidate`` to it, and moves ``champion``
@@ -458,6 +474,8 @@ def register_build(
     existing = _search(client, by_key)
     if existing:
         mv = min(existing, key=lambda v: int(v.version))  # the first one wins if a race made two
+        if model_description:
+            _ensure_registered_model(client, name, model_description)
         if (mv.tags or {}).get(TAG_STATUS) != "complete":
             passed = (mv.tags or {}).get(TAG_GATE) == "passed"
             _finish(client, mv, metrics, passed, (mv.tags or {}).get(TAG_GATE) != "none")
@@ -478,7 +496,7 @@ def register_build(
         client.log_artifacts(run_id, str(checkpoint_dir), artifact_path="model")
     except (MlflowException, OSError) as exc:
         raise RegistryError(f"cannot upload {checkpoint_dir} to run {run_id}: {exc}") from exc
-    _ensure_registered_model(client, name)
+    _ensure_registered_model(client, name, model_description)
     source = f"{run.info.artifact_uri.rstrip('/')}/model"
     version_tags = _version_tags(tags, metrics, build_key, gate_tag, reason)
     try:
@@ -494,6 +512,21 @@ def register_build(
         return _with_aliases(client, [keeper])[0]
 
     _finish(client, mv, metrics, gate_passed, gate is not None)
+    return show(name, str(mv.version), settings=settings)
+
+
+def describe_version(
+    name: str, version: str | int, markdown: str, *, settings: Settings | None = None
+) -> ModelVersionInfo:
+    """Set a version's description (its model card, :mod:`registry.card`), redacted."""
+    from infra.redact import redact
+
+    client = _client(settings)
+    mv = _get_version(client, name, version)
+    try:
+        client.update_model_version(name, str(mv.version), description=redact(markdown))
+    except MlflowException as exc:
+        raise _mlflow_error(f"cannot describe {name!r} version {mv.version}", exc) from exc
     return show(name, str(mv.version), settings=settings)
 
 

@@ -44,12 +44,22 @@ __all__ = [
     "TAG_CACHE_HIT",
     "TAG_KIND",
     "TAG_PARENT",
+    "TAG_NOTE",
     "TAG_STAGE",
     "StageRun",
     "configure",
     "experiment_id",
     "flow_run",
     "get_client",
+    "log_run_artifact",
+    "log_run_metrics",
+    "mlflow_ui_url",
+    "model_version_url",
+    "public_url",
+    "run_artifact_url",
+    "run_artifacts",
+    "run_url",
+    "set_run_tags",
     "stage_run",
 ]
 
@@ -63,6 +73,7 @@ TAG_STAGE = "stage"  # stage name on stage runs
 TAG_CACHE_HIT = "cache_hit"  # "true" | "false" on stage runs
 TAG_ARTIFACT_REF = "artifact_ref"  # "<stage>/<key>" of the stage's output
 TAG_ERROR = "error"  # one-line exception text on FAILED/KILLED runs
+TAG_NOTE = "mlflow.note.content"  # the run's Description in MLflow's UI (rendered as markdown, links clickable)
 METRIC_CACHE_SECONDS = "cache_hit_seconds"
 
 _BATCH = 100  # MLflow's MAX_PARAMS_TAGS_PER_BATCH
@@ -361,3 +372,71 @@ def stage_run(
     with _terminating(conf.client, run_id):
         handle.log_params(params or {})
         yield handle
+
+
+# --------------------------------------------------------------------------------------------------- links & parent run
+def public_url(url: str | None) -> str | None:
+    """``url`` without its userinfo (``user:password@``) and with any other secret redacted: safe for a tag, a
+    model card or a log line. ``None`` for anything that is not an ``http(s)`` URL (nothing to link to)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from infra.redact import redact
+
+    if not url:
+        return None
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return redact(urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), parts.query, "")))
+
+
+def mlflow_ui_url(settings: Settings | None = None) -> str | None:
+    """Base URL of the MLflow UI: the tracking server's own URL when it is one (``http(s)://``), else ``None``
+    (a sqlite backend has no UI until ``mlflow ui`` serves it, at an address we cannot know)."""
+    return public_url(_settings(settings).effective_mlflow_uri)
+
+
+def run_url(run_id: str, settings: Settings | None = None) -> str | None:
+    """Link to a run's page in the MLflow UI, or ``None`` without a UI URL."""
+    base = mlflow_ui_url(settings)
+    return f"{base}/#/experiments/{experiment_id(settings)}/runs/{run_id}" if base else None
+
+
+def run_artifact_url(run_id: str, path: str, settings: Settings | None = None) -> str | None:
+    """Link to one artifact (e.g. ``figures/layer_bits.png``) in the run page's artifact view, or ``None``."""
+    base = run_url(run_id, settings)
+    return f"{base}/artifactPath/{path}" if base else None
+
+
+def run_artifacts(run_id: str, path: str, settings: Settings | None = None) -> list[str]:
+    """Paths of the files directly under ``path`` in a run's artifacts ([] when there are none)."""
+    try:
+        found = get_client(settings).list_artifacts(run_id, path)
+    except (MlflowException, OSError):
+        return []
+    return sorted(str(f.path) for f in found if not f.is_dir)
+
+
+def model_version_url(name: str, version: str, settings: Settings | None = None) -> str | None:
+    """Link to a registered model version's page in the MLflow UI, or ``None`` without a UI URL."""
+    base = mlflow_ui_url(settings)
+    return f"{base}/#/models/{name}/versions/{version}" if base else None
+
+
+def log_run_metrics(run_id: str, metrics: Mapping[str, float], settings: Settings | None = None) -> None:
+    """Log metrics on any run by id (the flow's parent run gets the headline numbers this way)."""
+    StageRun(get_client(settings), run_id, "").log_metrics(metrics)
+
+
+def set_run_tags(run_id: str, tags: Mapping[str, Any], settings: Settings | None = None) -> None:
+    """Set tags on any run by id (flattened, secrets dropped, values redacted and cut)."""
+    _set_tags(get_client(settings), run_id, tags)
+
+
+def log_run_artifact(
+    run_id: str, path: Path | str, artifact_path: str | None = None, settings: Settings | None = None
+) -> None:
+    """Upload a file (or a directory's contents) to any run by id."""
+    StageRun(get_client(settings), run_id, "").log_artifact(path, artifact_path)

@@ -20,7 +20,7 @@ from infra.keys import artifact_key, canonical_json
 from tasks.recipe import SHIPPED_RECIPES, Recipe, load_recipe
 from tasks.stage import StageContext, StageResult
 
-__all__ = ["eval_protocol", "recipe_identity", "run_register"]
+__all__ = ["eval_protocol", "prefect_flow_run_url", "recipe_identity", "run_register"]
 
 _MAX_OVERRIDES_TAG = 4000
 
@@ -59,6 +59,60 @@ def eval_protocol(recipe: Recipe) -> str:
     return hashlib.sha256(canonical_json(recipe.eval.key_config()).encode()).hexdigest()[:16]
 
 
+def prefect_flow_run_url(flow_run_id: str | None) -> str | None:
+    """The flow run's page in the Prefect UI (``PREFECT_UI_URL``, which Prefect derives from ``PREFECT_API_URL``),
+    credentials stripped; ``None`` when no UI is known (the ephemeral in-process API has none)."""
+    if not flow_run_id:
+        return None
+    try:
+        from prefect.settings import PREFECT_UI_URL
+
+        base = PREFECT_UI_URL.value()
+    except Exception:
+        return None
+    from registry.tracking import public_url
+
+    base = public_url(str(base)) if base else None
+    return f"{base}/runs/flow-run/{flow_run_id}" if base else None
+
+
+def _card(
+    ctx: StageContext, info: Any, recipe: Recipe, tags: dict[str, str], metrics: dict[str, float], source_run: str
+) -> str:
+    from registry.card import ModelCard
+    from registry.tracking import run_artifact_url, run_artifacts, run_url
+
+    figures = run_artifacts(source_run, "figures", ctx.settings)
+    plots = {p: run_artifact_url(source_run, p, ctx.settings) for p in figures}
+    overrides: dict[str, Any] = {}
+    if tags.get("recipe_base"):  # the full diff (the tag may be cut to fit MLflow's limit)
+        shipped = load_recipe(SHIPPED_RECIPES / f"{tags['recipe_base']}.yaml")
+        overrides = _diff(shipped.model_dump(mode="json"), recipe.model_dump(mode="json"))
+    ev = recipe.eval
+    return ModelCard(
+        name=info.name,
+        version=info.version,
+        base_model=tags["base_model"],
+        base_revision=tags["base_revision"],
+        recipe=tags["recipe"],
+        recipe_digest=recipe.digest(),
+        recipe_base=tags.get("recipe_base"),
+        overrides=overrides,
+        method=recipe.quantize.method,
+        bits=recipe.quantize.bits,
+        group_size=getattr(recipe.quantize, "group_size", None),
+        metrics=metrics,
+        eval_protocol=f"{ev.dataset}, {ev.n_windows or 'all'} windows x {ev.seq_len} tokens",
+        gate=f"{info.tags.get('gate', '')}: {info.tags.get('gate_reason', '')}".strip(": "),
+        formats=tags["formats"].split(","),
+        plots=plots,
+        source_run_id=source_run,
+        source_run_url=run_url(source_run, ctx.settings),
+        prefect_flow_run_url=prefect_flow_run_url(ctx.flow_run_id),
+        lineage={k.removeprefix("key."): v for k, v in tags.items() if k.startswith("key.")},
+    ).markdown()
+
+
 def run_register(
     ctx: StageContext,
     *,
@@ -68,7 +122,8 @@ def run_register(
     refs: dict[str, str],
     metrics: dict[str, float],
 ) -> StageResult:
-    from registry.models import PromotionGate, register_build, registry_name
+    from registry.card import registered_model_description
+    from registry.models import PromotionGate, describe_version, register_build, registry_name
 
     started = time.perf_counter()
     recipe_name, identity_tags = recipe_identity(recipe)
@@ -97,16 +152,28 @@ def run_register(
     with ctx.tracked(
         "register", params={"name": name, "gate": gate.model_dump()}, tags={"build_key": build_key}
     ) as run:
+        # the version's source run is the flow's parent run (metrics, plots, Prefect link), not this child
+        source_run = ctx.parent_run_id or (run.run_id if run else _orphan_run(ctx))
+        q = recipe.quantize
         info = register_build(
             name,
             checkpoint,
-            run_id=run.run_id if run else _orphan_run(ctx),
+            run_id=source_run,
             tags=tags,
             metrics=metrics,
             build_key=build_key,
             gate=gate,
             settings=ctx.settings,
+            model_description=registered_model_description(
+                name, base_model=model_name, recipe=recipe_name, method=q.method, bits=q.bits
+            ),
         )
+        # the card is this build's: written when this run made the version (a rerun finding it keeps its card)
+        if info.run_id == source_run or not info.description:
+            card_run = info.run_id or source_run
+            info = describe_version(
+                name, info.version, _card(ctx, info, recipe, tags, metrics, card_run), settings=ctx.settings
+            )
         if run is not None:
             run.set_tags({"model_version": info.version, "model_name": name})
     meta: dict[str, Any] = {

@@ -22,9 +22,26 @@ from infra.keys import ArtifactRef, artifact_key
 from infra.settings import Settings
 from infra.store import ArtifactStore, ArtifactWriter, open_store
 
-__all__ = ["StageContext", "StageResult", "run_stage"]
+__all__ = ["StageContext", "StageResult", "run_logger", "run_stage"]
 
 log = logging.getLogger("quantpipe.stage")
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter[Any]:
+    """Prefect's run logger inside a flow or task run, so the line lands on the run page; else this module's.
+
+    Records of both are redacted as they are made (:func:`infra.redact.install_log_redaction` watches the
+    ``prefect`` and ``quantpipe`` namespaces)."""
+    try:
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        if TaskRunContext.get() is not None or FlowRunContext.get() is not None:
+            from prefect import get_run_logger
+
+            return get_run_logger()
+    except Exception:  # no Prefect, or a context without a run: the module logger still records the line
+        pass
+    return log
 
 
 class StageResult(BaseModel):
@@ -180,6 +197,8 @@ def run_stage(
     """One tracked stage execution. ``after(ref, run, cache_hit)`` may log metrics and returns metadata."""
     started = time.perf_counter()
     ref = stage_key(stage, version, config, inputs)
+    logger = run_logger()
+    logger.info("%s: started, key %s", stage, ref.short)
     with ctx.tracked(
         stage, params=dict(config), tags={"artifact": str(ref), **{f"input.{k}": v for k, v in inputs.items()}}
     ) as run:
@@ -192,5 +211,5 @@ def run_stage(
             else:
                 run.log_metrics({"seconds": seconds})
             run.set_output(str(ref))
-    log.info("%s %s %s in %.1f s", stage, "cache hit" if hit else "computed", ref.short, seconds)
+    logger.info("%s: %s, key %s, %.1f s", stage, "cache hit" if hit else "cache miss, computed", ref.short, seconds)
     return StageResult(stage=stage, ref=str(ref), cache_hit=hit, seconds=round(seconds, 3), metadata=metadata)
