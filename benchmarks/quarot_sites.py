@@ -43,7 +43,7 @@ def load_without_activation_quant(path: Path) -> tuple[Any, dict[str, Any]]:
 
 
 def with_sites(model: Any, sites: list[str], acts: dict[str, Any]) -> list[Any]:
-    from tasks.quarot import _act_quant, _pre_hook
+    from tasks.quarot_runtime import _act_quant, _pre_hook
 
     quant = _act_quant(int(acts["bits"]), float(acts["clip_ratio"]), int(acts.get("group_size", 0)))
     return [

@@ -19,17 +19,30 @@ no dequantized weight in memory) and the reference elsewhere (dispatch rules in 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.coded_module import CodedLinear
+from kernels.layout_base import PackedLayout, TransformSeed
 from kernels.packing import SCALE_DTYPE
 from quant.gptqt import BinaryCodedWeight
 from quant.icquant import pack_bits
 
-__all__ = ["BCQ_FORMAT_VERSION", "BCQ_KEYS", "BCQLinear", "pack_bcq", "round_bcq_fp16", "unpack_bcq"]
+__all__ = [
+    "BCQ_FORMAT_VERSION",
+    "BCQ_KEYS",
+    "BCQLayer",
+    "BCQLayout",
+    "BCQLinear",
+    "pack_bcq",
+    "round_bcq_fp16",
+    "unpack_bcq",
+]
 
 BCQ_FORMAT_VERSION = 1
 BCQ_KEYS = ("planes", "alpha", "beta", "bcqmeta")
@@ -130,3 +143,43 @@ class BCQLinear(CodedLinear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, binary_bits={self.bits}"
+
+
+@dataclass(frozen=True, eq=False)
+class BCQLayer:
+    """A GPTQT layer: the merged binary-coded weight (α', β' fp16-exact) and its deterministic stats."""
+
+    weight: BinaryCodedWeight
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bits(self) -> int:
+        return int(self.weight.planes.shape[0])
+
+
+class BCQLayout(PackedLayout):
+    """GPTQT's merged binary coding: no serving format has bit-planes with per-plane scales."""
+
+    name = "bcq"
+    module = BCQLinear
+    weight_type = BCQLayer
+    parts: ClassVar[Mapping[str, str]] = {"planes": "codes", "alpha": "grids", "beta": "grids"}
+    no_export = "GPTQT binary coding (bit-planes + α') has no {fmt} representation"
+
+    def recognises(self, tensors: Mapping[str, Tensor]) -> bool:
+        return "bcqmeta" in tensors
+
+    def owns_key(self, key: str) -> bool:
+        return key in BCQ_KEYS
+
+    def pack(self, q: BCQLayer, transform_seed: TransformSeed | None = None) -> dict[str, Tensor]:
+        return pack_bcq(q.weight)
+
+    def unpack(self, tensors: Mapping[str, Tensor], stats: dict[str, float] | None = None) -> BCQLayer:
+        return BCQLayer(unpack_bcq(dict(tensors)), dict(stats or {}))
+
+    def dequantize(self, q: Any, dtype: torch.dtype = torch.float32) -> Tensor:
+        return q.weight.dequantize(torch.float32).to(dtype)  # type: ignore[no-any-return]
+
+    def shape(self, q: BCQLayer) -> tuple[int, int]:
+        return int(q.weight.alpha.shape[0]), q.weight.in_features

@@ -23,19 +23,21 @@ one-time fallback warning as ``kernels.coded_module``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from kernels.coded_module import CodedLinear
+from kernels.layout_base import PackedLayout, TransformSeed, canonical_transforms
 from kernels.packing import SCALE_DTYPE
 from kernels.quant_linear import apply_keeping_transforms, incoherent_matmul, module_transforms, register_transforms
 from quant.e8p import E8P_DIM, E8PWeight
 from quant.incoherence import IncoherenceTransforms, incoherence_postprocess, is_transform_key
 
-__all__ = ["E8P_FORMAT_VERSION", "E8P_KEYS", "E8PLinear", "pack_e8p", "unpack_e8p"]
+__all__ = ["E8P_FORMAT_VERSION", "E8P_KEYS", "E8PLayout", "E8PLinear", "pack_e8p", "unpack_e8p"]
 
 E8P_FORMAT_VERSION = 1
 E8P_KEYS = ("qweight", "scales", "e8pmeta")
@@ -136,3 +138,30 @@ class E8PLinear(CodedLinear):
     def extra_repr(self) -> str:
         rot = ", incoherent" if self.transforms() is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, e8p{rot}"
+
+
+class E8PLayout(PackedLayout):
+    """QuIP#'s E8P lattice codes (+ the incoherence transforms): no serving format has the codebook."""
+
+    name = "e8p"
+    module = E8PLinear
+    weight_type = E8PWeight
+    parts: ClassVar[Mapping[str, str]] = {"qweight": "codes", "qweight2": "codes", "scales": "grids"}
+    no_export = "E8P lattice codes (16-bit codeword per 8 weights) have no {fmt} representation"
+
+    def recognises(self, tensors: Mapping[str, Tensor]) -> bool:
+        return "e8pmeta" in tensors
+
+    def owns_key(self, key: str) -> bool:
+        return key in E8P_KEYS or key in E8PLinear.OPTIONAL_KEYS or is_transform_key(key)
+
+    def pack(self, q: E8PWeight, transform_seed: TransformSeed | None = None) -> dict[str, Tensor]:
+        return pack_e8p(replace(q, transforms=canonical_transforms(q.transforms, transform_seed) or None))
+
+    def unpack(self, tensors: Mapping[str, Tensor], stats: dict[str, float] | None = None) -> E8PWeight:
+        return replace(unpack_e8p(dict(tensors)), stats=dict(stats or {}))
+
+    def dequantize(self, q: Any, dtype: torch.dtype = torch.float32) -> Tensor:
+        from quant.incoherence import dequantize_original
+
+        return dequantize_original(q, dtype)

@@ -26,14 +26,19 @@ the grid per weight from the mask. Elsewhere the reference runs (dispatch rules 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
 from kernels.coded_module import CodedLinear
+from kernels.layout_base import PackedLayout, TransformSeed
 from kernels.packing import SCALE_DTYPE, pack_codes, unpack_codes
 from quant.icquant import ICQuantWeight, IndexStream
 
-__all__ = ["ICQ_FORMAT_VERSION", "ICQ_KEYS", "ICQuantLinear", "pack_icquant", "unpack_icquant"]
+__all__ = ["ICQ_FORMAT_VERSION", "ICQ_KEYS", "ICQuantLayout", "ICQuantLinear", "pack_icquant", "unpack_icquant"]
 
 ICQ_FORMAT_VERSION = 2  # 2: tiles of R rows, 1-bit escapes, int32 [2, T + 1] table
 ICQ_KEYS = ("qweight", "scales", "zeros", "oscales", "ozeros", "pos_data", "pos_offsets", "icqmeta")
@@ -139,3 +144,33 @@ class ICQuantLinear(CodedLinear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, icquant"
+
+
+class ICQuantLayout(PackedLayout):
+    """ICQuant (icquant-rtn, icquant-gptq): no serving format has outlier grids or index-coded positions."""
+
+    name = "icquant"
+    module = ICQuantLinear
+    weight_type = ICQuantWeight
+    parts: ClassVar[Mapping[str, str]] = {
+        "qweight": "codes",
+        "pos_data": "positions",
+        "pos_offsets": "offsets",
+        **dict.fromkeys(_GRIDS, "grids"),
+    }
+    no_export = "ICQuant outlier grids and index-coded positions have no {fmt} representation"
+
+    def recognises(self, tensors: Mapping[str, Tensor]) -> bool:
+        return "icqmeta" in tensors
+
+    def owns_key(self, key: str) -> bool:
+        return key in ICQ_KEYS
+
+    def pack(self, q: ICQuantWeight, transform_seed: TransformSeed | None = None) -> dict[str, Tensor]:
+        return pack_icquant(q)
+
+    def unpack(self, tensors: Mapping[str, Tensor], stats: dict[str, float] | None = None) -> ICQuantWeight:
+        return replace(unpack_icquant(dict(tensors)), stats=dict(stats or {}))
+
+    def shape(self, q: ICQuantWeight) -> tuple[int, int]:
+        return int(q.codes.shape[0]), int(q.codes.shape[1])

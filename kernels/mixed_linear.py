@@ -15,17 +15,20 @@ the only extra work; each weight byte is still read once.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
+from kernels.layout_base import PackedLayout, TransformSeed
 from kernels.packing import pack_quantized_linear, unpack_quantized_linear
-from kernels.quant_linear import QuantLinear
+from kernels.quant_linear import AFFINE_KEYS, AffineLayout, QuantLinear
 from quant.mixed import MixedWeight, group_columns
 from quant.types import QuantizedWeight
 
-__all__ = ["MIXED_KEY", "MixedQuantLinear", "is_mixed", "pack_mixed", "part_key", "unpack_mixed"]
+__all__ = ["MIXED_KEY", "MixedLayout", "MixedQuantLinear", "is_mixed", "pack_mixed", "part_key", "unpack_mixed"]
 
 MIXED_KEY = "group_bits"
 _PART = re.compile(r"^b(\d+)_(.+)$")
@@ -141,3 +144,30 @@ class MixedQuantLinear(nn.Module):
             part = self.part(b)(x.index_select(-1, self.columns(b)))
             y = part if y is None else y + part
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class MixedLayout(PackedLayout):
+    """Group-wise mixed precision: one int-packed part per width; a serving format has one width per layer."""
+
+    name = "mixed"
+    module = MixedQuantLinear
+    weight_type = MixedWeight
+    no_export = "mixed per-layer bit-widths have no single {fmt} scheme"
+
+    def recognises(self, tensors: Mapping[str, Tensor]) -> bool:
+        return MIXED_KEY in tensors
+
+    def owns_key(self, key: str) -> bool:
+        return key == MIXED_KEY or (_PART.match(key) is not None and part_key(key) in AFFINE_KEYS)
+
+    def pack(self, q: MixedWeight, transform_seed: TransformSeed | None = None) -> dict[str, Tensor]:
+        return pack_mixed(q)
+
+    def unpack(self, tensors: Mapping[str, Tensor], stats: dict[str, float] | None = None) -> MixedWeight:
+        return replace(unpack_mixed(dict(tensors)), stats=dict(stats or {}))
+
+    def bits(self, q: MixedWeight) -> float:
+        return q.avg_bits
+
+    def part(self, key: str) -> str:
+        return AffineLayout.parts.get(part_key(key), "other")  # "b3_qweight" counts as codes

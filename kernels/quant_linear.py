@@ -1,4 +1,4 @@
-"""``QuantLinear``: a Linear holding packed low-bit group-wise weights, plus ``replace_linears``.
+"""``QuantLinear``: a Linear holding packed low-bit group-wise weights, and its layouts (int-packed, rotated).
 
 Buffers carry the checkpoint names of ``kernels.packing.pack_quantized_linear`` (``qweight``, ``scales``,
 ``zeros``, ``qmeta``, optional ``g_idx``, optional ``bias``) so ``load_state_dict``/safetensors round-trip.
@@ -15,17 +15,21 @@ forward(x [..., K]) -> [..., N]:
 y = Uᵀ (Ŵ̃ (V diag(s)⁻¹ x)) + bias, with V and U applied in fp32: on CUDA by the FWHT Triton kernel
 (``kernels.hadamard.launch.incoherence_input/output``, random signs fused into its load) chained before the
 low-bit matmul, elsewhere by torch (``quant.incoherence``).
+
+``AffineLayout`` and ``RotatedLayout`` register the two in :mod:`kernels.layouts` (which also swaps a model's
+linears for the packed modules: ``kernels.layouts.replace_linears``).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from kernels.layout_base import PackedLayout, TransformSeed, canonical_transforms
 from kernels.packing import (
     FORMAT_VERSION,
     SCALE_DTYPE,
@@ -40,16 +44,18 @@ from kernels.packing import (
 from kernels.wgemm.configs import TunedConfigs
 from kernels.wgemm.ref import dequantize_packed, wgemm_ref
 from quant.incoherence import IncoherenceTransforms, is_transform_key
+from quant.types import QuantizedWeight
 
 __all__ = [
     "KERNEL_MAX_M",
+    "AffineLayout",
+    "RotatedLayout",
     "QuantLinear",
     "RotatedQuantLinear",
     "apply_keeping_transforms",
     "incoherent_matmul",
     "module_transforms",
     "register_transforms",
-    "replace_linears",
     "set_tuned_configs",
 ]
 
@@ -309,28 +315,6 @@ def apply_keeping_transforms(module: nn.Module, apply: Callable[[], Any]) -> Any
             bufs[name] = bufs[name].view(torch.float32)  # type: ignore[union-attr]
 
 
-def _module_class(tensors: dict[str, Tensor]) -> Any:
-    """The module for one packed linear, told by its tensors: ICQuant (``icqmeta``), binary coding (``bcqmeta``),
-    E8P (``e8pmeta``), incoherence-processed (transform keys) or plain ``QuantLinear``."""
-    if "group_bits" in tensors:  # group-wise mixed precision: one plain part per width
-        from kernels.mixed_linear import MixedQuantLinear
-
-        return MixedQuantLinear
-    if "icqmeta" in tensors:
-        from kernels.icq_linear import ICQuantLinear
-
-        return ICQuantLinear
-    if "bcqmeta" in tensors:
-        from kernels.bcq_linear import BCQLinear
-
-        return BCQLinear
-    if "e8pmeta" in tensors:  # E8P lattice codes (their module applies the transforms itself)
-        from kernels.e8p_linear import E8PLinear
-
-        return E8PLinear
-    return RotatedQuantLinear if any(is_transform_key(k) for k in tensors) else QuantLinear
-
-
 def set_tuned_configs(model: nn.Module, tuned: TunedConfigs | None) -> int:
     """Give every ``QuantLinear`` in ``model`` the per-GPU tuned config table (``TunedConfigs.load(path)``, as
     written by ``kernels.wgemm.launch.tune``); returns how many modules got it. Shapes missing from the table
@@ -341,51 +325,62 @@ def set_tuned_configs(model: nn.Module, tuned: TunedConfigs | None) -> int:
     return len(mods)
 
 
-def replace_linears(
-    model: nn.Module,
-    quantized: dict[str, dict[str, Tensor]],
-    *,
-    strict: bool = True,
-    device: torch.device | str | None = None,
-) -> list[str]:
-    """Swap ``nn.Linear`` submodules named in ``quantized`` (e.g. "model.layers.0.self_attn.q_proj") for
-    ``QuantLinear`` built from their packed tensors (``pack_quantized_linear`` output).
+# ---- the layouts (registered in kernels.layouts) -------------------------------------------------------------
 
-    The Linear's bias is kept unless the dict has "bias". Placement: ``device`` if given, else the Linear's
-    device; a Linear on the meta device (a skeleton built under ``torch.device("meta")``) gives the packed
-    tensors' device, and its bias becomes a zero buffer of the same dtype for a later ``load_state_dict``.
-    Returns the replaced names; with ``strict`` a missing or non-Linear name raises before anything is
-    replaced (shape mismatches always raise, also before anything is replaced).
-    """
-    plan: list[tuple[str, nn.Module, str, nn.Module]] = []
-    for name, tensors in quantized.items():
-        try:
-            lin = model.get_submodule(name)
-        except AttributeError:
-            if strict:
-                raise KeyError(f"no submodule named {name!r}") from None
-            continue
-        if not isinstance(lin, nn.Linear):
-            if strict:
-                raise TypeError(f"{name!r} is {type(lin).__name__}, not nn.Linear")
-            continue
-        on_meta = lin.weight.is_meta
-        dev = device if device is not None else (next(iter(tensors.values())).device if on_meta else lin.weight.device)
-        t = {k: v.to(dev) for k, v in tensors.items()}
-        bias = None
-        if lin.bias is not None:
-            bias = torch.zeros(lin.out_features, dtype=lin.bias.dtype) if lin.bias.is_meta else lin.bias.detach()
-        try:
-            q = _module_class(t).from_packed(t, bias=bias)
-        except ValueError as exc:  # which layer of the checkpoint, e.g. transforms that cannot be drawn again
-            raise ValueError(f"{name!r}: {exc}") from None
-        if (q.in_features, q.out_features) != (lin.in_features, lin.out_features):
-            raise ValueError(
-                f"{name!r}: packed shape (in={q.in_features}, out={q.out_features}) does not match the Linear "
-                f"(in={lin.in_features}, out={lin.out_features})"
-            )
-        parent_name, _, child = name.rpartition(".")
-        plan.append((name, model.get_submodule(parent_name) if parent_name else model, child, q))
-    for _, parent, child, q in plan:
-        setattr(parent, child, q)
-    return [p[0] for p in plan]
+AFFINE_KEYS = ("qweight", "scales", "zeros", "qmeta", "g_idx")
+
+
+class AffineLayout(PackedLayout):
+    """Codes + one affine grid per (row, group), int32 K-packed (``kernels.packing``): rtn, gptq."""
+
+    name = "affine"
+    module = QuantLinear
+    weight_type = QuantizedWeight
+    parts: ClassVar[Mapping[str, str]] = {"qweight": "codes", "scales": "grids", "zeros": "grids"}
+    exports = frozenset({"compressed-tensors", "gptq", "gguf"})
+
+    def holds(self, q: Any) -> bool:
+        return isinstance(q, QuantizedWeight) and not q.transforms
+
+    def recognises(self, tensors: Mapping[str, Tensor]) -> bool:
+        return "qmeta" in tensors and not any(is_transform_key(k) for k in tensors)
+
+    def owns_key(self, key: str) -> bool:
+        return key in AFFINE_KEYS
+
+    def pack(self, q: QuantizedWeight, transform_seed: TransformSeed | None = None) -> dict[str, Tensor]:
+        out = pack_quantized_linear(q.codes, q.scales, q.zeros, q.bits, q.group_size, q.g_idx)
+        out.update(canonical_transforms(q.transforms, transform_seed))  # su, sv, kron_v, tseed, rescale …
+        return out
+
+    def unpack(self, tensors: Mapping[str, Tensor], stats: dict[str, float] | None = None) -> QuantizedWeight:
+        u = unpack_quantized_linear({k: v for k, v in tensors.items() if k in AFFINE_KEYS})
+        transforms = {k: v for k, v in tensors.items() if is_transform_key(k)} or None
+        return QuantizedWeight(u.codes, u.scales, u.zeros, u.bits, u.group_size, u.g_idx, dict(stats or {}), transforms)
+
+    def dequantize(self, q: QuantizedWeight, dtype: torch.dtype = torch.float32) -> Tensor:
+        from quant.incoherence import dequantize_original
+
+        return dequantize_original(q, dtype)
+
+    def shape(self, q: QuantizedWeight) -> tuple[int, int]:
+        return int(q.codes.shape[0]), int(q.codes.shape[1])
+
+
+class RotatedLayout(AffineLayout):
+    """The affine layout over Ŵ̃ = U W Vᵀ plus the transform tensors (quip, hadamard-gptq): no serving format
+    applies the online transforms."""
+
+    name = "rotated"
+    module = RotatedQuantLinear
+    exports = frozenset()
+    no_export = "{method} weights need the online incoherence transforms, which {fmt} cannot express"
+
+    def holds(self, q: Any) -> bool:
+        return isinstance(q, QuantizedWeight) and bool(q.transforms)
+
+    def recognises(self, tensors: Mapping[str, Tensor]) -> bool:
+        return "qmeta" in tensors and any(is_transform_key(k) for k in tensors)
+
+    def owns_key(self, key: str) -> bool:
+        return key in AFFINE_KEYS or is_transform_key(key)

@@ -6,15 +6,15 @@ Layout of ``native/``: the base model's ``config.json`` plus a ``quantization_co
 ``<name>.qweight/.scales/.zeros/.qmeta[/.g_idx]`` of :mod:`kernels.packing` — plus, for incoherence-processed
 schemes (quip, hadamard-gptq; ``quantization_config.transform``), the small transform tensors
 ``<name>.su/.sv/.kron_u/.kron_v[/.perm_u/.perm_v/.fac_u0/…/.rescale]`` of :mod:`quant.incoherence`. Loading builds
-the model skeleton from the config and swaps those linears for :class:`kernels.quant_linear.QuantLinear` (or
-``RotatedQuantLinear``, which applies the transforms online), so evaluation runs on the packed weights, not on
-in-memory fake-quantized copies.
+the model skeleton from the config and swaps those linears for the module of their layout
+(:func:`kernels.layouts.replace_linears`: ``QuantLinear``, ``RotatedQuantLinear`` which applies the transforms
+online, ICQuant, binary-coded, mixed or E8P modules), so evaluation runs on the packed weights, not on in-memory
+fake-quantized copies.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -22,46 +22,11 @@ from typing import Any
 import torch
 
 from infra.errors import CorruptArtifactError
+from tasks.models import copy_tokenizer  # re-exported: the exporters copy the tokenizer through here
 
-__all__ = ["QUANT_METHOD", "load_packed_model", "packed_modules"]
+__all__ = ["QUANT_METHOD", "copy_tokenizer", "load_packed_model", "packed_modules"]
 
 QUANT_METHOD = "quantpipe"
-_PACKED_SUFFIXES = ("qweight", "scales", "zeros", "qmeta", "g_idx")
-# ICQuant (kernels.icq_linear), GPTQT binary coding (kernels.bcq_linear) and group-wise mixed precision
-# (kernels.mixed_linear: ``group_bits`` plus plain parts "b3_qweight", ...); replace_linears picks the module
-_CODED_SUFFIXES = (
-    "oscales",
-    "ozeros",
-    "pos_data",
-    "pos_offsets",
-    "icqmeta",
-    "planes",
-    "alpha",
-    "beta",
-    "bcqmeta",
-    "group_bits",
-    "e8pmeta",
-    "qweight2",
-)
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "chat_template.jinja",
-)
-
-
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    """Copy the tokenizer files of model dir ``src`` into a pack: regular files inside ``src`` only (a symlink
-    leading out of the model dir is refused, so no file of the worker can travel into a pack or to MLflow)."""
-    from tasks.models import model_file
-
-    for name in TOKENIZER_FILES:
-        real = model_file(src, name)
-        if real is not None:
-            shutil.copyfile(real, dst / name)
 
 
 def packed_modules(config: dict[str, Any]) -> list[str]:
@@ -96,9 +61,7 @@ def load_packed_model(
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from kernels.mixed_linear import part_key
-    from kernels.quant_linear import replace_linears
-    from quant.incoherence import is_transform_key
+    from kernels.layouts import is_packed_key, replace_linears
 
     config_dict = json.loads((path / "config.json").read_text())
     modules = packed_modules(config_dict)
@@ -111,11 +74,7 @@ def load_packed_model(
     plain: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         mod, _, suffix = name.rpartition(".")
-        if mod in packed and (
-            part_key(suffix) in _PACKED_SUFFIXES  # a group-wise mixed layer's parts: "b3_qweight", ...
-            or suffix in _CODED_SUFFIXES
-            or is_transform_key(suffix)
-        ):
+        if mod in packed and is_packed_key(suffix):  # a tensor of some layout (kernels.layouts)
             packed[mod][suffix] = tensor
         else:
             plain[name] = tensor
@@ -133,7 +92,7 @@ def load_packed_model(
         )
     _reset_rotary(model, device)
     model = model.to(dtype=dtype).eval()
-    from tasks.quarot import install_runtime  # QuaRot online transforms, A/KV fake quantization (CPU torch path)
+    from tasks.quarot_runtime import install_runtime  # QuaRot online transforms, A/KV fake quant (CPU torch path)
 
     runtime = qconfig.get("runtime") or {}
     if runtime_parts is not None:

@@ -20,6 +20,7 @@ from torch import nn
 
 from quant.arch import ArchMapping, mapping_for
 from quant.hessian import accumulate
+from tasks.weights import WeightIndex
 
 __all__ = ["BlockStreamer", "GroupStats", "collect_block_hessians", "peak_rss_mb", "quantize_block_by_group"]
 
@@ -51,63 +52,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-class _WeightIndex:
-    """Tensor-by-tensor reads of a (possibly sharded) safetensors checkpoint, without mmap.
-
-    safetensors' ``safe_open`` maps whole files, and every page a block touches stays resident, so peak RSS
-    would grow with depth. Reading each tensor's byte range with ``pread`` keeps only the current block.
-    """
-
-    def __init__(self, path: Path) -> None:
-        from infra.errors import CorruptArtifactError
-
-        files = sorted(p for p in Path(path).glob("*.safetensors"))
-        self.entries: dict[str, tuple[Path, int, torch.dtype, list[int], int]] = {}
-        for f in files:
-            with f.open("rb") as fh:
-                raw_len = fh.read(8)
-                if len(raw_len) != 8:
-                    raise CorruptArtifactError(f"{f} is not a safetensors file (truncated header)")
-                n = int.from_bytes(raw_len, "little")
-                try:
-                    header = json.loads(fh.read(n))
-                except ValueError:
-                    raise CorruptArtifactError(f"{f} has a corrupt safetensors header") from None
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                begin, end = info["data_offsets"]
-                self.entries[name] = (f, 8 + n + begin, _ST_DTYPES[info["dtype"]], info["shape"], end - begin)
-
-    def get(self, name: str) -> torch.Tensor:
-        f, offset, dtype, shape, nbytes = self.entries[name]
-        buf = bytearray(nbytes)
-        with f.open("rb") as fh:
-            fh.seek(offset)
-            if fh.readinto(buf) != nbytes:
-                from infra.errors import CorruptArtifactError
-
-                raise CorruptArtifactError(f"{f} is truncated (tensor {name})")
-        if nbytes == 0:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.entries
+_WeightIndex = WeightIndex  # the old private name, still imported by some stages
 
 
 @dataclass
@@ -139,10 +84,10 @@ class BlockStreamer:
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
         self.model.eval()
-        from tasks.quarot import install_runtime  # rotated checkpoints: online Hadamards before o/down_proj
+        from tasks.quarot_runtime import install_runtime  # rotated checkpoints: online Hadamards before o/down_proj
 
         install_runtime(self.model, json.loads((self.path / "config.json").read_text()))
-        self.weights = _WeightIndex(self.path)
+        self.weights = WeightIndex(self.path)
         rotary = self.module(self.mapping.rotary)
         self.rotary = type(rotary)(config=self.config).to(self.device)
         self.n_blocks = len(self.module(self.mapping.blocks))

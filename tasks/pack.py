@@ -17,9 +17,11 @@ from typing import Any
 import torch
 
 from infra.safetensors_io import canonicalise_file
-from tasks.checkpoint import QUANT_METHOD, copy_tokenizer
+from kernels.layouts import BPW_COUNTED, layout_of, stored_bits
+from tasks.checkpoint import QUANT_METHOD
 from tasks.export import ExportInputs, write_exports
-from tasks.qlayer import BPW_COUNTED, LayerResult, layer_bits, layer_kind, layer_shape, native_tensors, stored_bits
+from tasks.models import copy_tokenizer
+from tasks.qlayer import LayerResult
 from tasks.quantize import layer_seed
 from tasks.recipe import PackConfig, QuantizeConfig
 from tasks.stage import StageContext, StageResult, run_stage
@@ -54,11 +56,13 @@ def _write_native(
     kind = cfg.transform_kind()
     for name, q in qweights.items():
         seed = (layer_seed(cfg, name), kind) if kind is not None else None  # transforms stored as their seed
-        packed = native_tensors(q, seed)  # affine (+ transforms), ICQuant or binary-coded layout
+        layout = layout_of(q)  # kernels.layouts: affine (+ transforms), ICQuant, binary-coded, mixed, E8P
+        packed = layout.pack(q, seed)
         for suffix, t in packed.items():
             tensors[f"{name}.{suffix}"] = t.contiguous()
-        out_f, in_f = layer_shape(q)
-        layer_bpw[name] = {"bits": layer_bits(q), "n_weights": float(out_f * in_f), **stored_bits(packed, out_f * in_f)}
+        out_f, in_f = layout.shape(q)
+        n = out_f * in_f
+        layer_bpw[name] = {"bits": float(layout.bits(q)), "n_weights": float(n), **stored_bits(packed, n)}
     out.mkdir(parents=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "quant_method": QUANT_METHOD})
     canonicalise_file(out / "model.safetensors")  # safetensors writes metadata keys in random order
@@ -83,7 +87,7 @@ def _write_native(
     if cfg.bitalloc is not None or len({q.bits for q in qweights.values()}) > 1:  # per-layer bits in the JSON
         config["quantization_config"]["bits"] = None
         config["quantization_config"]["layer_bits"] = {
-            name: layer_bits(q) if layer_kind(q) == "mixed" else q.bits for name, q in sorted(qweights.items())
+            name: layout_of(q).bits(q) for name, q in sorted(qweights.items())
         }
         if cfg.bitalloc is not None:
             config["quantization_config"]["bitalloc"] = cfg.bitalloc.model_dump(mode="json")
@@ -126,7 +130,7 @@ def run_pack(
     def produce(w: Any, run: Any) -> None:
         qweights = {name: load_qlayer(ctx, ref) for name, ref in _layers(ctx, quant_ref).items()}
         layer_bpw = _write_native(w.dir / "native", model_path, qcfg, qweights)
-        if runtime:  # read by load_packed_model → tasks.quarot.install_runtime
+        if runtime:  # read by load_packed_model → tasks.quarot_runtime.install_runtime
             native_config = json.loads((w.dir / "native" / "config.json").read_text())
             native_config["quantization_config"]["runtime"] = runtime
             (w.dir / "native" / "config.json").write_text(json.dumps(native_config, indent=2, sort_keys=True))

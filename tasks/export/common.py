@@ -43,26 +43,18 @@ class ExportInputs:
 def affine_reason(inputs: ExportInputs, fmt: str) -> str | None:
     """None when the build is one plain affine scheme (codes + per-group scale/zero, no online transforms, one
     bit-width) that ``fmt`` can hold in principle, else why not (one line naming ``fmt``)."""
-    from tasks.quarot import QUAROT_KEY
+    from kernels.layouts import export_reason
+    from tasks.quarot_runtime import runtime_export_reason
 
     cfg, qweights = inputs.cfg, inputs.qweights
-    if cfg.icquant_base() is not None:
-        return f"ICQuant outlier grids and index-coded positions have no {fmt} representation"
-    if cfg.method == "gptqt":
-        return f"GPTQT binary coding (bit-planes + α') has no {fmt} representation"
-    if cfg.method == "hadamard-e8p":
-        return f"E8P lattice codes (16-bit codeword per 8 weights) have no {fmt} representation"
+    reason = export_reason(qweights.values(), fmt, cfg.method)  # each packed layout says what it cannot go into
+    if reason is not None:
+        return reason
     if cfg.bitalloc is not None or len({q.bits for q in qweights.values()}) > 1:
         return f"mixed per-layer bit-widths have no single {fmt} scheme"
-    if not all(isinstance(q, QuantizedWeight) for q in qweights.values()):
-        return "layers are not plain affine-grid weights"
-    if cfg.transform_kind() is not None or any(q.transforms for q in qweights.values()):  # type: ignore[union-attr]
+    if cfg.transform_kind() is not None:
         return f"{cfg.method} weights need the online incoherence transforms, which {fmt} cannot express"
-    if QUAROT_KEY in inputs.config:
-        return f"QuaRot needs online Hadamard transforms, which {fmt} cannot express"
-    if inputs.runtime:
-        return f"activation/KV fake quantization ({', '.join(sorted(inputs.runtime))}) is not a {fmt} scheme"
-    return None
+    return runtime_export_reason(inputs.config, inputs.runtime, fmt)
 
 
 def source_tensors(model_path: Path, skip: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.e8p_linear import E8PLinear, pack_e8p, unpack_e8p
-from kernels.quant_linear import replace_linears
+from kernels.layouts import replace_linears
 from quant.e8p import E8PConfig, E8PWeight, quantize_e8p_ldlq
 from quant.incoherence import IncoherenceConfig, dequantize_original, quantize_incoherent
 from tests.quant.reference import random_spd, random_weight

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.layouts import replace_linears
 from kernels.packing import dequantize_reference, pack_quantized_linear, round_scales_fp16
-from kernels.quant_linear import QuantLinear, replace_linears
+from kernels.quant_linear import QuantLinear
 
 transformers = pytest.importorskip("transformers")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.layouts import layout_of_tensors, replace_linears
 from kernels.mixed_linear import MixedQuantLinear, pack_mixed, unpack_mixed
-from kernels.quant_linear import _module_class, replace_linears
 from quant.mixed import split_by_bits
 from quant.rtn import quantize_rtn
 from quant.types import GridConfig
@@ -31,7 +31,7 @@ def test_pack_unpack_is_lossless() -> None:
 def test_module_matches_the_fake_quantized_linear() -> None:
     m = _mixed([3, 2, 8, 3])
     bias = torch.randn(10)
-    mod = _module_class(pack_mixed(m)).from_packed(pack_mixed(m), bias=bias)
+    mod = layout_of_tensors(pack_mixed(m)).build(pack_mixed(m), bias=bias)
     assert isinstance(mod, MixedQuantLinear) and mod.widths == [2, 3, 8]
     assert torch.equal(mod.dequantized_weight(), m.dequantize())
     x = torch.randn(3, 5, 60)

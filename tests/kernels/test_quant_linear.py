@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from kernels.layouts import replace_linears
 from kernels.packing import pack_quantized_linear
-from kernels.quant_linear import QuantLinear, replace_linears
+from kernels.quant_linear import QuantLinear
 from tests.kernels.synth import explicit_dequant, make_quantized, run_without_triton
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -306,8 +306,8 @@ def test_seeded_transforms_that_do_not_reproduce_fail_loudly() -> None:
 
 def test_packed_layer_whose_seed_does_not_reproduce_names_the_layer() -> None:
     """Loading a checkpoint: the one-line error says which layer and what to do."""
+    from kernels.layouts import replace_linears
     from kernels.packing import pack_quantized_linear
-    from kernels.quant_linear import replace_linears
 
     W, H = random_weight(54, 96, 3), random_spd(96, 3)
     grid = GridConfig(bits=4, group_size=32, sym=True, scale_mode="rms", scale_dtype="float16")
