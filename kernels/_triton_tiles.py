@@ -13,7 +13,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["dot_acc", "load_bits", "load_codes", "load_x", "output_tile", "split_k_range", "store_tile"]
+__all__ = [
+    "dot_acc",
+    "gemm_tile",
+    "k_slice",
+    "load_bits",
+    "load_codes",
+    "load_x",
+    "output_tile",
+    "split_k_range",
+    "store_tile",
+]
 
 
 @triton.jit
@@ -39,6 +49,25 @@ def load_x(x_ptr, offs_m, offs_k, mask_m, mask_k, stride_xm, stride_xk):
         mask=mask_m[:, None] & mask_k[None, :],
         other=0.0,
     )
+
+
+@triton.jit
+def gemm_tile(M, N, K, k_per_split, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Where a split-K GEMM program starts: (offs_m, offs_n, mask_m, mask_n) of its output tile, a zero fp32
+    [BLOCK_M, BLOCK_N] accumulator and its slice [k_start, k_end) of K."""
+    offs_m, offs_n, mask_m, mask_n = output_tile(M, N, BLOCK_M, BLOCK_N)
+    k_start, k_end = split_k_range(K, k_per_split)
+    return offs_m, offs_n, mask_m, mask_n, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), k_start, k_end
+
+
+@triton.jit
+def k_slice(x_ptr, k0, k_end, offs_m, mask_m, mask_n, stride_xm, stride_xk, BLOCK_K: tl.constexpr):
+    """One step of the K loop from ``k0``: (offs_k, mask_k, mask_kn, x tile [BLOCK_M, BLOCK_K]), masked to the
+    program's slice (``k_end``) and to the tile's rows and columns."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < k_end
+    x = load_x(x_ptr, offs_m, offs_k, mask_m, mask_k, stride_xm, stride_xk)
+    return offs_k, mask_k, mask_k[:, None] & mask_n[None, :], x
 
 
 @triton.jit

@@ -166,11 +166,7 @@ class BCQLayout(PackedLayout):
     parts: ClassVar[Mapping[str, str]] = {"planes": "codes", "alpha": "grids", "beta": "grids"}
     no_export = "GPTQT binary coding (bit-planes + α') has no {fmt} representation"
 
-    def recognises(self, tensors: Mapping[str, Tensor]) -> bool:
-        return "bcqmeta" in tensors
-
-    def owns_key(self, key: str) -> bool:
-        return key in BCQ_KEYS
+    meta_key, keys = "bcqmeta", BCQ_KEYS
 
     def pack(self, q: BCQLayer, transform_seed: TransformSeed | None = None) -> dict[str, Tensor]:
         return pack_bcq(q.weight)

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.packing import SCALE_DTYPE
-from kernels.quant_linear import KERNEL_MAX_M
+from kernels.quant_linear import KERNEL_MAX_M, apply_with_int_views, check_input
 
 __all__ = ["CodedLinear"]
 
@@ -84,8 +83,7 @@ class CodedLinear(nn.Module):
         return self.unpacked().dequantize(torch.float32).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected last dim {self.in_features}, got input shape {tuple(x.shape)}")
+        check_input(x, self.in_features)
         return self._dispatch(x, self._buffers.get("bias"))
 
     def _dispatch(self, x: Tensor, bias: Tensor | None) -> Tensor:
@@ -126,10 +124,4 @@ class CodedLinear(nn.Module):
 
     def _apply(self, fn: Callable, recurse: bool = True):  # type: ignore[override]
         # model.to(dtype) must not round the fp16 grids: an int16 view only moves device (as QuantLinear)
-        for name in self.FP16_KEYS:
-            self._buffers[name] = self._buffers[name].view(torch.int16)  # type: ignore[union-attr]
-        try:
-            return super()._apply(fn, recurse)
-        finally:
-            for name in self.FP16_KEYS:
-                self._buffers[name] = self._buffers[name].view(SCALE_DTYPE)  # type: ignore[union-attr]
+        return apply_with_int_views(self, self.FP16_KEYS, lambda: super(CodedLinear, self)._apply(fn, recurse))

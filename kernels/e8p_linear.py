@@ -33,7 +33,13 @@ from torch import Tensor
 from kernels.coded_module import CodedLinear
 from kernels.layout_base import PackedLayout, TransformSeed, canonical_transforms
 from kernels.packing import SCALE_DTYPE
-from kernels.quant_linear import apply_keeping_transforms, incoherent_matmul, module_transforms, register_transforms
+from kernels.quant_linear import (
+    apply_keeping_transforms,
+    check_input,
+    incoherent_matmul,
+    module_transforms,
+    register_transforms,
+)
 from quant.e8p import E8P_DIM, E8PWeight
 from quant.incoherence import IncoherenceTransforms, incoherence_postprocess, is_transform_key
 
@@ -111,8 +117,7 @@ class E8PLinear(CodedLinear):
         return incoherence_postprocess(self.dequantized_weight(torch.float64), t).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected last dim {self.in_features}, got input shape {tuple(x.shape)}")
+        check_input(x, self.in_features)
         t, b = self.transforms(), self._buffers.get("bias")
         if t is None:
             return self._dispatch(x, b)
@@ -149,17 +154,14 @@ class E8PLayout(PackedLayout):
     parts: ClassVar[Mapping[str, str]] = {"qweight": "codes", "qweight2": "codes", "scales": "grids"}
     no_export = "E8P lattice codes (16-bit codeword per 8 weights) have no {fmt} representation"
 
-    def recognises(self, tensors: Mapping[str, Tensor]) -> bool:
-        return "e8pmeta" in tensors
+    meta_key, keys = "e8pmeta", (*E8P_KEYS, *E8PLinear.OPTIONAL_KEYS)
+    unpack_fn = staticmethod(unpack_e8p)
 
     def owns_key(self, key: str) -> bool:
-        return key in E8P_KEYS or key in E8PLinear.OPTIONAL_KEYS or is_transform_key(key)
+        return key in self.keys or is_transform_key(key)
 
     def pack(self, q: E8PWeight, transform_seed: TransformSeed | None = None) -> dict[str, Tensor]:
         return pack_e8p(replace(q, transforms=canonical_transforms(q.transforms, transform_seed) or None))
-
-    def unpack(self, tensors: Mapping[str, Tensor], stats: dict[str, float] | None = None) -> E8PWeight:
-        return replace(unpack_e8p(dict(tensors)), stats=dict(stats or {}))
 
     def dequantize(self, q: Any, dtype: torch.dtype = torch.float32) -> Tensor:
         from quant.incoherence import dequantize_original

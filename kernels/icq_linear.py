@@ -27,14 +27,13 @@ the grid per weight from the mask. Elsewhere the reference runs (dispatch rules 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from kernels.coded_module import CodedLinear
-from kernels.layout_base import PackedLayout, TransformSeed
+from kernels.layout_base import PackedLayout
 from kernels.packing import SCALE_DTYPE, pack_codes, unpack_codes
 from quant.icquant import ICQuantWeight, IndexStream
 
@@ -159,18 +158,8 @@ class ICQuantLayout(PackedLayout):
         **dict.fromkeys(_GRIDS, "grids"),
     }
     no_export = "ICQuant outlier grids and index-coded positions have no {fmt} representation"
-
-    def recognises(self, tensors: Mapping[str, Tensor]) -> bool:
-        return "icqmeta" in tensors
-
-    def owns_key(self, key: str) -> bool:
-        return key in ICQ_KEYS
-
-    def pack(self, q: ICQuantWeight, transform_seed: TransformSeed | None = None) -> dict[str, Tensor]:
-        return pack_icquant(q)
-
-    def unpack(self, tensors: Mapping[str, Tensor], stats: dict[str, float] | None = None) -> ICQuantWeight:
-        return replace(unpack_icquant(dict(tensors)), stats=dict(stats or {}))
+    meta_key, keys = "icqmeta", ICQ_KEYS
+    pack_fn, unpack_fn = staticmethod(pack_icquant), staticmethod(unpack_icquant)
 
     def shape(self, q: ICQuantWeight) -> tuple[int, int]:
         return int(q.codes.shape[0]), int(q.codes.shape[1])

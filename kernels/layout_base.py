@@ -10,6 +10,7 @@ registers it. Nothing here imports a layout module, so the modules can import th
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
@@ -34,11 +35,18 @@ class PackedLayout:
     ``name`` is the layer kind: the ``format`` metadata of a coded ``qlayer`` artifact and ``tasks.qlayer``'s
     ``layer_kind``. ``no_export`` is the reason for every format outside ``exports``, with ``{fmt}`` (the format's
     display name) and ``{method}`` (the build's method) filled in.
+
+    The defaults cover a layout told by one metadata tensor (``meta_key``) whose tensors are ``keys``, packed by
+    ``pack_fn`` and unpacked by ``unpack_fn`` into a dataclass with a ``stats`` field; override what differs.
     """
 
     name: ClassVar[str]
     module: ClassVar[type[nn.Module]]
     weight_type: ClassVar[type]
+    meta_key: ClassVar[str] = ""
+    keys: ClassVar[tuple[str, ...]] = ()
+    pack_fn: ClassVar[Any]  # staticmethod(q) -> tensors
+    unpack_fn: ClassVar[Any]  # staticmethod(tensors) -> q
     parts: ClassVar[Mapping[str, str]] = {}
     exports: ClassVar[frozenset[str]] = frozenset()
     no_export: ClassVar[str] = "{method} layers have no {fmt} representation"
@@ -50,21 +58,21 @@ class PackedLayout:
 
     def recognises(self, tensors: Mapping[str, Tensor]) -> bool:
         """Whether the packed tensors of one linear are in this layout (its metadata tensor is there)."""
-        raise NotImplementedError
+        return self.meta_key in tensors
 
     def owns_key(self, key: str) -> bool:
         """Whether a checkpoint tensor suffix (``<linear>.<key>``) can belong to a linear in this layout."""
-        raise NotImplementedError
+        return key in self.keys
 
     # ---- pack / unpack ------------------------------------------------------------------------------------
     def pack(self, q: Any, transform_seed: TransformSeed | None = None) -> dict[str, Tensor]:
         """The checkpoint tensors of one linear (names = the module's buffers), lossless; ``transform_seed``: the
         layer's (seed, kind) for layouts holding incoherence transforms (``canonical_transforms``)."""
-        raise NotImplementedError
+        return type(self).pack_fn(q)
 
     def unpack(self, tensors: Mapping[str, Tensor], stats: dict[str, float] | None = None) -> Any:
         """Inverse of ``pack`` (the quantizer result, with ``stats`` reattached)."""
-        raise NotImplementedError
+        return replace(type(self).unpack_fn(dict(tensors)), stats=dict(stats or {}))
 
     def build(self, tensors: dict[str, Tensor], bias: Tensor | None = None) -> nn.Module:
         """The module that runs the packed tensors."""

@@ -15,16 +15,14 @@ the only extra work; each weight byte is still read once.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from kernels.layout_base import PackedLayout, TransformSeed
+from kernels.layout_base import PackedLayout
 from kernels.packing import pack_quantized_linear, unpack_quantized_linear
-from kernels.quant_linear import AFFINE_KEYS, AffineLayout, QuantLinear
+from kernels.quant_linear import AFFINE_KEYS, AffineLayout, QuantLinear, check_input
 from quant.mixed import MixedWeight, group_columns
 from quant.types import QuantizedWeight
 
@@ -137,8 +135,7 @@ class MixedQuantLinear(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected last dim {self.in_features}, got input shape {tuple(x.shape)}")
+        check_input(x, self.in_features)
         y: Any = None
         for b in self.widths:
             part = self.part(b)(x.index_select(-1, self.columns(b)))
@@ -154,17 +151,11 @@ class MixedLayout(PackedLayout):
     weight_type = MixedWeight
     no_export = "mixed per-layer bit-widths have no single {fmt} scheme"
 
-    def recognises(self, tensors: Mapping[str, Tensor]) -> bool:
-        return MIXED_KEY in tensors
+    meta_key = MIXED_KEY
+    pack_fn, unpack_fn = staticmethod(pack_mixed), staticmethod(unpack_mixed)
 
     def owns_key(self, key: str) -> bool:
         return key == MIXED_KEY or (_PART.match(key) is not None and part_key(key) in AFFINE_KEYS)
-
-    def pack(self, q: MixedWeight, transform_seed: TransformSeed | None = None) -> dict[str, Tensor]:
-        return pack_mixed(q)
-
-    def unpack(self, tensors: Mapping[str, Tensor], stats: dict[str, float] | None = None) -> MixedWeight:
-        return replace(unpack_mixed(dict(tensors)), stats=dict(stats or {}))
 
     def bits(self, q: MixedWeight) -> float:
         return q.avg_bits

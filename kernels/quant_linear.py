@@ -23,7 +23,7 @@ linears for the packed modules: ``kernels.layouts.replace_linears``).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -53,6 +53,8 @@ __all__ = [
     "QuantLinear",
     "RotatedQuantLinear",
     "apply_keeping_transforms",
+    "apply_with_int_views",
+    "check_input",
     "incoherent_matmul",
     "module_transforms",
     "register_transforms",
@@ -61,6 +63,12 @@ __all__ = [
 
 KERNEL_MAX_M = 256  # above this many rows dequantize + dense matmul wins
 _WARNED: set[str] = set()  # one-time fallback warnings, keyed by reason
+
+
+def check_input(x: Tensor, in_features: int) -> None:
+    """A packed module's forward refuses an input whose last dim is not its ``in_features``, in one line."""
+    if x.shape[-1] != in_features:
+        raise ValueError(f"expected last dim {in_features}, got input shape {tuple(x.shape)}")
 
 
 def _warn_once(reason: str) -> None:
@@ -134,18 +142,10 @@ class QuantLinear(nn.Module):
         return mod
 
     @classmethod
-    def from_quantized(
-        cls,
-        codes: Tensor,
-        scales: Tensor,
-        zeros: Tensor,
-        bits: int,
-        group_size: int,
-        g_idx: Tensor | None = None,
-        bias: Tensor | None = None,
-    ) -> QuantLinear:
-        """Pack the quantizer contract (codes [N,K] uint8, scales/zeros fp32 [N,G]); scales round to fp16."""
-        return cls.from_packed(pack_quantized_linear(codes, scales, zeros, bits, group_size, g_idx), bias=bias)
+    def from_quantized(cls, q: UnpackedLinear | QuantizedWeight, bias: Tensor | None = None) -> QuantLinear:
+        """Pack the quantizer contract (codes [N,K] uint8, scales/zeros fp32 [N,G], bits, group_size, g_idx);
+        scales round to fp16."""
+        return cls.from_packed(AffineLayout().pack(q), bias=bias)
 
     # ---- accessors --------------------------------------------------------------------------------------
     def packed_tensors(self) -> dict[str, Tensor]:
@@ -177,8 +177,7 @@ class QuantLinear(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected last dim {self.in_features}, got input shape {tuple(x.shape)}")
+        check_input(x, self.in_features)
         return self._gemm(x, self.bias)
 
     def _gemm(self, x: Tensor, bias: Tensor | None) -> Tensor:
@@ -198,13 +197,7 @@ class QuantLinear(nn.Module):
     # ---- keep fp16 scales/zeros exact under model.to(dtype) / .half() / .bfloat16() ------------------------
     def _apply(self, fn: Callable, recurse: bool = True):  # type: ignore[override]
         # Module.to(dtype) converts floating buffers; an int16 view only moves device, so fp16 stays exact.
-        for name in self._FP16_BUFFERS:
-            self._buffers[name] = self._buffers[name].view(torch.int16)  # type: ignore[union-attr]
-        try:
-            return super()._apply(fn, recurse)
-        finally:
-            for name in self._FP16_BUFFERS:
-                self._buffers[name] = self._buffers[name].view(SCALE_DTYPE)  # type: ignore[union-attr]
+        return apply_with_int_views(self, self._FP16_BUFFERS, lambda: super(QuantLinear, self)._apply(fn, recurse))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected, errs):
         meta = state_dict.get(prefix + "qmeta")
@@ -246,8 +239,7 @@ class RotatedQuantLinear(QuantLinear):
         return W.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected last dim {self.in_features}, got input shape {tuple(x.shape)}")
+        check_input(x, self.in_features)
         y = incoherent_matmul(self.transforms(), x, lambda xv: self._gemm(xv, None), self.use_kernel)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -304,15 +296,26 @@ def incoherent_matmul(
 def apply_keeping_transforms(module: nn.Module, apply: Callable[[], Any]) -> Any:
     """Run ``apply()`` (the module's ``nn.Module._apply``) with its fp32 transform buffers viewed as int32: like
     the fp16 scales, an integer view only moves device under ``model.to(dtype)``, so the transforms stay exact."""
+    names = [k for k, v in module._buffers.items() if is_transform_key(k) and v is not None and v.is_floating_point()]
+    return apply_with_int_views(module, names, apply)
+
+
+_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def apply_with_int_views(module: nn.Module, names: Iterable[str], apply: Callable[[], Any]) -> Any:
+    """Run ``apply()`` (the module's ``nn.Module._apply``) with the floating buffers ``names`` viewed as integers of
+    the same width: ``model.to(dtype)`` converts floating buffers, an integer view only moves device, so the
+    fp16 grids and fp32 transforms stay bit-exact. Each buffer gets its own dtype back afterwards."""
     bufs = module._buffers
-    names = [k for k, v in bufs.items() if is_transform_key(k) and v is not None and v.is_floating_point()]
-    for name in names:
-        bufs[name] = bufs[name].view(torch.int32)  # type: ignore[union-attr]
+    dtypes = {n: t.dtype for n in names if (t := bufs.get(n)) is not None}
+    for n, dt in dtypes.items():
+        bufs[n] = bufs[n].view(_INT_VIEW[dt.itemsize])  # type: ignore[union-attr]
     try:
         return apply()
     finally:
-        for name in names:
-            bufs[name] = bufs[name].view(torch.float32)  # type: ignore[union-attr]
+        for n, dt in dtypes.items():
+            bufs[n] = bufs[n].view(dt)  # type: ignore[union-attr]
 
 
 def set_tuned_configs(model: nn.Module, tuned: TunedConfigs | None) -> int:
@@ -348,9 +351,13 @@ class AffineLayout(PackedLayout):
     def owns_key(self, key: str) -> bool:
         return key in AFFINE_KEYS
 
-    def pack(self, q: QuantizedWeight, transform_seed: TransformSeed | None = None) -> dict[str, Tensor]:
+    def pack(
+        self, q: QuantizedWeight | UnpackedLinear, transform_seed: TransformSeed | None = None
+    ) -> dict[str, Tensor]:
         out = pack_quantized_linear(q.codes, q.scales, q.zeros, q.bits, q.group_size, q.g_idx)
-        out.update(canonical_transforms(q.transforms, transform_seed))  # su, sv, kron_v, tseed, rescale …
+        out.update(
+            canonical_transforms(getattr(q, "transforms", None), transform_seed)
+        )  # su, sv, kron_v, tseed, rescale …
         return out
 
     def unpack(self, tensors: Mapping[str, Tensor], stats: dict[str, float] | None = None) -> QuantizedWeight:

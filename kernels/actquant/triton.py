@@ -31,20 +31,14 @@ def _round_half_even(q):
     return tl.where(tie & odd, r - 1.0, r)
 
 
+# parameters grouped by role (pointers; sizes; strides; shared meta-parameters; this kernel's own), not one a line
+# fmt: off
 @triton.jit
 def actquant_kernel(
-    x_ptr,
-    codes_ptr,
-    scales_ptr,
-    rows,
-    ncols,
-    stride_x,
-    stride_c,
-    clip_ratio,
-    QMAX: tl.constexpr,
-    PACK: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    x_ptr, codes_ptr, scales_ptr,
+    rows, ncols, stride_x, stride_c, clip_ratio,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    QMAX: tl.constexpr, PACK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -73,34 +67,18 @@ def actquant_kernel(
             tl.store(codes_ptr + offs_r[:, None] * stride_c + offs_p[None, :], byte, mask=pm)
         else:
             tl.store(codes_ptr + offs_r[:, None] * stride_c + offs_c[None, :], q.to(tl.int8), mask=m)
+# fmt: on
 
 
+# parameters grouped by role (pointers; sizes; strides; shared meta-parameters; this kernel's own), not one a line
+# fmt: off
 @triton.jit
 def int_gemm_kernel(
-    xc_ptr,
-    xs_ptr,
-    qw_ptr,
-    s_ptr,
-    z_ptr,
-    out_ptr,
-    M,
-    N,
-    K,
-    group_size,
-    stride_xm,
-    stride_xk,
-    stride_qk,
-    stride_qn,
-    stride_sg,
-    stride_sn,
-    stride_om,
-    stride_on,
-    BITS: tl.constexpr,
-    PACK: tl.constexpr,
-    X_PACKED: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    xc_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+    M, N, K, group_size,
+    stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn, stride_om, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BITS: tl.constexpr, PACK: tl.constexpr, X_PACKED: tl.constexpr,
 ):
     offs_m, offs_n, mask_m, mask_n = output_tile(M, N, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -134,3 +112,4 @@ def int_gemm_kernel(
     acc = acc * xs[:, None]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+# fmt: on

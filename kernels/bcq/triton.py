@@ -19,56 +19,26 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels._triton_tiles import dot_acc, load_bits, load_x, output_tile, split_k_range, store_tile
+from kernels._triton_tiles import dot_acc, gemm_tile, k_slice, load_bits, store_tile
 
 __all__ = ["bcq_gemm_kernel"]
 
 
+# parameters grouped by role (pointers; sizes; strides; shared meta-parameters; this kernel's own), not one a line
+# fmt: off
 @triton.jit
 def bcq_gemm_kernel(
-    x_ptr,
-    planes_ptr,
-    alpha_ptr,
-    beta_ptr,
-    bias_ptr,
-    out_ptr,
-    M,
-    N,
-    K,
-    group_size,
-    k_per_split,
-    stride_xm,
-    stride_xk,
-    stride_pi,
-    stride_pk,
-    stride_pn,
-    stride_ai,
-    stride_ag,
-    stride_an,
-    stride_bg,
-    stride_bn,
-    stride_os,
-    stride_om,
-    stride_on,
-    NPLANES: tl.constexpr,
-    GROUP_PER_TILE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    x_ptr, planes_ptr, alpha_ptr, beta_ptr, bias_ptr, out_ptr,
+    M, N, K, group_size, k_per_split,
+    stride_xm, stride_xk, stride_pi, stride_pk, stride_pn, stride_ai, stride_ag, stride_an, stride_bg, stride_bn,
+    stride_os, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NPLANES: tl.constexpr, GROUP_PER_TILE: tl.constexpr,
 ):
-    offs_m, offs_n, mask_m, mask_n = output_tile(M, N, BLOCK_M, BLOCK_N)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start, k_end = split_k_range(K, k_per_split)
+    offs_m, offs_n, mask_m, mask_n, acc, k_start, k_end = gemm_tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
-        mask_kn = mask_k[:, None] & mask_n[None, :]
-        x = load_x(x_ptr, offs_m, offs_k, mask_m, mask_k, stride_xm, stride_xk)
+        offs_k, _mask_k, mask_kn, x = k_slice(x_ptr, k0, k_end, offs_m, mask_m, mask_n, stride_xm, stride_xk, BLOCK_K)
         if GROUP_PER_TILE:
             g = k0 // group_size
             a_off = g * stride_ag + offs_n[None, :] * stride_an  # [1, BLOCK_N]
@@ -87,3 +57,4 @@ def bcq_gemm_kernel(
         w = (w + beta.to(tl.float32)).to(x.dtype)  # [BLOCK_K, BLOCK_N]
         acc = dot_acc(acc, x, w, USE_DOT, DOT_PRECISION, DOT_FP32)
     store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, stride_os, stride_om, stride_on, HAS_BIAS)
+# fmt: on

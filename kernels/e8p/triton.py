@@ -17,52 +17,25 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels._triton_tiles import dot_acc, load_x, output_tile, split_k_range, store_tile
+from kernels._triton_tiles import dot_acc, gemm_tile, k_slice, store_tile
 
 __all__ = ["e8p_gemm_kernel"]
 
 
+# parameters grouped by role (pointers; sizes; strides; shared meta-parameters; this kernel's own), not one a line
+# fmt: off
 @triton.jit
 def e8p_gemm_kernel(
-    x_ptr,
-    codes_ptr,
-    table_ptr,
-    codes2_ptr,
-    table2_ptr,
-    scales_ptr,
-    bias_ptr,
-    out_ptr,
-    M,
-    N,
-    K,
-    k_per_split,
-    stride_xm,
-    stride_xk,
-    stride_cn,
-    stride_ck,
-    stride_c2n,
-    stride_c2k,
-    stride_os,
-    stride_om,
-    stride_on,
+    x_ptr, codes_ptr, table_ptr, codes2_ptr, table2_ptr, scales_ptr, bias_ptr, out_ptr,
+    M, N, K, k_per_split,
+    stride_xm, stride_xk, stride_cn, stride_ck, stride_c2n, stride_c2k, stride_os, stride_om, stride_on,
+    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_RESID: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
 ):
-    offs_m, offs_n, mask_m, mask_n = output_tile(M, N, BLOCK_M, BLOCK_N)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start, k_end = split_k_range(K, k_per_split)
+    offs_m, offs_n, mask_m, mask_n, acc, k_start, k_end = gemm_tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
-        mask_kn = mask_k[:, None] & mask_n[None, :]
-        x = load_x(x_ptr, offs_m, offs_k, mask_m, mask_k, stride_xm, stride_xk)
+        offs_k, _mask_k, mask_kn, x = k_slice(x_ptr, k0, k_end, offs_m, mask_m, mask_n, stride_xm, stride_xk, BLOCK_K)
         c_ptrs = codes_ptr + offs_n[None, :] * stride_cn + (offs_k // 8)[:, None] * stride_ck
         idx = tl.load(c_ptrs, mask=mask_kn, other=0).to(tl.int32) & 0xFFFF  # [BLOCK_K, BLOCK_N]
         w = tl.load(table_ptr + idx * 8 + (offs_k % 8)[:, None], mask=mask_kn, other=0.0).to(tl.float32)
@@ -74,3 +47,4 @@ def e8p_gemm_kernel(
     s = tl.load(scales_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     acc = acc * s[None, :]
     store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, stride_os, stride_om, stride_on, HAS_BIAS)
+# fmt: on

@@ -28,28 +28,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels._triton_tiles import dot_acc, load_bits, load_codes, load_x, output_tile, split_k_range, store_tile
+from kernels._triton_tiles import dot_acc, gemm_tile, k_slice, load_bits, load_codes, store_tile
 
 __all__ = ["icq_decode_kernel", "icq_gemm_kernel"]
 
 
+# parameters grouped by role (pointers; sizes; strides; shared meta-parameters; this kernel's own), not one a line
+# fmt: off
 @triton.jit
 def icq_decode_kernel(
-    data_ptr,
-    off_ptr,
-    mask_ptr,
-    n_bytes,
-    esc_bit0,
-    N,
-    K,
-    L,
-    R,
-    S,
-    stride_off,
-    stride_mk,
-    stride_mn,
-    INDEX_BITS: tl.constexpr,
+    data_ptr, off_ptr, mask_ptr,
+    n_bytes, esc_bit0, N, K, L, R, S,
+    stride_off, stride_mk, stride_mn,
     BLOCK_U: tl.constexpr,
+    INDEX_BITS: tl.constexpr,
 ):
     t = tl.program_id(0)
     r0 = (t // S) * R
@@ -84,55 +76,24 @@ def icq_decode_kernel(
         tl.atomic_or(mask_ptr + (col // 32) * stride_mk + row * stride_mn, 1 << (col % 32), mask=ok, sem="relaxed")
         carry_j += tl.sum(stop_i, axis=0)
         carry_rem += tl.sum(rem, axis=0)
+# fmt: on
 
 
+# parameters grouped by role (pointers; sizes; strides; shared meta-parameters; this kernel's own), not one a line
+# fmt: off
 @triton.jit
 def icq_gemm_kernel(
-    x_ptr,
-    qw_ptr,
-    mask_ptr,
-    s_ptr,
-    z_ptr,
-    os_ptr,
-    oz_ptr,
-    bias_ptr,
-    out_ptr,
-    M,
-    N,
-    K,
-    group_size,
-    k_per_split,
-    stride_xm,
-    stride_xk,
-    stride_qk,
-    stride_qn,
-    stride_mk,
-    stride_mn,
-    stride_sg,
-    stride_sn,
-    stride_os,
-    stride_om,
+    x_ptr, qw_ptr, mask_ptr, s_ptr, z_ptr, os_ptr, oz_ptr, bias_ptr, out_ptr,
+    M, N, K, group_size, k_per_split,
+    stride_xm, stride_xk, stride_qk, stride_qn, stride_mk, stride_mn, stride_sg, stride_sn, stride_os, stride_om,
     stride_on,
-    BITS: tl.constexpr,
-    PACK: tl.constexpr,
-    GROUP_PER_TILE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    USE_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BITS: tl.constexpr, PACK: tl.constexpr, GROUP_PER_TILE: tl.constexpr,
 ):
-    offs_m, offs_n, mask_m, mask_n = output_tile(M, N, BLOCK_M, BLOCK_N)
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start, k_end = split_k_range(K, k_per_split)
+    offs_m, offs_n, mask_m, mask_n, acc, k_start, k_end = gemm_tile(M, N, K, k_per_split, BLOCK_M, BLOCK_N)
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
-        mask_kn = mask_k[:, None] & mask_n[None, :]
-        x = load_x(x_ptr, offs_m, offs_k, mask_m, mask_k, stride_xm, stride_xk)
+        offs_k, _mask_k, mask_kn, x = k_slice(x_ptr, k0, k_end, offs_m, mask_m, mask_n, stride_xm, stride_xk, BLOCK_K)
         codes = load_codes(qw_ptr, offs_k, offs_n, mask_kn, stride_qk, stride_qn, BITS, PACK)
         outlier = load_bits(mask_ptr, offs_k, offs_n, mask_kn, stride_mk, stride_mn)
         if GROUP_PER_TILE:
@@ -150,3 +111,4 @@ def icq_gemm_kernel(
         w = (s * (codes.to(tl.float32) - z)).to(x.dtype)  # [BLOCK_K, BLOCK_N], exact before the cast
         acc = dot_acc(acc, x, w, USE_DOT, DOT_PRECISION, DOT_FP32)
     store_tile(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, stride_os, stride_om, stride_on, HAS_BIAS)
+# fmt: on

@@ -30,7 +30,7 @@ def test_reference_forward_is_exact(case) -> None:
     N = 24
     q = make_quantized(N, K, bits, g, act_order=act, seed=bits * K)
     bias = torch.randn(N) if with_bias else None
-    mod = QuantLinear.from_quantized(q.codes, q.scales, q.zeros, bits, g, g_idx=q.g_idx, bias=bias)
+    mod = QuantLinear.from_quantized(q, bias=bias)
     W = explicit_dequant(q)
     torch.testing.assert_close(mod.dequantized_weight(), W, rtol=0, atol=0)
     x = torch.randn(2, 3, K).to(dtype)
@@ -45,7 +45,7 @@ def test_state_dict_and_safetensors_roundtrip(tmp_path) -> None:
     from safetensors.torch import load_file, save_file
 
     q = make_quantized(32, 96, 4, 64, act_order=True)
-    mod = QuantLinear.from_quantized(q.codes, q.scales, q.zeros, 4, 64, g_idx=q.g_idx, bias=torch.randn(32))
+    mod = QuantLinear.from_quantized(q, bias=torch.randn(32))
     sd = mod.state_dict()
     assert set(sd) == {"qweight", "scales", "zeros", "qmeta", "g_idx", "bias"}
     packed = pack_quantized_linear(q.codes, q.scales, q.zeros, 4, 64, q.g_idx)
@@ -62,7 +62,7 @@ def test_state_dict_and_safetensors_roundtrip(tmp_path) -> None:
 
 def test_load_state_dict_rejects_mismatched_meta() -> None:
     q = make_quantized(8, 64, 4, 32)
-    mod = QuantLinear.from_quantized(q.codes, q.scales, q.zeros, 4, 32)
+    mod = QuantLinear.from_quantized(q)
     other = QuantLinear(64, 8, 4, 16)  # same K, N; different group size -> scales shape and qmeta differ
     with pytest.raises(RuntimeError, match="qmeta"):
         other.load_state_dict(mod.state_dict())
@@ -71,7 +71,7 @@ def test_load_state_dict_rejects_mismatched_meta() -> None:
 @pytest.mark.parametrize("cast", ["half", "bfloat16", "to_bf16", "double"])
 def test_dtype_casts_keep_fp16_scales_exact(cast: str) -> None:
     q = make_quantized(8, 64, 3, 32)
-    mod = QuantLinear.from_quantized(q.codes, q.scales, q.zeros, 3, 32, bias=torch.randn(8))
+    mod = QuantLinear.from_quantized(q, bias=torch.randn(8))
     W = mod.dequantized_weight()
     if cast == "to_bf16":
         mod = mod.to(torch.bfloat16)
@@ -172,7 +172,7 @@ def test_fallback_warning_is_one_time(monkeypatch) -> None:
 
 def test_cpu_forward_does_not_warn() -> None:
     q = make_quantized(8, 64, 4, 32)
-    mod = QuantLinear.from_quantized(q.codes, q.scales, q.zeros, 4, 32)
+    mod = QuantLinear.from_quantized(q)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mod(torch.randn(1, 64))

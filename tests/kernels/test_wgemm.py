@@ -165,7 +165,7 @@ def test_kernel_unsupported_reason() -> None:
 @pytest.mark.parametrize("M", [1, 16, 300])
 def test_quant_linear_cuda_uses_kernel(dt, M, recwarn) -> None:
     q = make_quantized(256, 576, 4, 128, act_order=True)
-    mod = QuantLinear.from_quantized(q.codes, q.scales, q.zeros, 4, 128, g_idx=q.g_idx, bias=torch.randn(256))
+    mod = QuantLinear.from_quantized(q, bias=torch.randn(256))
     mod = mod.cuda()
     x = torch.randn(M, 576, device="cuda", dtype=DTYPES[dt])
     y = mod(x)
