@@ -212,7 +212,7 @@ def validate_recipe_for_model(recipe: Recipe, model_path: Path) -> None:
     cfg = json.loads((Path(model_path) / "config.json").read_text())
     widths = [cfg.get("hidden_size", 0), cfg.get("intermediate_size", 0)]
     narrowest = min(w for w in widths if w)
-    if recipe.quantize.group_size > narrowest:
+    if recipe.quantize.has("group_size") and recipe.quantize.group_size > narrowest:
         raise ConfigError(
             f"recipe {recipe.name}: quantize.group_size={recipe.quantize.group_size} is larger than "
             f"the narrowest layer input ({narrowest} columns)"

@@ -39,7 +39,7 @@ def check_method_shapes(model_path: Path, cfg: QuantizeConfig) -> None:
     index = _WeightIndex(Path(model_path))
     for job in plan_layers(model_path, cfg, [None] * int(config.get("num_hidden_layers", 0))):
         rows, cols = (int(s) for s in index.entries[f"{job.name}.weight"][3])
-        if cfg.group_size > cols:
+        if cfg.has("group_size") and cfg.group_size > cols:
             raise ConfigError(
                 f"quantize.group_size={cfg.group_size} is larger than {job.name}'s input ({cols} columns); "
                 f"use a group size of at most {cols}"

@@ -16,11 +16,12 @@ Sample YAML (``recipes/gptq-w4g64.yaml``)::
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from infra.errors import ConfigError
 
@@ -38,7 +39,24 @@ __all__ = [
     "EvalConfig",
     "HessianConfig",
     "PackConfig",
+    "GPTQQuantizeConfig",
+    "GPTQTQuantizeConfig",
+    "HadamardE8PQuantizeConfig",
+    "HadamardGPTQQuantizeConfig",
+    "ICQuantGPTQQuantizeConfig",
+    "ICQuantRTNQuantizeConfig",
+    "KeyOmit",
+    "METHOD_CONFIGS",
+    "NotKeyed",
+    "QuIPQuantizeConfig",
     "QuantizeConfig",
+    "QuantizeMethodConfig",
+    "RTNQuantizeConfig",
+    "SHIPPED_RECIPES",
+    "field_owners",
+    "method_config",
+    "parse_recipe",
+    "shipped_recipe_names",
     "Recipe",
     "RegisterConfig",
     "TRANSFORM_METHODS",
@@ -220,74 +238,143 @@ class BitAllocRecipeConfig(BaseModel):
         return self
 
 
+# --- Per-method quantize configs -------------------------------------------------------------------------------
+#
+# ``quantize`` is a discriminated union keyed on ``method``: each method is one class holding exactly the fields
+# its quantizer reads, so a field of another method is refused by name, the Prefect form shows only the chosen
+# method's options, and a method's artifact key is its own ``model_dump()`` (``key_config``), never a hand-kept
+# exclusion list. Adding a method: one ``quant/`` module, one class here decorated with ``@method_config``, one
+# ``@register_method`` quantizer in ``tasks/quantize.py``, one recipe in ``recipes/``, tests.
+#
+# Key compatibility: stores hold artifacts keyed by the flat class this replaced. Fields that entered that class
+# after stores existed were left out of its key at their old value; the same rule is declared here on the field
+# (``KeyOmit``), so every shipped method's key bytes are unchanged. ``key_version`` > 1 adds ``method_version``.
+
+
+class KeyOmit:
+    """Field metadata: leave the field out of the artifact key when ``when(config)`` holds (its value then equals
+    what keys written before the field existed meant), so older stores stay valid. Changing the field away from
+    that value always changes the key."""
+
+    def __init__(self, when: Callable[[Any], bool], why: str) -> None:
+        self.when = when
+        self.why = why
+
+
+class NotKeyed:
+    """Field metadata: a scheduling knob that never changes the weights (e.g. ``workers``)."""
+
+
+def _omit_at(field: str, value: Any, why: str) -> KeyOmit:
+    return KeyOmit(lambda cfg: getattr(cfg, field) == value, why)
+
+
+_Bits = Annotated[int, Field(ge=1, le=8, description="Bits per weight code.")]
+_GroupSize = Annotated[int, Field(ge=-1, description="Columns per grid; -1/0 = one grid per output channel.")]
+_Sym = Annotated[bool, Field(description="Symmetric grid (zero point fixed at 2^(bits-1)).")]
+_MseClip = Annotated[bool, Field(description="Search a clipped range minimising |err|^2.4.")]
+_ScaleMode = Annotated[
+    Literal["minmax", "rms"],
+    Field(description="Grid range: minmax (max|w|), or rms: ±2.4·RMS(w) (needs sym; for rotations)."),
+    _omit_at("scale_mode", "minmax", "added after stores existed; minmax was the only grid range"),
+]
+_Fp16Min = Annotated[
+    bool,
+    Field(
+        description="W4 asymmetric grids whose minimum −scale·zero is also an fp16 number (scales keep fewer "
+        "significand bits where needed), so llama.cpp's Q4_1 (fp16 d and m) holds them exactly."
+    ),
+    _omit_at("fp16_min", False, "added after stores existed; false is the plain fp16 scales"),
+]
+_Damp = Annotated[float, Field(gt=0, le=1.0, description="Hessian damping λ (fraction of mean diag H).")]
+_BlockSize = Annotated[int, Field(ge=1, description="Lazy-batch block size of the error-feedback sweep.")]
+_ActOrder = Annotated[bool, Field(description="Process columns by descending diag(H).")]
+_StaticGroups = Annotated[bool, Field(description="Fit group grids before the sweep (no reordering).")]
+_Transform = Annotated[
+    TransformConfig, Field(default_factory=TransformConfig, description="Incoherence transforms (ALGORITHMS.md §4).")
+]
+
+
+_Bitalloc = Annotated[
+    BitAllocRecipeConfig | None,
+    Field(
+        description="Mixed precision (ALGORITHMS.md §8): bits per layer under an average budget, from the cached "
+        "Hessians; replaces `bits` (parallel mode). Empty: one bit-width."
+    ),
+    _omit_at("bitalloc", None, "keys of uniform-bit recipes carry no bitalloc"),
+]
+
+
+METHOD_CONFIGS: dict[str, type[QuantizeConfig]] = {}
+
+
+def method_config(cls: type[_M]) -> type[_M]:
+    """Register a method's config class under its ``method`` literal (the union's discriminator)."""
+    (name,) = cls.model_fields["method"].annotation.__args__  # type: ignore[union-attr]
+    METHOD_CONFIGS[name] = cls
+    return cls
+
+
+# Values the flat QuantizeConfig held for fields a method does not have; readers outside tasks/ written against
+# that class (pack/export keys and metadata) still see them. Never keyed, never settable.
+_ABSENT: dict[str, Any] = {
+    "group_size": 128,
+    "sym": False,
+    "mse_clip": False,
+    "scale_mode": "minmax",
+    "fp16_min": False,
+    "damp": 0.01,
+    "block_size": 128,
+    "act_order": True,
+    "static_groups": True,
+    "outliers": None,
+    "bitalloc": None,
+}
+
+
 class QuantizeConfig(BaseModel):
+    """Fields every method has. ``QuantizeConfig.model_validate(data)`` returns the method's own class."""
+
     model_config = _FROZEN
 
-    method: Literal["rtn", "gptq", "quip", "hadamard-gptq", "hadamard-e8p", "icquant-rtn", "icquant-gptq", "gptqt"] = (
-        Field(
-            default="gptq",
-            description="Per-layer quantization method (quip: incoherence + LDLQ; hadamard-gptq: randomized Hadamard "
-            "+ GPTQ; hadamard-e8p: randomized Hadamard + block LDLQ on QuIP#'s E8P lattice codebook, 2 bits "
-            "(3: plus an E8 residual codeword); "
-            "icquant-rtn/icquant-gptq: index-coded outliers on two grids; gptqt: linear n-bit GPTQ then "
-            "k-bit binary coding, k = bits).",
-        )
-    )
-    bits: int = Field(default=4, ge=1, le=8, description="Bits per weight code.")
-    group_size: int = Field(default=128, ge=-1, description="Columns per grid; -1/0 = one grid per output channel.")
-    sym: bool = Field(default=False, description="Symmetric grid (zero point fixed at 2^(bits-1)).")
-    mse_clip: bool = Field(default=False, description="Search a clipped range minimising |err|^2.4.")
-    scale_mode: Literal["minmax", "rms"] = Field(
-        default="minmax", description="Grid range: minmax (max|w|), or rms: ±2.4·RMS(w) (needs sym; for rotations)."
-    )
-    fp16_min: bool = Field(
-        default=False,
-        description="W4 asymmetric grids whose minimum −scale·zero is also an fp16 number (scales keep fewer "
-        "significand bits where needed), so llama.cpp's Q4_1 (fp16 d and m) holds them exactly (rtn/gptq).",
-    )
-    transform: TransformConfig = Field(
-        default_factory=TransformConfig, description="Incoherence transforms (quip, hadamard-gptq, hadamard-e8p only)."
-    )
-    damp: float = Field(default=0.01, gt=0, le=1.0, description="GPTQ damping λ (fraction of mean diag H).")
-    block_size: int = Field(default=128, ge=1, description="GPTQ lazy-batch block size.")
-    act_order: bool = Field(default=True, description="GPTQ: process columns by descending diag(H).")
-    static_groups: bool = Field(default=True, description="GPTQ: fit group grids before the sweep (no reordering).")
+    method: str = Field(description="Per-layer quantization method.")
+    bits: _Bits = 4
     mode: Literal["parallel", "sequential"] = Field(
         default="parallel",
         description="parallel: layers independent given fp Hessians; sequential: inputs propagated through "
         "already-quantized blocks (GPTQ-paper style, own keys).",
     )
-    sequential_scope: Literal["group", "block"] = Field(
-        default="group",
-        description="Sequential mode: group — each linear group's Hessian comes from the outputs of the already "
-        "quantized groups before it in the block (GPTQ's true-sequential; one calibration forward per block); "
-        "block — all groups of a block see its fp weights (llm-compressor's pipeline; two forwards per block).",
-    )
+    sequential_scope: Annotated[
+        Literal["group", "block"],
+        Field(
+            description="Sequential mode: group — each linear group's Hessian comes from the outputs of the already "
+            "quantized groups before it in the block (GPTQ's true-sequential; one calibration forward per block); "
+            "block — all groups of a block see its fp weights (llm-compressor's pipeline; two forwards per block)."
+        ),
+        KeyOmit(
+            lambda c: c.mode != "sequential" or c.sequential_scope == "block",
+            "read in sequential mode only; block was the only order before the field existed",
+        ),
+    ] = "group"
     skip: tuple[str, ...] = Field(default=("lm_head",), description="Regexes of linears left in full precision.")
-    outliers: OutlierConfig | None = Field(
-        default=None,
-        description="ICQuant outliers (ALGORITHMS.md §6). Implied with defaults by icquant-rtn/icquant-gptq; "
-        "given with method rtn/gptq it turns them into icquant-rtn/icquant-gptq.",
-    )
-    gptqt: GPTQTRecipeConfig = Field(
-        default_factory=lambda: GPTQTRecipeConfig(), description="GPTQT settings (method gptqt only)."
-    )
-    e8p: E8PRecipeConfig = Field(
-        default_factory=lambda: E8PRecipeConfig(), description="E8P lattice settings (method hadamard-e8p only)."
-    )
-    bitalloc: BitAllocRecipeConfig | None = Field(
-        default=None,
-        description="Mixed precision (ALGORITHMS.md §8): bits per layer under an average budget, from the cached "
-        "Hessians; replaces `bits` (methods rtn, gptq, icquant-*; parallel mode).",
-    )
-    workers: int = Field(default=2, ge=1, le=64, description="Concurrent layer tasks (not keyed).")
+    workers: Annotated[int, Field(ge=1, le=64, description="Concurrent layer tasks (not keyed)."), NotKeyed()] = 2
 
-    @field_validator("bits")
+    allowed_bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 8)
+    key_version: ClassVar[int] = 1  # bump when the method's output changes for the same fields
+
     @classmethod
-    def _bits(cls, v: int) -> int:
-        if v not in (1, 2, 3, 4, 8):  # 1 only for gptqt's binary coding (checked with the method below)
-            raise ValueError(f"bits must be one of 2, 3, 4, 8 (packed formats), got {v}")
-        return v
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        if cls is QuantizeConfig:  # the base: dispatch on ``method`` to the method's class
+            return _QUANTIZE_ADAPTER.validate_python(_normalise_quantize(obj), **kwargs)
+        return super().model_validate(obj, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # type: ignore[misc]
+        except AttributeError:
+            if name in _ABSENT:
+                return _ABSENT[name]
+            raise
 
     @field_validator("skip")
     @classmethod
@@ -300,110 +387,286 @@ class QuantizeConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _rms_needs_sym(self) -> QuantizeConfig:
-        if self.scale_mode == "rms" and not self.sym:
+    def _common(self) -> QuantizeConfig:
+        if self.bits not in self.allowed_bits:
+            if self.bits == 1:
+                raise ValueError(f"bits must be one of 2, 3, 4, 8 for method {self.method} (1 only with gptqt), got 1")
+            raise ValueError(self._bits_message())
+        if getattr(self, "scale_mode", "minmax") == "rms" and not getattr(self, "sym", False):
             raise ValueError("scale_mode 'rms' needs a symmetric grid (sym: true)")
-        return self
-
-    @model_validator(mode="after")
-    def _method_options(self) -> QuantizeConfig:
-        if self.fp16_min and (self.effective_method() not in ("rtn", "gptq") or self.bits != 4 or self.sym):
-            raise ValueError(
-                "fp16_min is for W4 asymmetric rtn/gptq grids (llama.cpp Q4_1), not "
-                f"{self.effective_method()} W{self.bits} {'sym' if self.sym else 'asym'}"
-            )
-        if self.outliers is not None and self.method not in ("rtn", "gptq", *ICQUANT_METHODS):
-            raise ValueError(f"outliers (ICQuant) combine with rtn/gptq/icquant-*, not with method {self.method}")
-        if self.icquant_base() is not None and self.scale_mode != "minmax":
-            raise ValueError("ICQuant fits its two grids by min/max (scale_mode: minmax)")
-        if self.method == "hadamard-e8p" and self.bits not in (2, 3):
-            raise ValueError(
-                f"hadamard-e8p codes 8 weights in 16 bits (bits: 2) or 16 + 8 bits with the residual codebook "
-                f"(bits: 3), not bits: {self.bits}"
-            )
-        if self.bits == 1 and self.method != "gptqt":
-            raise ValueError(f"bits must be one of 2, 3, 4, 8 for method {self.method} (1 only with gptqt), got 1")
-        if self.method == "gptqt":
-            n = self.gptqt.linear_bits
-            if not (1 <= self.bits <= 3 and self.bits < n):
-                raise ValueError(f"gptqt needs bits (binary k) in 1..3, below gptqt.linear_bits={n}; got {self.bits}")
-        if self.bitalloc is not None:
-            if self.icquant_base() is None and self.method not in ("rtn", "gptq"):
-                raise ValueError(f"bitalloc combines with rtn, gptq and icquant-*, not with method {self.method}")
+        ba = getattr(self, "bitalloc", None)
+        if ba is not None:
             if self.mode != "parallel":
                 raise ValueError("bitalloc needs mode 'parallel' (the allocation reads the cached fp Hessians)")
-            if self.bitalloc.granularity == "group":
+            if ba.granularity == "group":
                 if self.effective_method() not in ("rtn", "gptq"):
                     raise ValueError(f"bitalloc granularity 'group' needs method rtn or gptq, not {self.method}")
                 if self.group_size <= 0 or not self.static_groups:
                     raise ValueError("bitalloc granularity 'group' needs group_size > 0 and static_groups: true")
         return self
 
+    def _bits_message(self) -> str:
+        return f"bits must be one of 2, 3, 4, 8 (packed formats), got {self.bits}"
+
+    # -- what readers ask -----------------------------------------------------------------------------------
+    def has(self, field: str) -> bool:
+        """Whether this method has ``field`` (other methods' fields read as the flat class's defaults)."""
+        return field in type(self).model_fields
+
     def icquant_base(self) -> Literal["rtn", "gptq"] | None:
         """The ICQuant base quantizer when outliers are index-coded, else None."""
-        if self.method in ICQUANT_METHODS:
-            return "rtn" if self.method == "icquant-rtn" else "gptq"
-        if self.outliers is not None and self.method in ("rtn", "gptq"):
-            return "rtn" if self.method == "rtn" else "gptq"
         return None
 
     def effective_method(self) -> str:
-        """The method that runs: rtn/gptq with an ``outliers`` block are icquant-rtn/icquant-gptq."""
-        base = self.icquant_base()
-        return f"icquant-{base}" if base is not None else self.method
+        return self.method
 
     def outlier_config(self) -> OutlierConfig:
-        return self.outliers or OutlierConfig()
+        return getattr(self, "outliers", None) or OutlierConfig()
+
+    def transform_kind(self) -> str | None:
+        """The transform kind this method uses (None: no transforms)."""
+        transform = type(self).model_fields.get("transform")
+        if transform is None:
+            return None
+        return self.transform.kind or TRANSFORM_METHODS[self.method]  # type: ignore[attr-defined]
 
     def at_bits(self, bits: int) -> QuantizeConfig:
         """This scheme at a fixed bit-width (one layer of a mixed-precision allocation): shares keys with the
         uniform recipe at those bits, so layers already quantized there are reused."""
-        return self.model_copy(update={"bits": bits, "bitalloc": None})
-
-    def transform_kind(self) -> str | None:
-        """The transform kind this method uses (None: no transforms)."""
-        if self.method not in TRANSFORM_METHODS:
-            return None
-        return self.transform.kind or TRANSFORM_METHODS[self.method]
+        update: dict[str, Any] = {"bits": bits}
+        if "bitalloc" in type(self).model_fields:
+            update["bitalloc"] = None
+        return self.model_copy(update=update)
 
     def key_config(self) -> dict[str, Any]:
-        """What changes the quantized weights: everything but scheduling knobs and other methods' fields."""
-        exclude = {"workers"}
-        if self.mode != "sequential" or self.sequential_scope == "block":  # block: keys of earlier sequential builds
-            exclude.add("sequential_scope")
-        if self.method == "rtn":
-            exclude |= {"damp", "block_size", "act_order", "static_groups"}
-        if self.method == "quip":  # LDLQ: columns in order, no lazy batches
-            exclude |= {"block_size", "act_order"}
-        if self.method == "hadamard-e8p":  # one lattice, one scale per row, columns in order
-            exclude |= {"group_size", "sym", "mse_clip", "scale_mode", "act_order", "static_groups"}
-        if self.method not in TRANSFORM_METHODS:
-            exclude.add("transform")
-        if self.scale_mode == "minmax":  # default: keeps the keys of recipes written before scale_mode existed
-            exclude.add("scale_mode")
-        if not self.fp16_min:  # default: keeps the keys of recipes written before fp16_min existed
-            exclude.add("fp16_min")
-        exclude |= {"outliers", "gptqt", "bitalloc", "e8p"}  # added below only where they change the weights
-        out = self.model_dump(mode="json", exclude=exclude)
-        base = self.icquant_base()
-        if base is not None:  # method gptq + outliers ≡ icquant-gptq: one key
-            out["method"] = f"icquant-{base}"
-            from quant.icquant import STREAM_VERSION
-
-            out["outliers"] = {**self.outlier_config().model_dump(mode="json"), "stream_version": STREAM_VERSION}
-            if base == "rtn":
-                for k in ("damp", "block_size", "act_order", "static_groups"):
-                    out.pop(k, None)
-            out.pop("static_groups", None)  # ICQuant grids are always static
-        if self.method == "hadamard-e8p":
-            out["e8p"] = self.e8p.model_dump(mode="json")
-        if self.method == "gptqt":
-            out["gptqt"] = self.gptqt.model_dump(mode="json")
-            out.pop("static_groups", None)
-        if self.bitalloc is not None:
-            out["bitalloc"] = self.bitalloc.model_dump(mode="json")
+        """The artifact key: this method's fields (``model_dump``), less scheduling knobs (``NotKeyed``) and fields
+        at the value older keys implied (``KeyOmit``), plus ``method_version`` once ``key_version`` > 1."""
+        out = self.model_dump(mode="json")
+        for name, info in type(self).model_fields.items():
+            for meta in info.metadata:
+                if isinstance(meta, NotKeyed) or (isinstance(meta, KeyOmit) and meta.when(self)):
+                    out.pop(name, None)
+        if getattr(self, "bitalloc", None) is not None:
             out.pop("bits")  # per layer, from the allocation
+        if self.key_version > 1:
+            out["method_version"] = self.key_version
         return out
+
+
+_M = TypeVar("_M", bound=QuantizeConfig)
+
+
+class _Fp16MinCheck(QuantizeConfig):
+    @model_validator(mode="after")
+    def _fp16_min(self) -> _Fp16MinCheck:
+        if getattr(self, "fp16_min", False) and (self.bits != 4 or getattr(self, "sym", False)):
+            raise ValueError(
+                f"fp16_min is for W4 asymmetric rtn/gptq grids (llama.cpp Q4_1), not {self.effective_method()} "
+                f"W{self.bits} {'sym' if getattr(self, 'sym', False) else 'asym'}"
+            )
+        return self
+
+
+@method_config
+class RTNQuantizeConfig(_Fp16MinCheck):
+    """Round to nearest on per-group affine grids (no Hessian)."""
+
+    method: Literal["rtn"] = Field(default="rtn", description="rtn: round to nearest on affine grids.")
+    group_size: _GroupSize = 128
+    sym: _Sym = False
+    mse_clip: _MseClip = False
+    scale_mode: _ScaleMode = "minmax"
+    fp16_min: _Fp16Min = False
+    bitalloc: _Bitalloc = None
+
+
+@method_config
+class GPTQQuantizeConfig(_Fp16MinCheck):
+    """GPTQ (ALGORITHMS.md §2): Hessian error feedback, lazy batches, act-order with static groups."""
+
+    method: Literal["gptq"] = Field(default="gptq", description="gptq: Hessian error-feedback rounding.")
+    group_size: _GroupSize = 128
+    sym: _Sym = False
+    mse_clip: _MseClip = False
+    scale_mode: _ScaleMode = "minmax"
+    fp16_min: _Fp16Min = False
+    damp: _Damp = 0.01
+    block_size: _BlockSize = 128
+    act_order: _ActOrder = True
+    static_groups: _StaticGroups = True
+    bitalloc: _Bitalloc = None
+
+
+@method_config
+class QuIPQuantizeConfig(QuantizeConfig):
+    """QuIP: incoherence processing (kron by default) + LDLQ, columns in order (no lazy batches)."""
+
+    method: Literal["quip"] = Field(default="quip", description="quip: incoherence + LDLQ.")
+    group_size: _GroupSize = 128
+    sym: _Sym = False
+    mse_clip: _MseClip = False
+    scale_mode: _ScaleMode = "minmax"
+    damp: _Damp = 0.01
+    static_groups: _StaticGroups = True
+    transform: _Transform
+
+
+@method_config
+class HadamardGPTQQuantizeConfig(QuantizeConfig):
+    """Randomized Hadamard incoherence (QuIP#-style) + GPTQ."""
+
+    method: Literal["hadamard-gptq"] = Field(
+        default="hadamard-gptq", description="hadamard-gptq: randomized Hadamard + GPTQ."
+    )
+    group_size: _GroupSize = 128
+    sym: _Sym = False
+    mse_clip: _MseClip = False
+    scale_mode: _ScaleMode = "minmax"
+    damp: _Damp = 0.01
+    block_size: _BlockSize = 128
+    act_order: _ActOrder = True
+    static_groups: _StaticGroups = True
+    transform: _Transform
+
+
+@method_config
+class HadamardE8PQuantizeConfig(QuantizeConfig):
+    """Randomized Hadamard + block LDLQ on QuIP#'s E8P lattice codebook: one fp16 scale per row, no group grids."""
+
+    method: Literal["hadamard-e8p"] = Field(
+        default="hadamard-e8p",
+        description="hadamard-e8p: randomized Hadamard + block LDLQ on QuIP#'s E8P lattice, 2 bits "
+        "(3: plus an E8 residual codeword).",
+    )
+    bits: _Bits = 2
+    damp: _Damp = 0.01
+    block_size: _BlockSize = 128
+    transform: _Transform
+    e8p: E8PRecipeConfig = Field(default_factory=E8PRecipeConfig, description="E8P lattice settings.")
+
+    allowed_bits: ClassVar[tuple[int, ...]] = (2, 3)
+
+    def _bits_message(self) -> str:
+        return (
+            f"hadamard-e8p codes 8 weights in 16 bits (bits: 2) or 16 + 8 bits with the residual codebook "
+            f"(bits: 3), not bits: {self.bits}"
+        )
+
+
+class _ICQuant(QuantizeConfig):
+    """ICQuant (ALGORITHMS.md §6): top γ |w| per row on their own grid, positions index-coded; grids are static
+    and fitted by min/max."""
+
+    group_size: _GroupSize = 128
+    sym: _Sym = False
+    mse_clip: _MseClip = False
+    outliers: OutlierConfig = Field(default_factory=OutlierConfig, description="Index-coded outliers.")
+    bitalloc: _Bitalloc = None
+
+    def icquant_base(self) -> Literal["rtn", "gptq"] | None:
+        return "rtn" if self.method == "icquant-rtn" else "gptq"
+
+    def key_config(self) -> dict[str, Any]:
+        """Plus the index-stream format version: a new stream layout must not reuse stored layers."""
+        from quant.icquant import STREAM_VERSION
+
+        out = super().key_config()
+        out["outliers"] = {**out["outliers"], "stream_version": STREAM_VERSION}
+        return out
+
+
+@method_config
+class ICQuantRTNQuantizeConfig(_ICQuant):
+    method: Literal["icquant-rtn"] = Field(
+        default="icquant-rtn", description="icquant-rtn: index-coded outliers on two grids, RTN base."
+    )
+
+
+@method_config
+class ICQuantGPTQQuantizeConfig(_ICQuant):
+    method: Literal["icquant-gptq"] = Field(
+        default="icquant-gptq", description="icquant-gptq: index-coded outliers on two grids, GPTQ base."
+    )
+    damp: _Damp = 0.01
+    block_size: _BlockSize = 128
+    act_order: _ActOrder = True
+
+
+@method_config
+class GPTQTQuantizeConfig(QuantizeConfig):
+    """GPTQT (ALGORITHMS.md §7): linear n-bit GPTQ, then k-bit binary coding (k = ``bits``)."""
+
+    method: Literal["gptqt"] = Field(
+        default="gptqt", description="gptqt: linear n-bit GPTQ then k-bit binary coding, k = bits."
+    )
+    bits: Annotated[int, Field(ge=1, le=8, description="Binary coding bits k, 1..3 (below gptqt.linear_bits).")] = 2
+    group_size: _GroupSize = 128
+    sym: _Sym = False
+    mse_clip: _MseClip = False
+    scale_mode: _ScaleMode = "minmax"
+    damp: _Damp = 0.01
+    block_size: _BlockSize = 128
+    act_order: _ActOrder = True
+    gptqt: GPTQTRecipeConfig = Field(default_factory=GPTQTRecipeConfig, description="GPTQT settings.")
+
+    allowed_bits: ClassVar[tuple[int, ...]] = (1, 2, 3)
+
+    def _bits_message(self) -> str:
+        return self._gptqt_message()
+
+    def _gptqt_message(self) -> str:
+        n = self.gptqt.linear_bits
+        return f"gptqt needs bits (binary k) in 1..3, below gptqt.linear_bits={n}; got {self.bits}"
+
+    @model_validator(mode="after")
+    def _below_linear(self) -> GPTQTQuantizeConfig:
+        if self.bits >= self.gptqt.linear_bits:
+            raise ValueError(self._gptqt_message())
+        return self
+
+
+QuantizeMethodConfig = Annotated[
+    RTNQuantizeConfig
+    | GPTQQuantizeConfig
+    | QuIPQuantizeConfig
+    | HadamardGPTQQuantizeConfig
+    | HadamardE8PQuantizeConfig
+    | ICQuantRTNQuantizeConfig
+    | ICQuantGPTQQuantizeConfig
+    | GPTQTQuantizeConfig,
+    Field(discriminator="method"),
+]
+_QUANTIZE_ADAPTER: TypeAdapter[QuantizeConfig] = TypeAdapter(QuantizeMethodConfig)
+assert {c.__name__ for c in METHOD_CONFIGS.values()} == {
+    c.__name__
+    for c in QuantizeMethodConfig.__origin__.__args__  # type: ignore[attr-defined]
+}, "every @method_config class belongs to QuantizeMethodConfig"
+METHODS_ALL = tuple(METHOD_CONFIGS)
+
+
+def _normalise_quantize(data: Any) -> Any:
+    """A ``quantize`` mapping as the union reads it: ``method`` defaults to gptq, and rtn/gptq with an
+    ``outliers`` block are icquant-rtn/icquant-gptq (README)."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    data.setdefault("method", "gptq")
+    if data["method"] in ("rtn", "gptq") and data.get("outliers") is not None:
+        data["method"] = f"icquant-{data['method']}"
+        for name, implied in _ICQUANT_IMPLIED.items():
+            if data.get(name, implied) == implied:
+                data.pop(name, None)
+    return data
+
+
+# what ICQuant's grids always are (static, min/max, plain fp16 scales): given at these values with rtn/gptq +
+# outliers they are dropped; any other value is refused by the icquant class
+_ICQUANT_IMPLIED: dict[str, Any] = {"static_groups": True, "scale_mode": "minmax", "fp16_min": False}
+
+
+def field_owners(field: str) -> list[str]:
+    """Methods whose config has ``field`` (for the one-line refusal of another method's field)."""
+    return [m for m, cls in METHOD_CONFIGS.items() if field in cls.model_fields]
 
 
 class PackConfig(BaseModel):
@@ -540,7 +803,10 @@ class Recipe(BaseModel):
     description: str = Field(default="", description="Free text.")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     hessians: HessianConfig = Field(default_factory=HessianConfig)
-    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    quantize: QuantizeMethodConfig = Field(
+        default_factory=GPTQQuantizeConfig,
+        description="Per-layer quantization: the method's own options (pick `method` first).",
+    )
     pack: PackConfig = Field(default_factory=PackConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegisterConfig = Field(default_factory=RegisterConfig)
@@ -558,6 +824,11 @@ class Recipe(BaseModel):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", v) or ".." in v:
             raise ValueError(f"recipe name {v!r} must match [A-Za-z0-9][A-Za-z0-9._-]* (no '..')")
         return v
+
+    @field_validator("quantize", mode="before")
+    @classmethod
+    def _quantize_method(cls, v: Any) -> Any:
+        return _normalise_quantize(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -589,10 +860,11 @@ class Recipe(BaseModel):
         from infra.keys import canonical_json
 
         data = self.model_dump(mode="json")
+        data["quantize"] = _flat_quantize_dump(self.quantize)
         for section in ("rotation", "activations", "kv_cache"):  # defaults: digests of older recipes unchanged
             if getattr(self, section) == type(getattr(self, section))():
                 data.pop(section)
-        if not self.quantize.fp16_min:  # fields added later, at their defaults: digests of older recipes unchanged
+        if not data["quantize"]["fp16_min"]:  # added later, at its default: digests of older recipes unchanged
             data["quantize"].pop("fp16_min")
         for fmt in ("gptq", "gguf"):
             if getattr(self.pack, fmt):
@@ -602,8 +874,13 @@ class Recipe(BaseModel):
         return hashlib.sha256(canonical_json(data).encode()).hexdigest()[:16]
 
     def with_overrides(self, overrides: list[str]) -> Recipe:
-        """Apply ``--set section.field=value`` overrides (values parsed as YAML scalars)."""
+        """Apply ``--set section.field=value`` overrides (values parsed as YAML scalars).
+
+        Any field can be set, including sections a recipe leaves out (``quantize.outliers.gamma=0.1``). Setting
+        ``quantize.method`` keeps the recipe's quantize fields the new method has and drops the others; a field
+        the chosen method does not have, set explicitly, is refused naming the method and the field."""
         data = self.model_dump(mode="json")
+        touched: set[str] = set()
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} must look like section.field=value")
@@ -611,20 +888,53 @@ class Recipe(BaseModel):
             value = yaml.safe_load(raw) if raw else ""
             node = data
             parts = path.strip().split(".")
-            for part in parts[:-1]:
-                if part in node and node[part] is None:  # an optional section left out (outliers, bitalloc): open it
-                    node[part] = {}
+            for depth, part in enumerate(parts[:-1]):
+                if node.get(part) is None and (part in node or _is_section(parts[: depth + 1])):
+                    node[part] = {}  # an optional section left out (outliers, bitalloc, gptqt): open it
                 if not isinstance(node.get(part), dict):
                     raise ConfigError(f"override {item!r}: unknown section {part!r}")
                 node = node[part]
             node[parts[-1]] = value
+            if parts[0] == "quantize" and len(parts) > 1:
+                touched.add(parts[1])
+        method = data["quantize"].get("method")
+        if method != self.quantize.method and method in METHOD_CONFIGS:
+            own = METHOD_CONFIGS[method].model_fields
+            data["quantize"] = {k: v for k, v in data["quantize"].items() if k in own or k in touched}
         return parse_recipe(data, source="--set overrides")
+
+
+def _is_section(path: list[str]) -> bool:
+    """``quantize.<name>`` where some method has a nested-section field ``name`` (outliers, bitalloc, …)."""
+    if len(path) != 2 or path[0] != "quantize":
+        return False
+    for cls in METHOD_CONFIGS.values():
+        info = cls.model_fields.get(path[1])
+        if info is not None:
+            ann = info.annotation
+            args = getattr(ann, "__args__", (ann,))
+            if any(isinstance(a, type) and issubclass(a, BaseModel) for a in args):
+                return True
+    return False
 
 
 def _format_validation(exc: ValidationError, source: str) -> str:
     first = exc.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(root)"
+    parts = [str(p) for p in first["loc"]]
     msg = first["msg"].removeprefix("Value error, ")
+    if parts[:1] == ["quantize"] and len(parts) > 1 and parts[1] in METHOD_CONFIGS:
+        method = parts.pop(1)  # the union's tag: quantize.<field>, as the recipe spells it
+        if first["type"] == "extra_forbidden" and len(parts) == 2:
+            owners = field_owners(parts[1])
+            if owners:
+                msg = f"method {method} has no field {parts[1]!r} ({parts[1]} belongs to {', '.join(owners)})"
+            else:
+                msg = f"{msg} (no method has a field {parts[1]!r})"
+    elif parts == ["quantize"] and first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        parts.append("method")
+        got = first.get("ctx", {}).get("tag", "")
+        msg = f"unknown method {got!r}; one of {', '.join(METHOD_CONFIGS)}"
+    loc = ".".join(parts) or "(root)"
     more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     return f"invalid recipe {source}: {loc}: {msg}{more}"
 
@@ -638,7 +948,37 @@ def parse_recipe(data: Any, *, source: str) -> Recipe:
         raise ConfigError(_format_validation(exc, source)) from None
 
 
+# The flat QuantizeConfig's fields, in which recipe digests (registry names and tags, nightly lookups) were
+# computed before the per-method classes: a method's config is dumped in that shape (fields it does not have at
+# the flat class's defaults) so every recipe keeps its digest. Fields added since join as they are.
+_FLAT_QUANTIZE_FIELDS = (
+    "method", "bits", "group_size", "sym", "mse_clip", "scale_mode", "fp16_min", "transform", "damp", "block_size",
+    "act_order", "static_groups", "mode", "sequential_scope", "skip", "outliers", "gptqt", "e8p", "bitalloc",
+    "workers",
+)  # fmt: skip
+
+
+def _flat_quantize_dump(q: QuantizeConfig) -> dict[str, Any]:
+    data = q.model_dump(mode="json")
+    sections = {"transform": TransformConfig, "gptqt": GPTQTRecipeConfig, "e8p": E8PRecipeConfig}
+    flat: dict[str, Any] = {}
+    for name in _FLAT_QUANTIZE_FIELDS:
+        if name in data:
+            flat[name] = data[name]
+        elif name in sections:
+            flat[name] = sections[name]().model_dump(mode="json")
+        else:
+            flat[name] = _ABSENT[name]
+    flat.update({k: v for k, v in data.items() if k not in flat})
+    return flat
+
+
 SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def shipped_recipe_names() -> list[str]:
+    """The recipes shipped in ``recipes/`` by name (the Prefect form's recipe picker)."""
+    return sorted(p.stem for p in SHIPPED_RECIPES.glob("*.yaml"))
 
 
 def load_recipe(path_or_name: str | Path) -> Recipe:

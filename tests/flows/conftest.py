@@ -116,12 +116,17 @@ def home(tmp_path: Path, wikitext_dir: Path, monkeypatch: pytest.MonkeyPatch) ->
     yield from isolated_home(monkeypatch, tmp_path / "home", wikitext_dir)
 
 
+def _grid_default(quantize: dict[str, object]) -> dict[str, object]:
+    """Group size 32 for the methods with group grids (E8P has one scale per row and no group_size field)."""
+    return {} if quantize.get("method") == "hadamard-e8p" else {"group_size": 32}
+
+
 def tiny_recipe(**quantize: object) -> Recipe:
     return Recipe.model_validate(
         {
             "name": "tiny-gptq",
             "calibration": {"n_samples": 8, "seq_len": 64},
-            "quantize": {"method": "gptq", "bits": 4, "group_size": 32, **quantize},
+            "quantize": {"method": "gptq", "bits": 4, **_grid_default(quantize), **quantize},
             "eval": {"seq_len": 128, "n_windows": 3},
             "registry": {"max_ppl_increase": 0.5},
         }

@@ -226,9 +226,10 @@ BAD = [
     ({"method": "gptqt", "bits": 4}, "gptqt needs bits"),
     ({"method": "hadamard-e8p", "bits": 4}, "hadamard-e8p codes 8 weights in 16 bits (bits: 2) or 16 + 8 bits"),
     ({"method": "hadamard-e8p", "bits": 2, "e8p": {"scale": 0}}, "quantize.e8p.scale"),
-    ({"method": "quip", "outliers": {}}, "outliers (ICQuant) combine with"),
+    ({"method": "quip", "outliers": {}}, "quantize.outliers: method quip has no field 'outliers'"),
     ({"outliers": {"gamma": 0.05, "gama": 1}}, "quantize.outliers.gama: Extra inputs are not permitted"),
-    ({"gptqt": {"linear_bits": 4, "share": "row"}}, "quantize.gptqt.share"),
+    ({"method": "gptqt", "bits": 2, "gptqt": {"linear_bits": 4, "share": "row"}}, "quantize.gptqt.share"),
+    ({"gptqt": {"linear_bits": 4}}, "quantize.gptqt: method gptq has no field 'gptqt' (gptqt belongs to gptqt)"),
 ]
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from infra.errors import ConfigError
-from tasks.recipe import Recipe, load_recipe
+from tasks.recipe import Recipe, load_recipe, parse_recipe
 
 SHIPPED = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 
@@ -72,14 +72,22 @@ def test_overrides_and_digest() -> None:
         base.with_overrides(["quantize.bits=0"])
 
 
-def test_rtn_key_ignores_gptq_fields() -> None:
-    a = Recipe.model_validate({"quantize": {"method": "rtn", "damp": 0.01}})
-    b = Recipe.model_validate({"quantize": {"method": "rtn", "damp": 0.1}})
-    assert a.quantize.key_config() == b.quantize.key_config()
+def test_rtn_refuses_gptq_fields_and_gptq_keys_them() -> None:
+    with pytest.raises(ConfigError, match=r"quantize\.damp: method rtn has no field 'damp' \(damp belongs to gptq"):
+        parse_recipe({"quantize": {"method": "rtn", "damp": 0.01}}, source="r.yaml")
     g1 = Recipe.model_validate({"quantize": {"method": "gptq", "damp": 0.01}})
     g2 = Recipe.model_validate({"quantize": {"method": "gptq", "damp": 0.1}})
     assert g1.quantize.key_config() != g2.quantize.key_config()
     assert "workers" not in g1.quantize.key_config()
+
+
+def test_set_method_keeps_the_fields_the_new_method_has() -> None:
+    """``--set quantize.method=rtn`` on a GPTQ recipe drops GPTQ's sweep fields; set explicitly they are refused."""
+    base = load_recipe("gptq-w4g64")
+    rtn = base.with_overrides(["quantize.method=rtn"])
+    assert rtn.quantize.method == "rtn" and (rtn.quantize.group_size, rtn.quantize.mse_clip) == (64, True)
+    with pytest.raises(ConfigError, match="method rtn has no field 'damp'"):
+        base.with_overrides(["quantize.method=rtn", "quantize.damp=0.1"])
 
 
 def test_gptqt_one_bit_is_accepted_and_only_for_gptqt(tmp_path: Path) -> None:
