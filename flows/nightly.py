@@ -31,6 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flows.prefect_backend import is_api_loss, record_flow_result
+from flows.summary import build_summary, headline
 from infra.errors import ConfigError, QuantpipeError
 from infra.settings import Settings, get_settings
 from tasks.recipe import Recipe, load_recipe, parse_recipe
@@ -101,6 +102,7 @@ class SummaryRow(BaseModel):
     promoted: bool | None = None
     seconds: float = 0.0
     error: str = ""
+    summary: str = Field(default="", description="The pair's run summary (markdown), for pairs built tonight.")
 
 
 # ------------------------------------------------------------------------------------------ watch-list
@@ -260,6 +262,17 @@ def _one_line(exc: BaseException | str) -> str:
     return " ".join(str(text).split())[:400]
 
 
+def _pair_summary(release: Release, recipe: Recipe, outcome: dict[str, Any]) -> str:
+    """The built pair's run summary as a section of the night's artifact (the subflow posts it on its own run
+    page too); empty if it cannot be built, since the table row already holds the result."""
+    try:
+        summary = build_summary(get_settings(), release.source, recipe.name, outcome)
+        summary.title = f"{release.name} × {recipe.name}"
+        return summary.markdown(level=2)
+    except Exception as exc:  # a summary is never worth a failed night
+        return f"## {release.name} × {recipe.name}\n\nno summary: {_one_line(exc)}\n"
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -284,6 +297,9 @@ def render_summary(rows: list[SummaryRow], *, watchlist: str, seconds: float) ->
             f"| {r.model} | `{r.revision[:23] or '-'}` | {r.recipe or '-'} | {r.status} | {r.version or '-'} | "
             f"{_fmt(r.ppl, '.3f')} | {delta} | {promoted} | {err or ''} |"
         )
+    for r in rows:  # each pair built tonight: its run's summary (stage table, metrics, version, MLflow links)
+        if r.summary:
+            lines += ["", r.summary.rstrip()]
     return "\n".join(lines) + "\n"
 
 
@@ -369,6 +385,10 @@ def nightly_requantize(
                     row.status = "registered"
                     row.version = f"{out.get('model_name')}/{out.get('model_version')}"
                     _row_from_metrics(row, out.get("metrics") or {}, out.get("aliases") or [])
+                    row.summary = _pair_summary(release, recipe, out)
+                    logger.info(
+                        "%s %s: %s, %s", release.name, recipe.name, row.version, headline(out.get("metrics") or {})
+                    )
             except Exception as exc:  # one model's failure never stops the others
                 row.status, row.error = "failed", _one_line(exc)
                 logger.error("%s %s failed: %s", release.name, recipe.name, row.error)
@@ -391,7 +411,11 @@ def nightly_requantize(
         "failed": sum(r.status == "failed" for r in rows),
         "errors": sum(r.status == "error" for r in rows),
     }
-    summary: dict[str, Any] = {"rows": [r.model_dump() for r in rows], **counts, "seconds": round(seconds, 2)}
+    summary: dict[str, Any] = {
+        "rows": [r.model_dump(exclude={"summary"}) for r in rows],
+        **counts,
+        "seconds": round(seconds, 2),
+    }
     bad = counts["failed"] + counts["errors"]
     if fail_on_error and bad:
         raise QuantpipeError(

@@ -145,11 +145,13 @@ class RunSummary(BaseModel):
     model_version_url: str | None = None
     tracking: str = ""
 
-    def markdown(self) -> str:
+    def markdown(self, level: int = 1) -> str:
+        """The summary; ``level`` 2 nests it under a heading of its own (one nightly pair)."""
+        h = "#" * level
         total = sum(s.seconds for s in self.stages)
         hits = sum(s.cache_hit for s in self.stages)
         lines = [
-            f"# {self.title}",
+            f"{h} {self.title}",
             "",
             f"Model `{self.model}`, recipe `{self.recipe}`: **{headline(self.metrics)}**.",
             "",
@@ -163,11 +165,11 @@ class RunSummary(BaseModel):
             url = self.stage_run_urls.get(s.stage)
             run = f"[{s.run_id[:8]}]({url})" if url and s.run_id else (f"`{s.run_id[:8]}`" if s.run_id else "-")
             lines.append(f"| {s.stage} | `{key}` | {'hit' if s.cache_hit else 'miss'} | {s.seconds:.1f} | {run} |")
-        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += ["", f"{h}# Metrics", "", "| metric | value |", "|---|---|"]
         for k, v in self.metrics.items():
             if k in HEADLINE_METRICS or k == "ppl_ratio":
                 lines.append(f"| {k} | {v:.4g} |")
-        lines += ["", "## Registry", ""]
+        lines += ["", f"{h}# Registry", ""]
         if self.model_name:
             target = f"{self.model_name}/{self.model_version}"
             link = f"[{target}]({self.model_version_url})" if self.model_version_url else f"`{target}`"
@@ -175,7 +177,7 @@ class RunSummary(BaseModel):
             lines.append(f"- lineage: `quantpipe lineage {target}`")
         else:
             lines.append("- not registered (registry disabled in the recipe)")
-        lines += ["", "## MLflow", ""]
+        lines += ["", f"{h}# MLflow", ""]
         if self.parent_run_id:
             link = (
                 f"[{self.parent_run_id}]({self.parent_run_url})" if self.parent_run_url else f"`{self.parent_run_id}`"
@@ -186,38 +188,38 @@ class RunSummary(BaseModel):
         return redact("\n".join(lines) + "\n")
 
 
-def build_summary(ctx: Any, model: str, recipe: str, outcome: Any) -> RunSummary:
-    """The summary of a finished run (``outcome``: :class:`flows.quantize.QuantizeOutcome`)."""
+def build_summary(settings: Any, model: str, recipe: str, outcome: Mapping[str, Any]) -> RunSummary:
+    """The summary of a finished run (``outcome``: :class:`flows.quantize.QuantizeOutcome` as a dict)."""
     from registry.tracking import model_version_url, run_url
 
+    parent = outcome.get("mlflow_run_id")
     run_ids: dict[str, str] = {}
-    if ctx.parent_run_id:
+    if parent:
         try:
-            run_ids = stage_run_ids(ctx.parent_run_id, ctx.settings)
+            run_ids = stage_run_ids(parent, settings)
         except Exception as exc:  # the links are a convenience; the table stands without them
-            log.debug("stage runs of %s not found: %s", ctx.parent_run_id, exc)
-    urls = {stage: u for stage, rid in run_ids.items() if (u := run_url(rid, ctx.settings))}
+            log.debug("stage runs of %s not found: %s", parent, exc)
+    urls = {stage: u for stage, rid in run_ids.items() if (u := run_url(rid, settings))}
     rows = [
         StageRow(stage=n, key=s["key"], cache_hit=s["cache_hit"], seconds=s["seconds"], run_id=run_ids.get(n))
-        for n, s in outcome.stages.items()
+        for n, s in (outcome.get("stages") or {}).items()
     ]
-    version_url = (
-        model_version_url(outcome.model_name, outcome.model_version, ctx.settings) if outcome.model_name else None
-    )
+    name, version = outcome.get("model_name"), outcome.get("model_version")
+    metrics = dict(outcome.get("metrics") or {})
     return RunSummary(
-        title=f"quantize {outcome.model_name or model}",
+        title=f"quantize {name or model}",
         model=model,
         recipe=recipe,
         stages=rows,
-        metrics=outcome.metrics | parent_metrics({}, outcome.metrics),
-        model_name=outcome.model_name,
-        model_version=outcome.model_version,
-        aliases=outcome.aliases,
-        parent_run_id=ctx.parent_run_id,
-        parent_run_url=run_url(ctx.parent_run_id, ctx.settings) if ctx.parent_run_id else None,
+        metrics=metrics | parent_metrics({}, metrics),
+        model_name=name,
+        model_version=version,
+        aliases=list(outcome.get("aliases") or []),
+        parent_run_id=parent,
+        parent_run_url=run_url(parent, settings) if parent else None,
         stage_run_urls=urls,
-        model_version_url=version_url,
-        tracking=redact(ctx.settings.effective_mlflow_uri),
+        model_version_url=model_version_url(name, str(version), settings) if name else None,
+        tracking=redact(settings.effective_mlflow_uri),
     )
 
 

@@ -107,3 +107,25 @@ def test_run_page_and_mlflow_tell_the_story(prefect_harness: None, home: Setting
     assert f"Prefect flow run: {prefect_url}" in card
     model_desc = client.get_registered_model(out["model_name"]).description
     assert "tiny-llama" in model_desc and "champion" in model_desc
+
+
+def test_nightly_summary_has_each_built_pair_story(
+    prefect_harness: None, home: Settings, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    import yaml
+    from prefect.artifacts import Artifact
+
+    from flows.nightly import ARTIFACT_KEY, nightly_requantize
+
+    wl = tmp_path / "watchlist.yaml"
+    wl.write_text(
+        yaml.safe_dump({"recipes": [tiny_recipe().model_dump(mode="json")], "models": [{"path": str(tiny_llama_dir)}]})
+    )
+    night = nightly_requantize(watchlist_path=str(wl))
+    assert night["registered"] == 1 and "summary" not in night["rows"][0]
+    night_md = str(Artifact.get(ARTIFACT_KEY).data)
+    assert "## tiny-llama × tiny-gptq" in night_md  # the pair's own section below the night's table
+    assert "| stage | key | cache | seconds | MLflow run |" in night_md and "| hessians | `hessians/" in night_md
+    assert "### Registry" in night_md and "`tiny-llama.tiny-gptq/1`" in night_md
+    pair_md = str(Artifact.get(SUMMARY_KEY).data)  # the subflow's run page has its summary too
+    assert "| evaluate | `evaluate/" in pair_md and "tiny-llama.tiny-gptq/1" in pair_md
