@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quant.arch import ArchMapping, mapping_for
+from quant.arch import ROLES, ArchMapping, LinearGroup, mapping_for
 from quant.hessian import accumulate
 from tasks.weights import WeightIndex
 
@@ -62,6 +62,7 @@ class GroupStats:
     H: torch.Tensor | None = None
     x_sum: torch.Tensor | None = None
     n: int = 0
+    pooled: GroupStats | None = None  # an expert's group: the block's statistics pooled over experts (tasks.moe)
 
     def add(self, x: torch.Tensor) -> None:
         x2 = x.reshape(-1, x.shape[-1])
@@ -84,6 +85,10 @@ class BlockStreamer:
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
         self.model.eval()
+        from tasks.moe import unfuse_model  # fused experts → per-expert linears (each gets its own Hessian)
+
+        unfuse_model(self.model, self.mapping)
+        self.config_dict: dict[str, Any] = json.loads((self.path / "config.json").read_text())
         from tasks.quarot_runtime import install_runtime  # rotated checkpoints: online Hadamards before o/down_proj
 
         install_runtime(self.model, json.loads((self.path / "config.json").read_text()))
@@ -99,6 +104,13 @@ class BlockStreamer:
 
     def block_name(self, i: int) -> str:
         return f"{self.mapping.blocks}.{i}"
+
+    def block_groups(self, block: nn.Module) -> tuple[LinearGroup, ...]:
+        """The linear groups of ``block`` (per layer: MoE layers have one pair per expert, dense layers do not)."""
+        try:
+            return self.mapping.groups_for_layer(self.config_dict, self._index[id(block)])
+        except KeyError:
+            raise ValueError("block_groups: not one of this model's decoder blocks") from None
 
     def load(self, name: str) -> nn.Module:
         """Materialise module ``name`` (weights from disk) on the target device."""
@@ -201,10 +213,13 @@ class BlockStreamer:
 def collect_block_hessians(
     streamer: BlockStreamer, block: nn.Module, hidden: torch.Tensor, *, micro_batch: int = 8
 ) -> tuple[dict[str, GroupStats], torch.Tensor]:
-    """Hessian statistics of every linear group of ``block`` and the block's outputs, in one forward pass."""
-    stats = {g.name: GroupStats() for g in streamer.mapping.groups}
+    """Hessian statistics of every linear group of ``block`` and the block's outputs, in one forward pass. An
+    expert's groups see only the tokens routed to it; MoE blocks also get the pooled expert statistics
+    (``tasks.moe.pool_expert_stats``)."""
+    groups = streamer.block_groups(block)
+    stats = {g.name: GroupStats() for g in groups}
     handles = []
-    for g in streamer.mapping.groups:
+    for g in groups:
         first = block.get_submodule(g.linears[0])
 
         def hook(_mod: nn.Module, args: tuple[Any, ...], _name: str = g.name) -> None:
@@ -216,6 +231,9 @@ def collect_block_hessians(
     finally:
         for h in handles:
             h.remove()
+    from tasks.moe import pool_expert_stats  # no-op for a block without experts
+
+    pool_expert_stats(stats, block, groups)
     return stats, out
 
 
@@ -308,9 +326,10 @@ def quantize_block_by_group(
     is recomputed), so the block costs one forward instead of llm-compressor's two (calibrate, then propagate).
     """
     m = streamer.mapping
-    by_name = {g.name: g for g in m.groups}
-    if set(by_name) != {"attn_in", "o_in", "mlp_in", "down_in"}:
-        raise ValueError(f"group-wise sequential quantization needs the Llama-family groups, got {sorted(by_name)}")
+    groups = streamer.block_groups(block)
+    by_name = {g.name: g for g in groups}
+    if set(by_name) != set(ROLES):  # a sparse block: its experts' groups share roles
+        return _quantize_block_by_role(streamer, block, hidden, groups, quantize_group, micro_batch=micro_batch)
     first = {name: block.get_submodule(g.linears[0]) for name, g in by_name.items()}
     attn, mlp = block.get_submodule(m.attention), block.get_submodule(m.mlp)
     kwargs = streamer.block_kwargs(block, hidden.shape[1])
@@ -364,3 +383,45 @@ def quantize_block_by_group(
         out[start : start + chunk.shape[0]] = res[0] if isinstance(res, tuple) else res
         start += chunk.shape[0]
     return out
+
+
+@torch.no_grad()
+def _quantize_block_by_role(
+    streamer: BlockStreamer,
+    block: nn.Module,
+    hidden: torch.Tensor,
+    groups: tuple[LinearGroup, ...],
+    quantize_group: Callable[[str, GroupStats], None],
+    *,
+    micro_batch: int = 8,
+) -> torch.Tensor:
+    """True-sequential quantization of a block whose groups are not one per role (a sparse MoE block: every
+    expert and the shared expert have an ``mlp_in`` and a ``down_in`` group). One calibration forward per role in
+    block order, each after the roles before it were quantized, so every expert's Hessian comes from the tokens
+    the quantized attention routes to it; then one forward for the outputs (5 forwards instead of 1: the
+    caching of :func:`quantize_block_by_group` assumes one linear per role)."""
+    from tasks.moe import pool_expert_stats
+
+    for role in ROLES:
+        stage = tuple(g for g in groups if g.kind == role)
+        if not stage:
+            continue
+        stats = {g.name: GroupStats() for g in stage}
+        handles = []
+        for g in stage:
+
+            def hook(
+                _mod: nn.Module, args: tuple[Any, ...], _name: str = g.name, _stats: dict[str, GroupStats] = stats
+            ) -> None:
+                _stats[_name].add(args[0].detach())
+
+            handles.append(block.get_submodule(g.linears[0]).register_forward_pre_hook(hook))
+        try:
+            streamer.run_block(block, hidden, micro_batch=micro_batch)
+        finally:
+            for h in handles:
+                h.remove()
+        pool_expert_stats(stats, block, stage)
+        for g in stage:
+            quantize_group(g.name, stats[g.name])
+    return streamer.run_block(block, hidden, micro_batch=micro_batch)

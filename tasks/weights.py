@@ -51,6 +51,9 @@ class WeightIndex:
                     continue
                 begin, end = info["data_offsets"]
                 self.entries[name] = (f, 8 + n + begin, _ST_DTYPES[info["dtype"]], info["shape"], end - begin)
+        from tasks.moe import expert_entries  # MoE: the unfused model's expert names resolve to their byte ranges
+
+        self.entries = expert_entries(Path(path), self.entries)
 
     def get(self, name: str) -> torch.Tensor:
         f, offset, dtype, shape, nbytes = self.entries[name]

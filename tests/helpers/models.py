@@ -1,4 +1,5 @@
-"""Tiny random Llama checkpoints built from a config (no hub): real HF dirs that transformers loads."""
+"""Tiny random checkpoints of every mapped family built from a config (no hub): real HF dirs that transformers
+loads."""
 
 from __future__ import annotations
 
@@ -86,7 +87,27 @@ FAMILY_CONFIGS: dict[str, tuple[str, str, dict]] = {
         "Gemma3ForCausalLM",
         {"head_dim": 16, "sliding_window": 32, "query_pre_attn_scalar": 16, "sliding_window_pattern": 2},
     ),
+    # mixtures of experts: 4 experts, top-2; Qwen2-MoE with a shared expert and a dense-MLP layer (layer 1)
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 48,
+            "mlp_only_layers": [1],
+        },
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 24},
+    ),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2}),
 }
+MOE_FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
 
 
 def build_tiny_family(out_dir: Path, family: str, *, num_layers: int = 2, seed: int = 0) -> Path:
