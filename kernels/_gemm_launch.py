@@ -93,6 +93,13 @@ class GemmPlan:
     def grid(self) -> tuple[int, int, int]:
         return (cdiv(self.M, self.cfg.block_m), cdiv(self.N, self.cfg.block_n), self.split)
 
+    def io_args(self, bias: Tensor | None, dummy: Tensor, *sizes: int) -> tuple[object, ...]:
+        """The positional kernel arguments every GEMM kernel takes after its weight pointers, in its order: the bias
+        pointer (``dummy`` when the bias is not fused), the output, M, N, ``sizes`` (K, and the group size where the
+        kernel has one), the K range per split and x's strides."""
+        fused = bias if self.fuse_bias and bias is not None else dummy
+        return (fused, self.out, self.M, self.N, *sizes, self.k_per_split, self.x2.stride(0), self.x2.stride(1))
+
     @property
     def out_strides(self) -> tuple[int, int, int]:
         """(split, m, n) strides of ``out``; split stride 0 when there is a single slice."""

@@ -116,16 +116,11 @@ class BCQLinear(CodedLinear):
     beta: Tensor
     bcqmeta: Tensor
 
-    @staticmethod
-    def _unpack(tensors: dict[str, Tensor]) -> BinaryCodedWeight:
-        return unpack_bcq(tensors)
+    _unpack = staticmethod(unpack_bcq)
 
     @staticmethod
     def _shape(w: BinaryCodedWeight) -> tuple[int, int, int]:
         return int(w.planes.shape[1]), w.in_features, int(w.planes.shape[0])
-
-    def unpacked(self) -> BinaryCodedWeight:
-        return unpack_bcq({k: self._buffers[k] for k in BCQ_KEYS})  # type: ignore[misc]
 
     def _group_size(self) -> int:
         """Group size from ``bcqmeta``, read on the host once per buffer (no device sync per forward)."""

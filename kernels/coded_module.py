@@ -45,6 +45,7 @@ class CodedLinear(nn.Module):
     OPTIONAL_KEYS: ClassVar[tuple[str, ...]] = ()  # registered (and unpacked) only when given
     FP16_KEYS: ClassVar[tuple[str, ...]] = ()
     LAYOUT: ClassVar[str] = "coded"  # for error messages
+    _unpack: ClassVar[Any]  # staticmethod: tensors -> the unpacked weight (it has ``dequantize(dtype)``)
 
     in_features: int
     out_features: int
@@ -61,10 +62,6 @@ class CodedLinear(nn.Module):
         self.out_features, self.in_features, self.bits = self._shape(self.unpacked())  # validates the layout now
         self.use_kernel = True  # set False to force the reference path (debugging, A/B checks)
         self._kernel_cache: dict[str, tuple[Any, Any]] = {}  # name -> (buffer stamp, value)
-
-    @staticmethod
-    def _unpack(tensors: dict[str, Tensor]) -> Any:
-        raise NotImplementedError
 
     @staticmethod
     def _shape(w: Any) -> tuple[int, int, int]:

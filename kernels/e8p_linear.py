@@ -98,9 +98,7 @@ class E8PLinear(CodedLinear):
         super().__init__(tensors, bias)
         register_transforms(self, tensors)
 
-    @staticmethod
-    def _unpack(tensors: dict[str, Tensor]) -> E8PWeight:
-        return unpack_e8p(tensors)
+    _unpack = staticmethod(unpack_e8p)
 
     @staticmethod
     def _shape(w: E8PWeight) -> tuple[int, int, int]:

@@ -98,16 +98,11 @@ class ICQuantLinear(CodedLinear):
     pos_offsets: Tensor
     icqmeta: Tensor
 
-    @staticmethod
-    def _unpack(tensors: dict[str, Tensor]) -> ICQuantWeight:
-        return unpack_icquant(tensors)
+    _unpack = staticmethod(unpack_icquant)
 
     @staticmethod
     def _shape(w: ICQuantWeight) -> tuple[int, int, int]:
         return int(w.codes.shape[0]), int(w.codes.shape[1]), w.bits
-
-    def unpacked(self) -> ICQuantWeight:
-        return unpack_icquant({k: self._buffers[k] for k in ICQ_KEYS})  # type: ignore[misc]
 
     def _meta(self) -> tuple[int, ...]:
         """``icqmeta`` as host ints (version, bits, group_size, K, B, L, sym, R), read once per buffer."""

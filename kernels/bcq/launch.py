@@ -93,15 +93,7 @@ def bcq_gemm(
         planes,
         alpha,
         beta,
-        bias if plan.fuse_bias else planes,  # dummy pointer when unused
-        plan.out,
-        plan.M,
-        N,
-        K,
-        group_size,
-        plan.k_per_split,
-        x2.stride(0),
-        x2.stride(1),
+        *plan.io_args(bias, planes, K, group_size),  # planes: dummy bias pointer when unused
         planes.stride(0),
         planes.stride(1),
         planes.stride(2),

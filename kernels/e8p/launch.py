@@ -92,14 +92,7 @@ def e8p_gemm(
         qweight if qweight2 is None else qweight2,  # dummy pointer when unused
         _residual_table(x.device),
         scales,
-        bias if plan.fuse_bias else scales,  # dummy pointer when unused
-        plan.out,
-        plan.M,
-        N,
-        K,
-        plan.k_per_split,
-        x2.stride(0),
-        x2.stride(1),
+        *plan.io_args(bias, scales, K),  # scales: dummy bias pointer when unused
         qweight.stride(0),
         qweight.stride(1),
         (qweight if qweight2 is None else qweight2).stride(0),

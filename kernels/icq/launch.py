@@ -211,15 +211,7 @@ def icq_gemm(
         z,
         so,
         zo,
-        bias if plan.fuse_bias else qweight,  # dummy pointer when unused
-        plan.out,
-        plan.M,
-        N,
-        K,
-        group_size,
-        plan.k_per_split,
-        x2.stride(0),
-        x2.stride(1),
+        *plan.io_args(bias, qweight, K, group_size),  # qweight: dummy bias pointer when unused
         qweight.stride(0),
         qweight.stride(1),
         mask.stride(0),
