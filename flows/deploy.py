@@ -5,9 +5,11 @@ pool (created when missing), so a ``prefect worker start --pool quantpipe`` on a
 its venv executes them. ``prefect.yaml`` at the repository root describes the same two deployments for
 ``prefect deploy --all``.
 
-* ``quantize-model``: parameters ``model`` (required), ``recipe`` (the pydantic :class:`tasks.recipe.Recipe`,
-  so the deployment's ``parameter_openapi_schema`` carries every recipe field with its type, bounds, default
-  and description and the UI renders a form; defaults to the shipped ``gptq-w4g64`` recipe), ``store_url``.
+* ``quantize-model``: parameters ``model`` (required), ``recipe`` (a shipped recipe by name, picked from an
+  enum, default ``gptq-w4g64``; or a full :class:`tasks.recipe.Recipe` whose ``quantize`` section is a oneOf on
+  ``method``, so the form shows only the chosen method's options), ``overrides`` (``--set``-style), ``name``
+  (registered recipe name; empty: derived from the effective recipe), ``store_url``, ``progress``. Every
+  parameter has a description (the flow's docstring) and examples.
 * ``nightly-requantize``: parameter ``watchlist_path``; cron ``0 2 * * *`` in UTC by default.
 """
 
@@ -159,8 +161,8 @@ def _deploy(
         qid = quantize.deploy(  # type: ignore[union-attr]
             name="default",
             work_pool_name=work_pool,
-            parameters={"recipe": default_recipe_parameter(), "store_url": store_url, "progress": False},
-            description="Quantize a model with a recipe (UI form: model source, recipe fields, store).",
+            parameters={"recipe": DEFAULT_RECIPE, "store_url": store_url or "", "progress": False},
+            description="Quantize a model with a shipped recipe picked by name, optional overrides and name.",
             tags=["quantpipe"],
             job_variables=job_variables,
             build=False,

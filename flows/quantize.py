@@ -12,17 +12,17 @@ import os
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator, Field
 
 from flows.prefect_backend import record_flow_result
 from infra.errors import ConfigError, QuantpipeError
 from infra.settings import Settings, get_settings
-from tasks.recipe import Recipe
+from tasks.recipe import Recipe, RecipeName, resolve_recipe
 from tasks.stage import StageContext, StageResult
 
 __all__ = ["QuantizeOutcome", "quantize_model", "run_quantize_pipeline"]
@@ -366,8 +366,29 @@ def _quantize_stage(
     log_prints=True,
     validate_parameters=True,
 )
-def quantize_model(model: str, recipe: Recipe, store_url: str | None = None, progress: bool = False) -> dict[str, Any]:
-    """Quantize ``model`` (local HF dir, demo model name or hub id) with ``recipe``; returns the outcome dict."""
+def quantize_model(
+    model: Annotated[str, Field(examples=["HuggingFaceTB/SmolLM2-135M", "/data/models/my-llama", "tiny-llama"])],
+    recipe: Annotated[RecipeName | Recipe, Field(examples=["gptq-w4g64", "rtn-w4g64"])] = "gptq-w4g64",
+    overrides: Annotated[tuple[str, ...], Field(examples=[["quantize.bits=3", "eval.n_windows=4"]])] = (),
+    name: Annotated[str, Field(examples=["my-gptq-w3"])] = "",
+    store_url: Annotated[
+        str, BeforeValidator(lambda v: v or ""), Field(examples=["file:///data/quantpipe/store", "s3://bucket/store"])
+    ] = "",
+    progress: Annotated[bool, Field(examples=[False])] = False,
+) -> dict[str, Any]:
+    """Quantize a model with a shipped recipe (plus optional overrides), evaluate it and register the build.
+
+    Args:
+        model: What to quantize: a local Hugging Face model directory, a demo model name or a hub id.
+        recipe: A shipped recipe by name (recipes/NAME.yaml), or a full recipe whose quantize section shows only
+            the chosen method's options.
+        overrides: Optional section.field=value changes, as quantpipe quantize --set (e.g. quantize.bits=3).
+        name: Registered recipe name; the model registers as MODEL.NAME. Empty: the recipe's name, with the
+            effective recipe's digest appended when overrides changed it.
+        store_url: Artifact store (file:// or s3://); empty: the worker's QUANTPIPE_STORE_URL setting.
+        progress: Show progress bars in the worker's output.
+    """
+    recipe = resolve_recipe(recipe, overrides, name)
     settings = get_settings()
     ctx = StageContext(settings=settings, store_url=store_url or settings.effective_store_url, progress=progress)
     ctx.store.check()

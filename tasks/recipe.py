@@ -16,7 +16,7 @@ Sample YAML (``recipes/gptq-w4g64.yaml``)::
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
@@ -57,6 +57,8 @@ __all__ = [
     "method_config",
     "parse_recipe",
     "shipped_recipe_names",
+    "RecipeName",
+    "resolve_recipe",
     "Recipe",
     "RegisterConfig",
     "TRANSFORM_METHODS",
@@ -799,7 +801,10 @@ class KVCacheQuantConfig(BaseModel):
 class Recipe(BaseModel):
     model_config = _FROZEN
 
-    name: str = Field(default="custom", description="Recipe name; the registered model is '<model>.<name>'.")
+    name: str = Field(
+        default="custom",
+        description="Recipe name; the registered model is MODEL.NAME (e.g. smollm2-135m.gptq-w4g64).",
+    )
     description: str = Field(default="", description="Free text.")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     hessians: HessianConfig = Field(default_factory=HessianConfig)
@@ -979,6 +984,21 @@ SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 def shipped_recipe_names() -> list[str]:
     """The recipes shipped in ``recipes/`` by name (the Prefect form's recipe picker)."""
     return sorted(p.stem for p in SHIPPED_RECIPES.glob("*.yaml"))
+
+
+RecipeName = Literal[tuple(shipped_recipe_names())]  # type: ignore[valid-type]
+
+
+def resolve_recipe(recipe: str | Recipe, overrides: Sequence[str] = (), name: str = "") -> Recipe:
+    """The effective recipe of a run: a shipped name (or YAML path) or a full recipe, then ``--set``-style
+    overrides, then the user's registered name (empty: the recipe's, which ``tasks.register.recipe_identity``
+    suffixes with the digest when the overrides changed it)."""
+    out = load_recipe(recipe) if isinstance(recipe, str) else recipe
+    if overrides:
+        out = out.with_overrides(list(overrides))
+    if name:
+        out = parse_recipe({**out.model_dump(mode="json"), "name": name}, source="(name)")
+    return out
 
 
 def load_recipe(path_or_name: str | Path) -> Recipe:
