@@ -33,7 +33,7 @@ import torch
 from kernels.formats.ggml import encode_rows, ggml_type_for, grid_reason, mapping_text
 from tasks.export.common import ExportInputs, affine_reason, source_tensors
 
-__all__ = ["FILE_NAME", "FORMAT", "gguf_reason", "tokenizer_pre", "verify_gguf", "write_gguf"]
+__all__ = ["FILE_NAME", "FORMAT", "gguf_reason", "start_writer", "tokenizer_pre", "verify_gguf", "write_gguf"]
 
 FORMAT = "gguf"
 FILE_NAME = "model-{qtype}.gguf"
@@ -173,28 +173,22 @@ def _plain_tensor(name: str, t: torch.Tensor) -> tuple[Any, Any]:
     return t.to(torch.float32).numpy(), None
 
 
-def write_gguf(out: Path, inputs: ExportInputs) -> dict[str, Any]:
-    """Write ``out/model-<TYPE>.gguf``; returns what the pack manifest records about it."""
+def start_writer(path: Path, model_path: Path, config: dict[str, Any], file_type: int) -> Any:
+    """A ``gguf.GGUFWriter`` for ``path`` with every key-value of a llama-architecture model (hyper-parameters,
+    tokenizer) filled in; the caller adds the tensors and writes."""
     import gguf
 
-    cfg, qweights, config = inputs.cfg, inputs.affine(), inputs.config
-    qtype = ggml_type_for(cfg.bits, cfg.group_size, cfg.sym)
-    if qtype is None:
-        raise ValueError(f"no ggml type for W{cfg.bits} g{cfg.group_size}")
     n_layers, hidden = int(config["num_hidden_layers"]), int(config["hidden_size"])
     n_head = int(config["num_attention_heads"])
     n_kv = int(config.get("num_key_value_heads") or n_head)
     head_dim = int(config.get("head_dim") or hidden // n_head)
     vocab_size = int(config["vocab_size"])
-    tokens, types = _vocab(inputs.model_path, vocab_size)
-    pre = tokenizer_pre(json.loads((inputs.model_path / "tokenizer.json").read_text()))
-
-    out.mkdir(parents=True)
-    path = out / FILE_NAME.format(qtype=qtype)
+    tokens, types = _vocab(model_path, vocab_size)
+    pre = tokenizer_pre(json.loads((model_path / "tokenizer.json").read_text()))
     w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     w.add_type(gguf.GGUFType.MODEL)
     w.add_quantized_by("quantpipe")
-    w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{qtype}"))
+    w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_block_count(n_layers)
     w.add_context_length(int(config.get("max_position_embeddings") or 2048))
@@ -213,10 +207,28 @@ def write_gguf(out: Path, inputs: ExportInputs) -> dict[str, Any]:
     w.add_tokenizer_pre(pre or "default")
     w.add_token_list(tokens)
     w.add_token_types(types)
-    special = gguf.SpecialVocab(inputs.model_path, load_merges=True, n_vocab=len(tokens))
-    special.add_special_token.setdefault("bos", _adds_bos(inputs.model_path))
+    special = gguf.SpecialVocab(model_path, load_merges=True, n_vocab=len(tokens))
+    special.add_special_token.setdefault("bos", _adds_bos(model_path))
     special.add_special_token.setdefault("eos", False)
     special.add_to_gguf(w, quiet=True)
+
+    return w
+
+
+def write_gguf(out: Path, inputs: ExportInputs) -> dict[str, Any]:
+    """Write ``out/model-<TYPE>.gguf``; returns what the pack manifest records about it."""
+    import gguf
+
+    cfg, qweights, config = inputs.cfg, inputs.affine(), inputs.config
+    qtype = ggml_type_for(cfg.bits, cfg.group_size, cfg.sym)
+    if qtype is None:
+        raise ValueError(f"no ggml type for W{cfg.bits} g{cfg.group_size}")
+    out.mkdir(parents=True)
+    path = out / FILE_NAME.format(qtype=qtype)
+    w = start_writer(path, inputs.model_path, config, getattr(gguf.LlamaFileType, f"MOSTLY_{qtype}"))
+    pre = tokenizer_pre(json.loads((inputs.model_path / "tokenizer.json").read_text()))
+    n_layers, n_head = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+    n_kv = int(config.get("num_key_value_heads") or n_head)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
     tied = bool(config.get("tie_word_embeddings", True))
