@@ -28,6 +28,21 @@ SPLIT_CONFIGS = {
 }
 
 
+def kernel_test_module(module: str, kernel: str) -> tuple[Any, Any]:
+    """(pytestmark, autouse fixture) of a Triton kernel test module: the module is skipped without triton, each
+    test when ``module.kernel`` cannot run here (``skip_unless_runnable``). Assign both at module level:
+    ``pytestmark, _runnable = kernel_test_module("kernels.bcq.triton", "bcq_gemm_kernel")``."""
+    from kernels._triton_util import triton_available
+
+    mark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+    @pytest.fixture(autouse=True)
+    def runnable() -> None:
+        skip_unless_runnable(module, kernel)
+
+    return mark, runnable
+
+
 def skip_unless_runnable(module: str, kernel: str) -> None:
     """Skip on CPU when ``module`` (a ``kernels.<family>.triton``) was imported without TRITON_INTERPRET=1."""
     if DEVICE == "cpu" and not is_interpreted(getattr(importlib.import_module(module), kernel)):

@@ -9,36 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels._triton_util import triton_available
 from kernels.bcq.ref import bcq_gemm_ref, dequantize_bcq_packed
 from kernels.bcq_linear import BCQLinear, pack_bcq
 from kernels.wgemm.configs import WGemmConfig
 from quant.gptqt import BinaryCodedWeight
 from quant.icquant import pack_bits
-from tests.kernels.synth import (
-    DEVICE,
-    DTYPES,
-    GEMM_TOL,
-    SPLIT_CONFIGS,
-    assert_falls_back_once,
-    assert_matches_ref,
-    forward_through_kernel,
-    gemm_inputs,
-    rel_err,
-    run_without_triton,
-    skip_unless_runnable,
-)
+from tests.kernels import synth
 
-pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+pytestmark, _runnable = synth.kernel_test_module("kernels.bcq.triton", "bcq_gemm_kernel")
 
 # max |kernel - ref| / max |ref| within GEMM_TOL. Measured over MAIN in the interpreter: fp32 6.5e-7, fp16 1.6e-5,
 # bf16 1.2e-2 (the interpreter's fp32->bf16 cast truncates where the reference rounds; same bound as test_wgemm).
-TOL = GEMM_TOL
-
-
-@pytest.fixture(autouse=True)
-def _kernel_runnable():
-    skip_unless_runnable("kernels.bcq.triton", "bcq_gemm_kernel")
+TOL = synth.GEMM_TOL
 
 
 def _coded(N: int, K: int, k: int, gs: int, seed: int = 0) -> BinaryCodedWeight:
@@ -54,22 +36,22 @@ def _coded(N: int, K: int, k: int, gs: int, seed: int = 0) -> BinaryCodedWeight:
 
 
 def _packed(N: int, K: int, k: int, gs: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    return {n: t.to(DEVICE) for n, t in pack_bcq(_coded(N, K, k, gs, seed)).items()}
+    return {n: t.to(synth.DEVICE) for n, t in pack_bcq(_coded(N, K, k, gs, seed)).items()}
 
 
 def _check(M, N, K, k, gs, dt, *, bias=False, config=None) -> None:
     from kernels.bcq.launch import bcq_gemm
 
     t = _packed(N, K, k, gs, seed=M + N + K + k)
-    x, b = gemm_inputs(M, K, N, dt, bias)
+    x, b = synth.gemm_inputs(M, K, N, dt, bias)
     args = (x, t["planes"], t["alpha"], t["beta"], gs, K)
-    assert_matches_ref(bcq_gemm(*args, b, config=config), bcq_gemm_ref(*args, b), x, dt)
+    synth.assert_matches_ref(bcq_gemm(*args, b, config=config), bcq_gemm_ref(*args, b), x, dt)
 
 
 # planes x dtype x M (GEMV, small, tensor-core tile) x (K, N, g): ragged N, g = BLOCK_K multiple, g = 24 (gather,
 # not a multiple of 32), a ragged last group (K = 160, g = 64)
 SHAPES = [(96, 40, 32), (128, 33, 64), (72, 24, 24), (160, 48, 64)]
-MAIN = list(itertools.product([2, 3], DTYPES, [1, 5, 32], SHAPES))
+MAIN = list(itertools.product([2, 3], synth.DTYPES, [1, 5, 32], SHAPES))
 
 
 @pytest.mark.parametrize(
@@ -82,7 +64,7 @@ def test_bcq_gemm_matches_ref(k, dt, M, shape) -> None:
     _check(M, N, K, k, gs, dt, bias=M != 5)
 
 
-CONFIGS = {**SPLIT_CONFIGS, "gemv-bk128-gather": WGemmConfig(4, 64, 128)}
+CONFIGS = {**synth.SPLIT_CONFIGS, "gemv-bk128-gather": WGemmConfig(4, 64, 128)}
 
 
 @pytest.mark.parametrize("cfg", CONFIGS.values(), ids=list(CONFIGS))
@@ -97,9 +79,9 @@ def test_bcq_gemm_large_m_one_plane_and_3d_input() -> None:
     _check(256, 40, 64, 1, 32, "fp16", bias=True)  # the largest M the module sends to the kernel
     t = _packed(24, 64, 2, 32)
     args = (t["planes"], t["alpha"], t["beta"], 32, 64)
-    x = torch.randn(2, 64, 3).to(DEVICE).transpose(1, 2)  # [2, 3, 64], last dim strided
+    x = torch.randn(2, 64, 3).to(synth.DEVICE).transpose(1, 2)  # [2, 3, 64], last dim strided
     torch.testing.assert_close(bcq_gemm(x, *args), bcq_gemm_ref(x, *args), rtol=1e-5, atol=1e-5)
-    assert bcq_gemm(torch.randn(0, 64, device=DEVICE), *args).shape == (0, 24)
+    assert bcq_gemm(torch.randn(0, 64, device=synth.DEVICE), *args).shape == (0, 24)
 
 
 def test_bcq_ref_is_the_module_weight_bit_exact() -> None:
@@ -117,22 +99,22 @@ def test_bcq_gemm_rejects_bad_shapes() -> None:
     from kernels.bcq.launch import bcq_gemm
 
     t = _packed(32, 64, 2, 32)
-    x = torch.randn(1, 64, device=DEVICE)
+    x = torch.randn(1, 64, device=synth.DEVICE)
     with pytest.raises(ValueError, match="in_features"):
         bcq_gemm(x[:, :32], t["planes"], t["alpha"], t["beta"], 32, 64)
     with pytest.raises(ValueError, match="planes"):
-        bcq_gemm(torch.randn(1, 96, device=DEVICE), t["planes"], t["alpha"], t["beta"], 32, 96)
+        bcq_gemm(torch.randn(1, 96, device=synth.DEVICE), t["planes"], t["alpha"], t["beta"], 32, 96)
     with pytest.raises(ValueError, match="alpha"):
         bcq_gemm(x, t["planes"], t["alpha"], t["beta"], 16, 64)
     with pytest.raises(ValueError, match="bias"):
-        bcq_gemm(x, t["planes"], t["alpha"], t["beta"], 32, 64, torch.zeros(3, device=DEVICE))
+        bcq_gemm(x, t["planes"], t["alpha"], t["beta"], 32, 64, torch.zeros(3, device=synth.DEVICE))
 
 
 def test_bcq_custom_op_and_fake_impl() -> None:
     import kernels.bcq.launch  # noqa: F401  (registers quantpipe::bcq_gemm)
 
     t = _packed(32, 64, 2, 32)
-    x = torch.randn(3, 64, device=DEVICE)
+    x = torch.randn(3, 64, device=synth.DEVICE)
     args = (x, t["planes"], t["alpha"], t["beta"], None, 32, 64)
     y = torch.ops.quantpipe.bcq_gemm(*args)
     torch.testing.assert_close(y, bcq_gemm_ref(x, t["planes"], t["alpha"], t["beta"], 32, 64), rtol=1e-5, atol=1e-5)
@@ -146,7 +128,7 @@ def test_bcq_custom_op_and_fake_impl() -> None:
 
 def _module(N=40, K=96, k=3, gs=32, bias=True) -> BCQLinear:
     b = torch.randn(N) if bias else None
-    return BCQLinear.from_packed(pack_bcq(_coded(N, K, k, gs, seed=7)), bias=b).to(DEVICE)
+    return BCQLinear.from_packed(pack_bcq(_coded(N, K, k, gs, seed=7)), bias=b).to(synth.DEVICE)
 
 
 def test_bcq_linear_kernel_path_matches_reference(monkeypatch) -> None:
@@ -154,15 +136,15 @@ def test_bcq_linear_kernel_path_matches_reference(monkeypatch) -> None:
     import kernels.bcq.launch as launch
 
     mod = _module()
-    y, ref, calls, x = forward_through_kernel(mod, monkeypatch, launch, "bcq_gemm", 96)
+    y, ref, calls, x = synth.forward_through_kernel(mod, monkeypatch, launch, "bcq_gemm", 96)
     assert calls and y.shape == ref.shape == (2, 3, 40) and y.dtype == torch.float16
-    assert rel_err(y, ref) <= TOL["fp16"]
+    assert synth.rel_err(y, ref) <= TOL["fp16"]
     mod(x)
     assert len(calls) == 2 and len(mod._kernel_cache) == 1  # group size read from bcqmeta once
 
 
 def test_bcq_linear_falls_back_with_one_warning(monkeypatch) -> None:
-    assert_falls_back_once(_module(bias=False), monkeypatch, 96)
+    synth.assert_falls_back_once(_module(bias=False), monkeypatch, 96)
 
 
 def test_new_launchers_import_without_triton() -> None:
@@ -177,7 +159,7 @@ def test_new_launchers_import_without_triton() -> None:
         "from kernels.icq_linear import ICQuantLinear\n"
         "assert 'triton' not in [k for k, v in sys.modules.items() if v is not None]\n"
     )
-    run_without_triton(code)
+    synth.run_without_triton(code)
 
 
 @pytest.mark.gpu
@@ -188,5 +170,5 @@ def test_bcq_linear_cuda_uses_kernel(M, recwarn) -> None:
     x = torch.randn(M, 576, device="cuda", dtype=torch.float16)
     y = mod(x)
     mod.use_kernel = False
-    assert rel_err(y, mod(x)) <= TOL["fp16"]
+    assert synth.rel_err(y, mod(x)) <= TOL["fp16"]
     assert not [w for w in recwarn if "Triton kernel not used" in str(w.message)]

@@ -9,30 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels._triton_util import triton_available
 from kernels.e8p.ref import e8p_gemm_ref
 from kernels.e8p_linear import E8PLinear, pack_e8p
 from quant.e8p import E8PWeight
-from tests.kernels.synth import (
-    DEVICE,
-    DTYPES,
-    GEMM_TOL,
-    SPLIT_CONFIGS,
-    assert_falls_back_once,
-    assert_matches_ref,
-    forward_through_kernel,
-    gemm_inputs,
-    rel_err,
-    run_without_triton,
-    skip_unless_runnable,
-)
+from tests.kernels import synth
 
-pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
-
-
-@pytest.fixture(autouse=True)
-def _kernel_runnable():
-    skip_unless_runnable("kernels.e8p.triton", "e8p_gemm_kernel")
+pytestmark, _runnable = synth.kernel_test_module("kernels.e8p.triton", "e8p_gemm_kernel")
 
 
 def _coded(N: int, K: int, seed: int = 0, bits: int = 2) -> E8PWeight:
@@ -48,16 +30,16 @@ def _coded(N: int, K: int, seed: int = 0, bits: int = 2) -> E8PWeight:
 def _check(M: int, N: int, K: int, dt: str, *, bias: bool = False, config=None, bits: int = 2) -> None:
     from kernels.e8p.launch import e8p_gemm
 
-    t = {k: v.to(DEVICE) for k, v in pack_e8p(_coded(N, K, seed=M + N + K, bits=bits)).items()}
-    x, b = gemm_inputs(M, K, N, dt, bias)
+    t = {k: v.to(synth.DEVICE) for k, v in pack_e8p(_coded(N, K, seed=M + N + K, bits=bits)).items()}
+    x, b = synth.gemm_inputs(M, K, N, dt, bias)
     q2 = t.get("qweight2")
     y = e8p_gemm(x, t["qweight"], t["scales"], b, qweight2=q2, config=config)
-    assert_matches_ref(y, e8p_gemm_ref(x, t["qweight"], t["scales"], b, q2), x, dt)
+    synth.assert_matches_ref(y, e8p_gemm_ref(x, t["qweight"], t["scales"], b, q2), x, dt)
 
 
 # dtype x M (GEMV, small, tensor-core tile) x (K, N): ragged N, K not a multiple of BLOCK_K (K = 200), tiny K = 8
 SHAPES = [(96, 40), (128, 33), (200, 24), (8, 16)]
-MAIN = list(itertools.product(DTYPES, [1, 5, 32], SHAPES))
+MAIN = list(itertools.product(synth.DTYPES, [1, 5, 32], SHAPES))
 
 
 @pytest.mark.parametrize(("dt", "M", "shape"), MAIN, ids=[f"{d}-M{m}-K{s[0]}N{s[1]}" for d, m, s in MAIN])
@@ -67,7 +49,7 @@ def test_e8p_gemm_matches_ref(dt, M, shape) -> None:
     _check(M, N, K, dt, bias=M == 5, bits=3)
 
 
-@pytest.mark.parametrize("cfg", SPLIT_CONFIGS.values(), ids=list(SPLIT_CONFIGS))
+@pytest.mark.parametrize("cfg", synth.SPLIT_CONFIGS.values(), ids=list(synth.SPLIT_CONFIGS))
 def test_e8p_gemm_explicit_configs(cfg) -> None:
     _check(3, 48, 192, "fp16", bias=True, config=cfg)
     _check(17, 40, 96, "fp32", config=cfg, bits=3)
@@ -76,11 +58,11 @@ def test_e8p_gemm_explicit_configs(cfg) -> None:
 def test_e8p_gemm_3d_strided_and_empty_input() -> None:
     from kernels.e8p.launch import e8p_gemm
 
-    t = {k: v.to(DEVICE) for k, v in pack_e8p(_coded(24, 64)).items()}
-    x = torch.randn(2, 64, 3).to(DEVICE).transpose(1, 2)  # [2, 3, 64], last dim strided
+    t = {k: v.to(synth.DEVICE) for k, v in pack_e8p(_coded(24, 64)).items()}
+    x = torch.randn(2, 64, 3).to(synth.DEVICE).transpose(1, 2)  # [2, 3, 64], last dim strided
     ref = e8p_gemm_ref(x, t["qweight"], t["scales"])
     torch.testing.assert_close(e8p_gemm(x, t["qweight"], t["scales"]), ref, rtol=1e-5, atol=1e-5)
-    assert e8p_gemm(torch.randn(0, 64, device=DEVICE), t["qweight"], t["scales"]).shape == (0, 24)
+    assert e8p_gemm(torch.randn(0, 64, device=synth.DEVICE), t["qweight"], t["scales"]).shape == (0, 24)
 
 
 def test_e8p_ref_is_the_module_weight_bit_exact() -> None:
@@ -92,8 +74,8 @@ def test_e8p_ref_is_the_module_weight_bit_exact() -> None:
 def test_e8p_gemm_rejects_bad_shapes() -> None:
     from kernels.e8p.launch import e8p_gemm
 
-    t = {k: v.to(DEVICE) for k, v in pack_e8p(_coded(32, 64)).items()}
-    x = torch.randn(1, 64, device=DEVICE)
+    t = {k: v.to(synth.DEVICE) for k, v in pack_e8p(_coded(32, 64)).items()}
+    x = torch.randn(1, 64, device=synth.DEVICE)
     with pytest.raises(ValueError, match="in_features"):
         e8p_gemm(x[:, :32], t["qweight"], t["scales"])
     with pytest.raises(ValueError, match="qweight must be int16"):
@@ -101,14 +83,14 @@ def test_e8p_gemm_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="scales must be"):
         e8p_gemm(x, t["qweight"], t["scales"][:5])
     with pytest.raises(ValueError, match="bias"):
-        e8p_gemm(x, t["qweight"], t["scales"], torch.zeros(3, device=DEVICE))
+        e8p_gemm(x, t["qweight"], t["scales"], torch.zeros(3, device=synth.DEVICE))
     with pytest.raises(ValueError, match="qweight2 must be uint8"):
         e8p_gemm(x, t["qweight"], t["scales"], qweight2=t["qweight"])
 
 
 def _module(N: int = 40, K: int = 96, bias: bool = True) -> E8PLinear:
     b = torch.randn(N) if bias else None
-    return E8PLinear.from_packed(pack_e8p(_coded(N, K, seed=7)), bias=b).to(DEVICE)
+    return E8PLinear.from_packed(pack_e8p(_coded(N, K, seed=7)), bias=b).to(synth.DEVICE)
 
 
 def test_e8p_linear_kernel_path_matches_reference(monkeypatch) -> None:
@@ -116,13 +98,13 @@ def test_e8p_linear_kernel_path_matches_reference(monkeypatch) -> None:
     import kernels.e8p.launch as launch
 
     mod = _module()
-    y, ref, calls, _ = forward_through_kernel(mod, monkeypatch, launch, "e8p_gemm", 96)
+    y, ref, calls, _ = synth.forward_through_kernel(mod, monkeypatch, launch, "e8p_gemm", 96)
     assert calls and y.shape == ref.shape == (2, 3, 40) and y.dtype == torch.float16
-    assert rel_err(y, ref) <= GEMM_TOL["fp16"]
+    assert synth.rel_err(y, ref) <= synth.GEMM_TOL["fp16"]
 
 
 def test_e8p_linear_falls_back_with_one_warning(monkeypatch) -> None:
-    assert_falls_back_once(_module(bias=False), monkeypatch, 96)
+    synth.assert_falls_back_once(_module(bias=False), monkeypatch, 96)
 
 
 def test_e8p_launcher_imports_without_triton() -> None:
@@ -135,4 +117,4 @@ def test_e8p_launcher_imports_without_triton() -> None:
         "from kernels.e8p_linear import E8PLinear\n"
         "assert 'triton' not in [k for k, v in sys.modules.items() if v is not None]\n"
     )
-    run_without_triton(code)
+    synth.run_without_triton(code)

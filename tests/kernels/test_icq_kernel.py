@@ -12,35 +12,19 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels._triton_util import triton_available
 from kernels.bitwords import pack_bit_words
 from kernels.icq.ref import decode_mask_ref, dequantize_icq_packed, icq_gemm_ref
 from kernels.icq_linear import ICQuantLinear, pack_icquant
 from kernels.packing import pack_codes
 from quant.icquant import ICQuantConfig, IndexStream, encode_positions, quantize_icquant
 from quant.types import GridConfig
-from tests.kernels.synth import (
-    DEVICE,
-    DTYPES,
-    GEMM_TOL,
-    SPLIT_CONFIGS,
-    assert_falls_back_once,
-    assert_matches_ref,
-    gemm_inputs,
-    rel_err,
-    skip_unless_runnable,
-)
+from tests.kernels import synth
 
-pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+pytestmark, _runnable = synth.kernel_test_module("kernels.icq.triton", "icq_decode_kernel")
 
 # max |kernel - ref| / max |ref| within GEMM_TOL. Measured over MAIN in the interpreter: fp32 4.2e-7, fp16 7.6e-5,
 # bf16 1.4e-2 (the interpreter's fp32->bf16 cast truncates where the reference rounds; same bound as test_wgemm).
-TOL = GEMM_TOL
-
-
-@pytest.fixture(autouse=True)
-def _kernel_runnable():
-    skip_unless_runnable("kernels.icq.triton", "icq_decode_kernel")
+TOL = synth.GEMM_TOL
 
 
 # ---------------------------------------------------------------- position decode
@@ -53,9 +37,9 @@ def _check_decode(
 
     s = encode_positions(mask, segment=segment, group_rows=group_rows, index_bits=index_bits)
     N, K = mask.shape
-    args = (s.data.to(DEVICE), s.offsets.to(DEVICE), s.index_bits, N, K, s.segment, s.group_rows)
+    args = (s.data.to(synth.DEVICE), s.offsets.to(synth.DEVICE), s.index_bits, N, K, s.segment, s.group_rows)
     got = decode_mask(*args, block_u=block_u)
-    want = pack_bit_words(mask).to(DEVICE)
+    want = pack_bit_words(mask).to(synth.DEVICE)
     assert got.shape == want.shape and got.dtype == torch.int32
     assert torch.equal(got, want), f"{(got != want).sum()} mask words differ"
     assert torch.equal(got, decode_mask_ref(*args))
@@ -122,9 +106,11 @@ def test_decode_rejects_a_mismatched_table() -> None:
 
     s = encode_positions(_edge_mask("random"), segment=40, group_rows=5)
     with pytest.raises(ValueError, match="pos_offsets"):
-        decode_mask(s.data.to(DEVICE), s.offsets.to(DEVICE), s.index_bits, 21, 150, 40, 4)  # R = 4: 6x4 tiles
+        decode_mask(
+            s.data.to(synth.DEVICE), s.offsets.to(synth.DEVICE), s.index_bits, 21, 150, 40, 4
+        )  # R = 4: 6x4 tiles
     with pytest.raises(ValueError, match="block_u"):
-        decode_mask(s.data.to(DEVICE), s.offsets.to(DEVICE), s.index_bits, 21, 150, 40, 5, block_u=48)
+        decode_mask(s.data.to(synth.DEVICE), s.offsets.to(synth.DEVICE), s.index_bits, 21, 150, 40, 5, block_u=48)
 
 
 # ---------------------------------------------------------------- GEMM
@@ -142,7 +128,7 @@ def _gemm_tensors(N: int, K: int, bits: int, gs: int, seed: int) -> dict[str, to
         "oscales": (torch.rand(G, N, generator=gen) * 0.2 + 1e-2).half(),
         "ozeros": torch.randint(0, maxq + 1, (G, N), generator=gen).half(),
     }
-    return {k: v.to(DEVICE) for k, v in t.items()}
+    return {k: v.to(synth.DEVICE) for k, v in t.items()}
 
 
 def _gemm_args(x, t, bits, gs, K):
@@ -153,15 +139,15 @@ def _check_gemm(M, N, K, bits, gs, dt, *, bias=False, config=None) -> None:
     from kernels.icq.launch import icq_gemm
 
     t = _gemm_tensors(N, K, bits, gs, seed=M + N + K + bits)
-    x, b = gemm_inputs(M, K, N, dt, bias)
+    x, b = synth.gemm_inputs(M, K, N, dt, bias)
     args = _gemm_args(x, t, bits, gs, K)
-    assert_matches_ref(icq_gemm(*args, bias=b, config=config), icq_gemm_ref(*args, bias=b), x, dt)
+    synth.assert_matches_ref(icq_gemm(*args, bias=b, config=config), icq_gemm_ref(*args, bias=b), x, dt)
 
 
 # bits x dtype x M x (K, N, g): ragged N, g = BLOCK_K multiple, g = 50 (gather, K not a multiple of the pack
 # factor or of 32), per-channel (g = K)
 SHAPES = [(96, 40, 32), (128, 33, 64), (100, 24, 50), (160, 17, 160)]
-MAIN = list(itertools.product([2, 3], DTYPES, [1, 5, 32], SHAPES))
+MAIN = list(itertools.product([2, 3], synth.DTYPES, [1, 5, 32], SHAPES))
 
 
 @pytest.mark.parametrize(
@@ -174,7 +160,7 @@ def test_icq_gemm_matches_ref(bits, dt, M, shape) -> None:
     _check_gemm(M, N, K, bits, gs, dt, bias=M != 5)
 
 
-CONFIGS = SPLIT_CONFIGS
+CONFIGS = synth.SPLIT_CONFIGS
 
 
 @pytest.mark.parametrize("cfg", CONFIGS.values(), ids=list(CONFIGS))
@@ -188,21 +174,21 @@ def test_icq_gemm_rejects_bad_shapes_and_large_m() -> None:
 
     _check_gemm(256, 24, 64, 3, 32, "fp16", bias=True)
     t = _gemm_tensors(32, 64, 2, 32, seed=0)
-    x = torch.randn(1, 64, device=DEVICE)
+    x = torch.randn(1, 64, device=synth.DEVICE)
     with pytest.raises(ValueError, match="mask"):
         icq_gemm(*_gemm_args(x, {**t, "mask": t["mask"][:1]}, 2, 32, 64))
     with pytest.raises(ValueError, match="oscales"):
         icq_gemm(*_gemm_args(x, {**t, "oscales": t["oscales"][:, :8]}, 2, 32, 64))
     with pytest.raises(ValueError, match="qweight"):
         icq_gemm(*_gemm_args(x, t, 3, 32, 64))
-    assert icq_gemm(*_gemm_args(torch.randn(0, 64, device=DEVICE), t, 2, 32, 64)).shape == (0, 32)
+    assert icq_gemm(*_gemm_args(torch.randn(0, 64, device=synth.DEVICE), t, 2, 32, 64)).shape == (0, 32)
 
 
 def test_icq_custom_op_and_fake_impl() -> None:
     import kernels.icq.launch  # noqa: F401  (registers quantpipe::icq_gemm)
 
     t = _gemm_tensors(32, 64, 2, 32, seed=0)
-    x = torch.randn(3, 64, device=DEVICE)
+    x = torch.randn(3, 64, device=synth.DEVICE)
     a = _gemm_args(x, t, 2, 32, 64)
     args = (*a[:7], None, *a[7:])
     torch.testing.assert_close(torch.ops.quantpipe.icq_gemm(*args), icq_gemm_ref(*a), rtol=1e-5, atol=1e-5)
@@ -232,7 +218,7 @@ def test_icq_linear_kernel_path_matches_reference(bits, monkeypatch) -> None:
     import kernels.icq.launch as launch
 
     packed = _packed_layer(bits, seed=bits)
-    mod = ICQuantLinear.from_packed(packed, bias=torch.randn(40)).to(DEVICE)
+    mod = ICQuantLinear.from_packed(packed, bias=torch.randn(40)).to(synth.DEVICE)
     assert not mod._kernel_eligible(torch.randn(1, 160))  # CPU input: the reference
     w = mod.unpacked()
     mask = mod.outlier_mask_words()
@@ -240,14 +226,14 @@ def test_icq_linear_kernel_path_matches_reference(bits, monkeypatch) -> None:
     grids = (mod.scales, mod.zeros, mod.oscales, mod.ozeros)
     W = dequantize_icq_packed(mod.qweight, *grids, mask, bits, 32, 160)
     assert torch.equal(W, mod.dequantized_weight())
-    x = torch.randn(2, 3, 160, device=DEVICE, dtype=torch.float16)
+    x = torch.randn(2, 3, 160, device=synth.DEVICE, dtype=torch.float16)
     ref = mod(x)
     decodes = []
     real_decode = launch.decode_mask
     monkeypatch.setattr(launch, "decode_mask", lambda *a, **kw: decodes.append(1) or real_decode(*a, **kw))
     monkeypatch.setattr(mod, "_kernel_eligible", lambda x: True)
     y = mod(x)
-    assert y.shape == ref.shape == (2, 3, 40) and rel_err(y, ref) <= TOL["fp16"]
+    assert y.shape == ref.shape == (2, 3, 40) and synth.rel_err(y, ref) <= TOL["fp16"]
     assert decodes == []  # the mask decoded above is reused
     mod.load_state_dict(mod.state_dict())  # copies in place: buffer versions change, the mask is decoded again
     assert torch.equal(mod(x), y) and decodes == [1]
@@ -256,7 +242,7 @@ def test_icq_linear_kernel_path_matches_reference(bits, monkeypatch) -> None:
 
 
 def test_icq_linear_falls_back_with_one_warning(monkeypatch) -> None:
-    assert_falls_back_once(ICQuantLinear.from_packed(_packed_layer(2)).to(DEVICE), monkeypatch, 160)
+    synth.assert_falls_back_once(ICQuantLinear.from_packed(_packed_layer(2)).to(synth.DEVICE), monkeypatch, 160)
 
 
 @pytest.mark.gpu
@@ -267,5 +253,5 @@ def test_icq_linear_cuda_uses_kernel(M, recwarn) -> None:
     x = torch.randn(M, 576, device="cuda", dtype=torch.float16)
     y = mod(x)
     mod.use_kernel = False
-    assert rel_err(y, mod(x)) <= TOL["fp16"]
+    assert synth.rel_err(y, mod(x)) <= TOL["fp16"]
     assert not [w for w in recwarn if "Triton kernel not used" in str(w.message)]
