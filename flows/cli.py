@@ -14,7 +14,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 import typer
 from rich.table import Table
 
-from flows.cli_util import err_console, flow_logs_to_file, friendly, out_console
+from flows.cli_util import err_console, flow_logs_to_file, friendly, out_console, quiet_prefect
 from infra.errors import QuantpipeError
 from infra.settings import get_settings, redacted_settings
 
@@ -98,6 +98,9 @@ def export_cmd(
     target: str = typer.Argument(..., help="Registered 'NAME/VERSION' (or alias) or 'pack/<key>'."),
     fmt: str = typer.Option(..., "--format", help="compressed-tensors | gptq | gguf | native"),
     out: str = typer.Option(None, "--out", help="Copy the export's files into this new or empty directory."),
+    gguf_type: str = typer.Option(
+        None, "--gguf-type", help="Q2_K | Q3_K_M | Q4_K_M: llama.cpp k-quant mix, GPTQ'd with the build's Hessians."
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Where a build's serving export is (copied with --out); refused with the pack's reason if it has none."""
@@ -105,7 +108,7 @@ def export_cmd(
 
     from tasks.export.registered import export_build
 
-    info = export_build(target, fmt, Path(out) if out else None, get_settings(refresh=True))
+    info = export_build(target, fmt, Path(out) if out else None, get_settings(refresh=True), gguf_type=gguf_type)
     typer.echo(json.dumps(info, default=str) if as_json else str(info["location"]))
 
 
@@ -126,12 +129,7 @@ def lineage(
 
 
 def _quiet_prefect() -> None:
-    """Keep stdout for results: Prefect's own logs at WARNING unless the user configured otherwise."""
-    import os
-
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    quiet_prefect()
 
 
 def _run_flow(
