@@ -25,7 +25,6 @@ share are recorded per expert linear in the quantize artifact (``experts.json``)
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from quant.arch import EXPERT_LINEARS, ArchMapping, expert_group, mapping_for, pooled_group
-from tasks.weights import WeightIndex
+from quant.arch import ArchMapping, expert_group, mapping_for, pooled_group
+from tasks.weights import WeightIndex, expert_entries
 
 __all__ = [
     "EXPERT_POLICY",
@@ -144,80 +143,12 @@ def unfuse_model(model: nn.Module, mapping: ArchMapping) -> int:
     return sum(unfuse_block(block, mapping) for block in model.get_submodule(mapping.blocks))  # type: ignore[attr-defined]
 
 
-class _ExpertEntries(dict):  # type: ignore[type-arg]
-    """``WeightIndex.entries`` of an MoE checkpoint: a name of the unfused model that the checkpoint does not hold
-    as written resolves to the byte range that holds it (renamed module, per-expert tensor, or rows of a fused
-    tensor's expert slice). Every such tensor is one contiguous range, so reads stay one tensor at a time."""
-
-    def __init__(self, entries: dict[str, Any], mapping: ArchMapping) -> None:
-        super().__init__(entries)
-        self.mapping = mapping
-
-    def __missing__(self, name: str) -> Any:
-        entry = self._resolve(name)
-        if entry is None:
-            raise KeyError(name)
-        return entry
-
-    def __contains__(self, name: object) -> bool:
-        return super().__contains__(name) or (isinstance(name, str) and self._resolve(name) is not None)
-
-    def _resolve(self, name: str) -> Any:
-        moe = self.mapping.moe
-        head = self.mapping.blocks + "."
-        if moe is None or not name.startswith(head):
-            return None
-        index, _, rest = name[len(head) :].partition(".")
-        if not index.isdigit():
-            return None
-        block = f"{head}{index}."
-        for mem, disk in moe.disk_renames:
-            if rest.startswith(mem + "."):
-                return self.get(block + disk + rest[len(mem) :])
-        if not rest.startswith(moe.experts + "."):
-            return None
-        e_str, _, linear = rest[len(moe.experts) + 1 :].partition(".")
-        gate, up, down = (f"{x}.weight" for x in EXPERT_LINEARS)
-        disk_names = {gate: moe.disk_gate, up: moe.disk_up, down: moe.disk_down}
-        if not e_str.isdigit() or linear not in disk_names:
-            return None
-        per_expert = self.get(f"{block}{moe.disk_experts}.{e_str}.{disk_names[linear]}.weight")
-        if per_expert is not None:
-            return per_expert
-        # fused on disk: [E, 2I, H] gate rows then up rows, or [E, H, I]; expert e's rows are one byte range
-        fused = self.get(f"{block}{moe.experts}.{moe.down if linear == down else moe.gate_up}")
-        if fused is None:
-            return None
-        f, offset, dtype, shape, nbytes = fused
-        per = nbytes // shape[0]
-        start = offset + int(e_str) * per
-        if linear == down:
-            return (f, start, dtype, list(shape[1:]), per)
-        half = per // 2
-        return (f, start + (half if linear == up else 0), dtype, [shape[1] // 2, shape[2]], half)
-
-
-def expert_entries(path: Path, entries: dict[str, Any]) -> dict[str, Any]:
-    """``entries`` as they are for a dense model; for an MoE family (read from ``path/config.json``) a mapping
-    that also answers the unfused model's expert and renamed names (see :class:`_ExpertEntries`)."""
-    config_path = Path(path) / "config.json"
-    if not config_path.is_file():
-        return entries
-    try:
-        mapping = mapping_for(json.loads(config_path.read_text()).get("architectures") or [])
-    except ValueError:
-        return entries
-    return entries if mapping.moe is None else _ExpertEntries(entries, mapping)
-
-
 # ---- Hessians of experts ------------------------------------------------------------------------------------------
 def pool_expert_stats(stats: dict[str, Any], block: nn.Module, groups: Any) -> None:
     """Complete one sparse block's statistics in place: an expert that saw no token gets zero statistics (n = 0),
     and ``pooled_mlp_in`` / ``pooled_down_in`` hold the sums over the block's experts (what a starved expert is
     topped up with, :func:`expert_hessian`; each expert's stats also point at them through ``pooled``)."""
-    from tasks.driver import GroupStats
-
-    pooled: dict[str, GroupStats] = {}
+    pooled: dict[str, Any] = {}  # GroupStats (tasks.driver), made as type(s)(): no import of the driver
     for g in groups:
         parsed = expert_group(g.name)
         if parsed is None:
@@ -227,7 +158,7 @@ def pool_expert_stats(stats: dict[str, Any], block: nn.Module, groups: Any) -> N
             dim = int(block.get_submodule(g.linears[0]).in_features)  # type: ignore[arg-type]
             s.H = torch.zeros(dim, dim, dtype=torch.float64)
             s.x_sum = torch.zeros(dim, dtype=torch.float64)
-        p = pooled.setdefault(pooled_group(parsed[1]), GroupStats())
+        p = pooled.setdefault(pooled_group(parsed[1]), type(s)())
         p.H = s.H.clone() if p.H is None else p.H + s.H
         p.x_sum = s.x_sum.clone() if p.x_sum is None else p.x_sum + s.x_sum
         p.n += s.n
