@@ -30,7 +30,7 @@ STORED_PARTS = ("codes", "positions", "offsets", "grids", "other")
 
 
 class PackedLayout:
-    """One packed layout. Subclasses set the class attributes and implement the methods that raise here.
+    """One packed layout. Subclasses set the class attributes and override the methods whose defaults do not fit.
 
     ``name`` is the layer kind: the ``format`` metadata of a coded ``qlayer`` artifact and ``tasks.qlayer``'s
     ``layer_kind``. ``no_export`` is the reason for every format outside ``exports``, with ``{fmt}`` (the format's
