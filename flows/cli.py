@@ -14,7 +14,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 import typer
 from rich.table import Table
 
-from flows.cli_util import err_console, flow_logs_to_file, friendly, out_console
+from flows.cli_util import err_console, flow_logs_to_file, friendly, out_console, quiet_prefect
 from infra.errors import QuantpipeError
 from infra.settings import get_settings, redacted_settings
 
@@ -129,12 +129,7 @@ def lineage(
 
 
 def _quiet_prefect() -> None:
-    """Keep stdout for results: Prefect's own logs at WARNING unless the user configured otherwise."""
-    import os
-
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    quiet_prefect()
 
 
 def _run_flow(

@@ -52,6 +52,18 @@ err_console: Console = _RedactingConsole(stderr=True)
 PIPED_WIDTH = 240  # rich cuts tables to 80 columns when stdout is not a terminal: wide enough for URLs and paths
 
 
+def quiet_prefect() -> None:
+    """Keep the terminal for results without starving the run page: Prefect's console handler at WARNING, its
+    loggers left at INFO. (``PREFECT_LOGGING_LEVEL=WARNING``, used before, also drops INFO records at the run
+    loggers themselves, so a CLI run's stage lines never reached the Prefect API: "This run didn't generate
+    logs".) Call before Prefect is imported: its logging config reads the environment once."""
+    import os
+
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+
+
 def out_console() -> Console:
     """The stdout console of a command: terminal width on a terminal, :data:`PIPED_WIDTH` when piped or captured
     (``quantpipe serve | tee``, a service's log), so tables keep their URLs whole."""

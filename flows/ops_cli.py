@@ -11,7 +11,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from flows.cli_util import err_console, friendly, out_console
+from flows.cli_util import err_console, friendly, out_console, quiet_prefect
 from infra.errors import ConfigError
 from infra.settings import get_settings
 
@@ -185,11 +185,7 @@ def nightly(
 
 
 def _quiet() -> None:
-    import os
-
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    quiet_prefect()
 
 
 def register(app: typer.Typer) -> None:

@@ -49,7 +49,6 @@ def test_quantize_on_a_local_dask_cluster(
 ) -> None:
     from flows.quantize import quantize_model
     from registry.models import show
-
     from tasks.recipe import HessianConfig
 
     # Hessians collected in 2 calibration shards, one per Dask worker, then reduced per block (issue 20).

@@ -58,7 +58,10 @@ def test_prefect_yaml_matches_code() -> None:
     assert by_name["default"]["entrypoint"] == "flows/quantize.py:quantize_model"
     assert by_name["nightly"]["entrypoint"] == "flows/nightly.py:nightly_requantize"
     assert by_name["nightly"]["schedules"][0] == {"cron": "0 2 * * *", "timezone": "UTC", "active": True}
-    assert Recipe.model_validate(by_name["default"]["parameters"]["recipe"]) == load_recipe("gptq-w4g64")
+    recipe = by_name["default"]["parameters"]["recipe"]  # a shipped recipe by name (the run form's picker)
+    assert (load_recipe(recipe) if isinstance(recipe, str) else Recipe.model_validate(recipe)) == load_recipe(
+        "gptq-w4g64"
+    )
 
 
 def test_deploy_worker_run_registers_a_version(tmp_path: Path, ops_wikitext_dir: Path, tiny_llama_dir: Path) -> None:
@@ -102,15 +105,15 @@ def test_deploy_worker_run_registers_a_version(tmp_path: Path, ops_wikitext_dir:
 
         quantize_dep = _read(api, lambda c: c.read_deployment_by_name(QUANTIZE_DEPLOYMENT))
         schema = quantize_dep.parameter_openapi_schema
-        assert set(schema["properties"]) >= {"model", "recipe", "store_url"}
-        assert schema["required"] == ["model", "recipe"]
+        assert set(schema["properties"]) >= {"model", "recipe", "overrides", "name", "store_url"}
+        assert schema["required"] == ["model"]
+        assert "gptq-w4g64" in schema["properties"]["recipe"]["anyOf"][0]["enum"]  # the recipe picker
         defs = schema["definitions"]
         assert set(defs["Recipe"]["properties"]) >= {"name", "calibration", "quantize", "eval", "registry"}
-        qprops = defs["QuantizeConfig"]["properties"]
-        assert {"rtn", "gptq"} <= set(qprops["method"]["enum"])
-        assert qprops["bits"]["minimum"] == 1 and qprops["bits"]["default"] == 4
-        assert "description" in qprops["group_size"]
-        assert quantize_dep.parameters["recipe"]["name"] == "gptq-w4g64"
+        gptq = defs["GPTQQuantizeConfig"]["properties"]  # one form section per method
+        assert gptq["bits"]["minimum"] == 1 and gptq["bits"]["default"] == 4
+        assert "description" in gptq["group_size"] and "damp" not in defs["RTNQuantizeConfig"]["properties"]
+        assert quantize_dep.parameters["recipe"] == "gptq-w4g64"
         nightly_dep = _read(api, lambda c: c.read_deployment_by_name(NIGHTLY_DEPLOYMENT))
         assert nightly_dep.schedules[0].schedule.cron == "30 3 * * *"
         assert nightly_dep.schedules[0].schedule.timezone == "UTC"
@@ -156,6 +159,30 @@ def test_deploy_worker_run_registers_a_version(tmp_path: Path, ops_wikitext_dir:
         info = lookup(model="tiny-llama", recipe="tiny-gptq", settings=Settings(home=qhome))
         assert info is not None and info.name == "tiny-llama.tiny-gptq" and "candidate" in info.aliases
         assert info.tags["bits"] == "4"
+
+        # 5. A CLI run against the same server: its stage lines reach the run page (the CLI keeps the terminal
+        #    quiet through Prefect's console handler only; PREFECT_LOGGING_LEVEL=WARNING used to drop them).
+        cli_env = {k: v for k, v in env.items() if k != "PREFECT_LOGGING_LEVEL"}
+        out = _cli(
+            [str(BIN / "quantpipe"), "quantize", "--model", str(tiny_llama_dir), "--recipe", "rtn-w4g64", "--json"]
+            + [
+                a
+                for s in ("calibration.n_samples=8", "calibration.seq_len=64", "eval.seq_len=128", "eval.n_windows=2")
+                for a in ("--set", s)
+            ],
+            cli_env,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        flow_run_id = json.loads(out.stdout.strip().splitlines()[-1])["flow_run_id"]
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        logs = _read(
+            api, lambda c: c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        )
+        messages = [log.message for log in logs]
+        assert any(m.startswith("result: ppl") for m in messages), messages[:20]
+        assert "result: ppl" not in out.stderr  # the terminal stays quiet
     finally:
         if worker is not None:
             worker.stop(signal.SIGINT, timeout=20)  # the worker before the server (ENVIRONMENT.md §2c)

@@ -1,0 +1,155 @@
+"""Every stage on blocks of Llama-3-8B and Llama-3-70B shape: seconds and peak RSS per stage (issue 20).
+
+Builds a random Llama checkpoint with the exact block shapes (8B: hidden 4096, MLP 14,336, 32 q / 8 kv heads;
+70B: hidden 8192, MLP 28,672, 64 q / 8 kv heads), 2 blocks and the tests' small vocabulary, then runs the stages
+of a recipe one after another in a fresh child process, resetting the kernel's peak-RSS counter (VmHWM, via
+``/proc/self/clear_refs``) before each, so each stage's peak is its own. Full-model projections scale the
+per-block seconds by the real depth (32 / 80 blocks); memory does not scale with depth because every stage streams
+blocks (that is what the per-stage peaks check).
+
+    .venv/bin/python benchmarks/big_blocks.py --shape 8b --recipe gptq-w4g64 --samples 32 --windows 2
+    .venv/bin/python benchmarks/big_blocks.py --shape 70b --recipe hadamard-e8p-w2 --samples 16 --windows 1
+
+Writes ``benchmarks/results/big_blocks-<shape>-<recipe>.json``. Calibration samples and eval windows are fewer
+than the recipe's, and evaluation windows are 512 tokens (the random model's max positions), all stated in the
+output, so a run fits in an hour on 2 cores; per-block time is linear in samples and windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = {
+    "8b": {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "depth": 32},
+    "70b": {"hidden": 8192, "intermediate": 28672, "heads": 64, "kv_heads": 8, "depth": 80},
+}
+
+CHILD = r"""
+import json, sys, time
+from pathlib import Path
+from infra.settings import get_settings
+from tasks.calibration import run_calibration, run_model
+from tasks.models import resolve_model
+from tasks.recipe import load_recipe
+from tasks.stage import StageContext
+
+def reset_peak():
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+def rss_gb(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+model_dir, recipe_name, samples, windows = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+recipe = load_recipe(recipe_name)
+recipe = recipe.model_copy(update={
+    "calibration": recipe.calibration.model_copy(update={"n_samples": samples}),
+    "eval": recipe.eval.model_copy(update={"n_windows": windows, "seq_len": 512}),  # the random model's positions
+})
+settings = get_settings(refresh=True)
+ctx = StageContext(settings=settings, store_url=settings.effective_store_url, progress=False)
+rows = []
+
+def stage(name, fn):
+    reset_peak()
+    before = rss_gb("VmRSS")
+    t = time.perf_counter()
+    out = fn()
+    rows.append({"stage": name, "seconds": round(time.perf_counter() - t, 1), "rss_before_gb": round(before, 2),
+                 "peak_rss_gb": round(rss_gb("VmHWM"), 2)})
+    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return out
+
+model = resolve_model(model_dir, settings, progress=False)
+m = stage("model", lambda: run_model(ctx, model))
+cal = stage("calibration", lambda: run_calibration(ctx, model, str(m.ref), recipe.calibration))
+hes = None
+if recipe.quantize.mode == "parallel":
+    from tasks.hessians import run_hessians
+    hes = stage("hessians", lambda: run_hessians(ctx, model.path, str(m.ref), str(cal.ref), recipe.hessians))
+from tasks.quantize import run_quantize
+q = stage("quantize", lambda: run_quantize(
+    ctx, model.path, str(m.ref), recipe.quantize, hessians_ref=str(hes.ref) if hes else None, cal_ref=str(cal.ref),
+    block_refs=hes.metadata["blocks"] if hes else None, forward=recipe.hessians))
+from tasks.pack import run_pack
+p = stage("pack", lambda: run_pack(ctx, model.path, str(m.ref), str(q.ref), recipe.quantize, recipe.pack,
+                                   runtime=recipe.runtime_config()))
+from tasks.evaluate import run_eval_fp, run_evaluate
+fp = stage("eval-fp", lambda: run_eval_fp(ctx, model.path, str(m.ref), recipe.eval))
+ev = stage("evaluate", lambda: run_evaluate(ctx, model.path, str(p.ref), str(q.ref), str(fp.ref), recipe.eval))
+print(json.dumps({"stages": rows, "metrics": {k: v for k, v in ev.metadata.items() if isinstance(v, (int, float))}}))
+"""
+
+
+def build(shape: str, blocks: int, root: Path) -> Path:
+    """A random checkpoint with ``shape``'s exact block shapes (built in a child so its memory is returned)."""
+    s = SHAPES[shape]
+    out = root / f"llama-{shape}-{blocks}blocks"
+    code = (
+        "import sys; from pathlib import Path; from tests.helpers.models import build_tiny_llama; "
+        f"build_tiny_llama(Path({str(out)!r}), num_layers={blocks}, hidden={s['hidden']}, "
+        f"intermediate={s['intermediate']}, heads={s['heads']}, kv_heads={s['kv_heads']}, seed=0)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
+    parser.add_argument("--recipe", default="gptq-w4g64")
+    parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=32, help="calibration samples (the recipe's seq_len)")
+    parser.add_argument("--windows", type=int, default=2, help="evaluation windows (the recipe's seq_len)")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the model and store here (default: temp)")
+    args = parser.parse_args()
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.workdir or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        model_dir = build(args.shape, args.blocks, root)
+        print(f"built {model_dir} in {time.perf_counter() - t:.0f} s", flush=True)
+        env = {**os.environ, "QUANTPIPE_HOME": str(root / "home"), "PYTHONPATH": str(repo)}
+        child = subprocess.run(
+            [sys.executable, "-c", CHILD, str(model_dir), args.recipe, str(args.samples), str(args.windows)],
+            cwd=repo,
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+        )
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    shape = SHAPES[args.shape]
+    per_block = {r["stage"]: r["seconds"] / args.blocks for r in result["stages"]}
+    report = {
+        "shape": args.shape,
+        **shape,
+        "recipe": args.recipe,
+        "blocks": args.blocks,
+        "calibration_samples": args.samples,
+        "eval_windows": args.windows,
+        "stages": result["stages"],
+        "max_peak_rss_gb": max(r["peak_rss_gb"] for r in result["stages"]),
+        "projected_full_model_hours_this_cpu": round(sum(per_block.values()) * shape["depth"] / 3600, 2),
+        "metrics": result["metrics"],
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"big_blocks-{args.shape}-{args.recipe}.json"
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
