@@ -80,6 +80,9 @@ def load_packed_model(
             plain[name] = tensor
     # QuantLinear replaces the meta Linear; its own buffers come from the packed tensors.
     model.to_empty(device=device)
+    for sub in model.modules():  # non-persistent buffers (Gemma's embed_scale) are not in the checkpoint and
+        if sub is not model and getattr(sub, "_non_persistent_buffers_set", None):  # to_empty left them garbage:
+            model._init_weights(sub)  # transformers' own init recomputes them (parameters are loaded below)
     replace_linears(model, packed)
     missing, unexpected = model.load_state_dict(plain, strict=False)
     missing = [m for m in missing if not _under(m, packed) and "rotary_emb" not in m]
