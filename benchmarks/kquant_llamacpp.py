@@ -126,13 +126,48 @@ def _llama_logits_vs_torch(gguf_file: Path, model, text: str) -> dict:
     }
 
 
+def _gguf_weights(path: Path, config: dict) -> dict:
+    """{HF name: float32 weight} of every block-quantized tensor of ``path`` as the ``gguf`` package decodes it,
+    q/k rows permuted back to the Hugging Face order."""
+    import gguf
+    import torch
+
+    from tasks.export.gguf import _rows_permutation
+
+    n_head = int(config["num_attention_heads"])
+    n_kv = int(config.get("num_key_value_heads") or n_head)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(config["num_hidden_layers"]))
+    hf = {}
+    for i in range(int(config["num_hidden_layers"])):
+        for kind in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"):
+            hf[f"{names.get_name(f'model.layers.{i}.{kind}')}.weight"] = f"model.layers.{i}.{kind}"
+        for kind in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            hf[f"{names.get_name(f'model.layers.{i}.{kind}')}.weight"] = f"model.layers.{i}.{kind}"
+    hf["token_embd.weight"], hf["output.weight"] = "model.embed_tokens", "lm_head"
+    out = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if t.tensor_type.name in ("F32", "F16", "BF16"):
+            continue
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(int(t.shape[1]), int(t.shape[0]))
+        heads = n_head if ".attn_q." in t.name else n_kv if ".attn_k." in t.name else None
+        if heads is not None:
+            w = w[torch.argsort(_rows_permutation(w.shape[0], heads))]
+        out[hf[t.name]] = w
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--types", default="Q3_K_M,Q2_K,Q4_K_M")
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--calib-chunks", type=int, default=16)
-    parser.add_argument("--ppl-chunks", type=int, default=20)
+    parser.add_argument("--ppl-chunks", type=int, default=8)
+    parser.add_argument(
+        "--hessian-chunks", type=int, default=None, help="quantpipe's calibration windows (default: --calib-chunks)"
+    )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ours-only", action="store_true", help="write quantpipe's GGUFs and stop")
+    parser.add_argument("--fp-ppl", action="store_true", help="also measure the F32 file's perplexity")
     args = parser.parse_args()
 
     import torch
@@ -152,67 +187,71 @@ def main() -> None:
     calib_text, test = (wiki / "wiki.valid.raw").read_text(), wiki / "wiki.test.raw"
     WORK.mkdir(parents=True, exist_ok=True)
     calib_file = WORK / "calib.txt"
-    calib_file.write_text(calib_text)
-
+    if not calib_file.is_file():
+        calib_file.write_text(calib_text)
     f32 = WORK / "smollm2-135m-f32.gguf"
     if not f32.is_file():  # llama.cpp's convert_hf_to_gguf.py wants sentencepiece for this vocab; same header
         write_kquant_gguf(f32, src, "F32", {}, config)
-    imatrix = WORK / f"imatrix-c{args.ctx}-n{args.calib_chunks}.gguf"
-    if not imatrix.is_file():
-        cmd = [_tool("llama-imatrix"), "-m", str(f32), "-f", str(calib_file), "-o", str(imatrix)]
-        _run(
-            [*cmd, "-c", str(args.ctx), "--chunks", str(args.calib_chunks), "-t", str(args.threads)],
-            WORK / "imatrix.log",
-        )
-
-    tok = AutoTokenizer.from_pretrained(src)
+    tied = bool(config.get("tie_word_embeddings", True))
     model = load_model(src).float().eval()
-    t0 = time.time()
-    cached = WORK / f"hessians-c{args.ctx}-n{args.calib_chunks}.pt"
-    if cached.is_file():
-        hessians = torch.load(cached)
-    else:
-        hessians = _hessians(model, tok, calib_text, args.ctx, args.calib_chunks)
-        torch.save(hessians, cached)
-    hessian_s = time.time() - t0
     weights = {n: m.weight.data for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     weights["model.embed_tokens"] = model.get_input_embeddings().weight.data
-    tied = bool(config.get("tie_word_embeddings", True))
+    n_weights = sum(w.numel() for n, w in weights.items() if n != "lm_head" or not tied)
+    types = args.types.split(",")
 
+    # 1. quantpipe: Hessians from the calibration windows, GPTQ onto llama-quantize's mix
+    seconds: dict[str, float] = {}
+    todo = [t for t in types if not (WORK / f"quantpipe-gptq-{t}.gguf").is_file()]
+    if todo:
+        n_h = args.hessian_chunks or args.calib_chunks
+        cached = WORK / f"hessians-c{args.ctx}-n{n_h}.pt"
+        if cached.is_file():
+            hessians = torch.load(cached)
+        else:
+            t0 = time.time()
+            tok = AutoTokenizer.from_pretrained(src)
+            hessians = _hessians(model, tok, calib_text, args.ctx, n_h)
+            torch.save(hessians, cached)
+            seconds["hessians"] = time.time() - t0
+        for ftype in todo:
+            t0 = time.time()
+            quantized = quantize_mix(weights, kquant_mix(ftype, config), hessians, tied=tied)
+            part = WORK / f"quantpipe-gptq-{ftype}.gguf.part"
+            write_kquant_gguf(part, src, ftype, quantized, config)
+            part.rename(WORK / f"quantpipe-gptq-{ftype}.gguf")
+            seconds[ftype] = time.time() - t0
+            print(f"  quantpipe {ftype}: {seconds[ftype]:.0f}s", flush=True)
+    (WORK / "quantpipe-seconds.json").write_text(json.dumps(seconds))
+    if args.ours_only:
+        return
+
+    # 2. llama.cpp: imatrix on the same text, llama-quantize --imatrix
+    imatrix = WORK / f"imatrix-c{args.ctx}-n{args.calib_chunks}.gguf"
+    if not imatrix.is_file():
+        cmd = [_tool("llama-imatrix"), "-m", str(f32), "-f", str(calib_file), "-o", str(imatrix), "-c", str(args.ctx)]
+        _run([*cmd, "--chunks", str(args.calib_chunks), "-t", str(args.threads)], WORK / "imatrix.log")
     results: dict = {
         "model": "SmolLM2-135M (demo checkpoint)",
         "ctx": args.ctx,
-        "calibration": f"WikiText-2 validation, first {args.calib_chunks} windows of {args.ctx} tokens",
+        "calibration": f"WikiText-2 validation, first windows of {args.ctx} tokens: llama-imatrix {args.calib_chunks}, "
+        f"quantpipe Hessians {args.hessian_chunks or args.calib_chunks}",
         "perplexity": f"llama-perplexity, WikiText-2 test, -c {args.ctx}, first {args.ppl_chunks} chunks",
-        "hessian_seconds": round(hessian_s, 1),
-        "f32": {"size_bytes": f32.stat().st_size, "ppl": _ppl(f32, test, args.ctx, args.ppl_chunks, args.threads)},
+        "f32": {"size_bytes": f32.stat().st_size},
         "types": {},
     }
-    n_weights = sum(w.numel() for n, w in weights.items() if n != "lm_head" or not tied)
-    for ftype in args.types.split(","):
+    if args.fp_ppl:
+        results["f32"]["ppl"] = _ppl(f32, test, args.ctx, args.ppl_chunks, args.threads)
+    for ftype in types:
         print(ftype, flush=True)
-        theirs = WORK / f"llamacpp-imatrix-{ftype}.gguf"
+        theirs, ours = WORK / f"llamacpp-imatrix-{ftype}.gguf", WORK / f"quantpipe-gptq-{ftype}.gguf"
         if not theirs.is_file():
             cmd = [_tool("llama-quantize"), "--imatrix", str(imatrix), str(f32), str(theirs), ftype]
             _run([*cmd, str(args.threads)], WORK / f"quantize-{ftype}.log")
-        ours = WORK / f"quantpipe-gptq-{ftype}.gguf"
-        mix = kquant_mix(ftype, config)
-        their_types = _tensor_types(theirs)
-        from gguf import MODEL_ARCH, get_tensor_name_map
-
-        names = get_tensor_name_map(MODEL_ARCH.LLAMA, int(config["num_hidden_layers"]))
-        mismatched = {
-            n: (t, their_types.get(f"{names.get_name(n)}.weight"))
-            for n, t in mix.items()
-            if their_types.get(f"{names.get_name(n)}.weight") != t
+        their_types, our_types = _tensor_types(theirs), _tensor_types(ours)
+        row: dict = {
+            "tensor_types_equal_llama_quantize": their_types == our_types,
+            "mix_mismatches": {n: [our_types.get(n), t] for n, t in their_types.items() if our_types.get(n) != t},
         }
-        t0 = time.time()
-        quantized = quantize_mix(weights, mix, hessians, tied=tied)
-        quant_s = time.time() - t0
-        if ours.exists():
-            ours.unlink()
-        write_kquant_gguf(ours, src, ftype, quantized, config)
-        row: dict = {"mix_mismatches_vs_llama_quantize": {k: list(v) for k, v in mismatched.items()}}
         for label, path in (("llama.cpp imatrix", theirs), ("quantpipe GPTQ", ours)):
             size = path.stat().st_size
             row[label] = {
@@ -220,15 +259,12 @@ def main() -> None:
                 "bits_per_weight": round(8 * size / n_weights, 3),
                 "ppl": _ppl(path, test, args.ctx, args.ppl_chunks, args.threads),
             }
-        row["quantpipe GPTQ"]["quantize_seconds"] = round(quant_s, 1)
-        # our file in llama.cpp vs the torch model carrying our dequantized weights
-        import copy
-
-        deq = copy.deepcopy(model)
+        # our file in llama.cpp vs torch carrying the weights the gguf package decodes from the same file
+        deq = load_model(src).float().eval()
         mods = dict(deq.named_modules())
-        for name, kw in quantized.items():
+        for name, w in _gguf_weights(ours, config).items():
             target = deq.get_input_embeddings() if name == "model.embed_tokens" else mods[name]
-            target.weight.data = kw.dequantize().to(target.weight.dtype)
+            target.weight.data = w
         row["quantpipe GPTQ"]["llama_cpp_vs_torch_dequant"] = _llama_logits_vs_torch(ours, deq, calib_text[:4000])
         results["types"][ftype] = row
         print(json.dumps(row, indent=1), flush=True)
