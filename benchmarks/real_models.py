@@ -61,8 +61,8 @@ def run_recipe(model: str, name: str, overrides: list[str]) -> dict[str, Any]:
         "ppl_fp": m["ppl_fp"],
         "ppl_delta_rel": m["ppl_delta_rel"],
         "bits_per_weight_stored": m["bits_per_weight_stored"],
-        "eval_windows": m.get("windows"),
-        "predicted_tokens": m.get("predicted_tokens"),
+        "eval_windows": m.get("windows", recipe.eval.n_windows),  # the flow's metrics do not repeat the protocol
+        "predicted_tokens": m.get("predicted_tokens", recipe.eval.n_windows * (recipe.eval.seq_len - 1)),
         "calib_samples": recipe.calibration.n_samples,
         "calib_seq_len": recipe.calibration.seq_len,
         "wall_s": round(time.perf_counter() - started, 1),
