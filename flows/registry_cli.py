@@ -85,6 +85,7 @@ def lookup_cmd(
     that version's export in this format is (refused with the pack's reason when the build has none)."""
     from registry.models import lookup
 
+    model = _canonical_model(model)
     info = lookup(
         model=model,
         revision=revision,
@@ -108,6 +109,24 @@ def lookup_cmd(
         typer.echo(json.dumps(where, default=str) if as_json else str(where["location"]))
         return
     typer.echo(json.dumps(_dump(info), default=str) if as_json else info.uri)
+
+
+def _canonical_model(model: str | None) -> str | None:
+    """``--model`` as the registry records it: a known alias (``smollm2-135m``) or a checkpoint directory is
+    looked up under its canonical base-model name (``SmolLM2-135M-Instruct``)."""
+    if model is None:
+        return None
+    from pathlib import Path
+
+    from tasks.models import CHUNKED_MODELS, DEMO_MODELS, canonical_name
+
+    spec = DEMO_MODELS.get(model) or CHUNKED_MODELS.get(model)
+    if spec is not None:
+        return spec.display_name
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return canonical_name(path.resolve(), path.resolve().name)
+    return model
 
 
 def _explain(

@@ -29,6 +29,8 @@ from quant.arch import mapping_for, supported_architectures
 from tasks.model_fetch import CHUNKED_MODELS, fetch_chunked_gguf
 
 __all__ = [
+    "NAME_FILE",
+    "canonical_name",
     "CHUNKED_MODELS",
     "DEMO_MODELS",
     "KNOWN_MODELS",

@@ -41,6 +41,8 @@ def test_quantize_json_then_lookup_eval_lineage(
 
     looked = runner.invoke(app, ["registry", "lookup", "--model", "tiny-llama", "--bits", "3"])
     assert looked.exit_code == 0 and looked.stdout.strip() == f"models:/tiny-llama.cli-rtn/{out['model_version']}"
+    by_path = runner.invoke(app, ["registry", "lookup", "--model", str(tiny_llama_dir), "--bits", "3"])
+    assert by_path.exit_code == 0 and by_path.stdout.strip() == looked.stdout.strip()  # the dir's canonical name
     missing = runner.invoke(app, ["registry", "lookup", "--model", "tiny-llama", "--bits", "2"])
     assert missing.exit_code == 1
     assert "match everything but --bits '2'; they have 3" in missing.output
