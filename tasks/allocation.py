@@ -29,6 +29,7 @@ def allocate_layers(
     from quant.hessian import finalize
     from tasks.driver import _WeightIndex
     from tasks.hessians import load_block_hessians
+    from tasks.moe import expert_hessian, pooled_stats_name
 
     ba = cfg.bitalloc
     assert ba is not None
@@ -40,9 +41,12 @@ def allocate_layers(
             raise ConfigError("bit allocation needs the hessians stage output (parallel mode)")
         by_block.setdefault(job.hessian_ref, []).append(job)
     for ref, block_jobs in by_block.items():
-        hs = load_block_hessians(ctx, ref, sorted({j.group for j in block_jobs}))
+        names = {j.group for j in block_jobs}
+        pooled = {j.group: pooled_stats_name(j.group) for j in block_jobs}  # MoE experts: topped up (tasks.moe)
+        hs = load_block_hessians(ctx, ref, sorted(names | {p for p in pooled.values() if p}))
         for job in block_jobs:
-            H_sum, n = hs[job.group]
+            p = pooled[job.group]
+            H_sum, n, _ = expert_hessian(job.group, *hs[job.group], hs[p] if p else None)
             W = index.get(f"{job.name}.weight").float()
             args = (job.name, W, finalize(H_sum, n), ba.candidate_bits, cfg.group_size)
             relative = ba.sensitivity == "relative"

@@ -69,6 +69,10 @@ def load_packed_model(
     config = AutoConfig.for_model(**config_dict)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    from quant.arch import mapping_for
+    from tasks.moe import unfuse_model  # MoE: experts stored (and quantized) as per-expert linears
+
+    unfuse_model(model, mapping_for(config_dict.get("architectures") or []))
     state = load_file(str(path / "model.safetensors"))
     packed: dict[str, dict[str, torch.Tensor]] = {m: {} for m in modules}
     plain: dict[str, torch.Tensor] = {}

@@ -25,6 +25,7 @@ share are recorded per expert linear in the quantize artifact (``experts.json``)
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,10 @@ __all__ = [
     "UnfusedExperts",
     "expert_hessian",
     "expert_report",
+    "moe_export_reason",
     "native_plain_tensors",
     "pool_expert_stats",
+    "pooled_stats_name",
     "unfuse_block",
     "unfuse_model",
 ]
@@ -166,6 +169,12 @@ def pool_expert_stats(stats: dict[str, Any], block: nn.Module, groups: Any) -> N
     stats.update(pooled)
 
 
+def pooled_stats_name(group: str) -> str | None:
+    """The pooled statistics an expert group is topped up with (:func:`expert_hessian`); None for other groups."""
+    parsed = expert_group(group)
+    return pooled_group(parsed[1]) if parsed else None
+
+
 def expert_hessian(
     group: str, H_sum: torch.Tensor, n: int, pooled: tuple[torch.Tensor, int] | None
 ) -> tuple[torch.Tensor, int, dict[str, float]]:
@@ -202,24 +211,44 @@ def expert_report(layers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
+def moe_export_reason(model_path: Path, fmt: str) -> str | None:
+    """Why a serving format is not written for a mixture-of-experts model (None for a dense one): the exporters
+    copy the checkpoint's tensors and write per-linear packed tensors, but their verifying readers (transformers'
+    compressed-tensors / GPTQ loaders, llama.cpp) load experts through fused-MoE layouts that the per-expert
+    export has not been checked against; nothing unverified ships."""
+    config_path = Path(model_path) / "config.json"
+    try:
+        mapping = mapping_for(json.loads(config_path.read_text()).get("architectures") or [])
+    except (OSError, ValueError):
+        return None
+    if mapping.moe is None:
+        return None
+    return (
+        f"{fmt}: {mapping.family} experts are packed per expert (unfused); no writer for this format's "
+        "mixture-of-experts layout and no reader here that loads quantized experts to verify one"
+    )
+
+
 # ---- packed checkpoint ---------------------------------------------------------------------------------------------
-def native_plain_tensors(model_path: Path, quantized: set[str]) -> dict[str, torch.Tensor]:
+def native_plain_tensors(model_path: Path, quantized: set[str]) -> dict[str, torch.Tensor] | None:
     """Every floating-point tensor of the unfused model (norms, routers, embeddings, unquantized experts …) under
     its in-memory name, read from the checkpoint: what the native packed checkpoint of an MoE model stores beside
-    the quantized linears, so the loader (which unfuses before loading) finds each tensor where it expects it."""
+    the quantized linears, so the loader (which unfuses before loading) finds each tensor where it expects it.
+    None for a dense family, whose checkpoint names are already the model's."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    weights = WeightIndex(Path(model_path))
     config = AutoConfig.from_pretrained(model_path)
     mapping = mapping_for(config.architectures or [])
+    if mapping.moe is None:
+        return None
+    weights = WeightIndex(Path(model_path))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     unfuse_model(model, mapping)
     out = {}
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for name in model.state_dict():
-        module = name.rpartition(".")[0]
-        if module in quantized:
+        if name.removesuffix(".weight") in quantized:  # its packed tensors replace it; a bias stays
             continue
         if tied and name == f"{mapping.lm_head}.weight" and name not in weights:
             continue  # the loader ties it to the embeddings

@@ -45,8 +45,11 @@ def _write_native(
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    tensors: dict[str, torch.Tensor] = {}
-    files = sorted(model_path.glob("*.safetensors"))
+    from tasks.moe import native_plain_tensors
+
+    # MoE: the unfused model's names (per-expert linears, renamed routers), read through the checkpoint's layout
+    tensors: dict[str, torch.Tensor] = native_plain_tensors(model_path, set(qweights)) or {}
+    files = [] if tensors else sorted(model_path.glob("*.safetensors"))
     for f in files:
         with safe_open(str(f), framework="pt") as h:
             for name in h.keys():  # noqa: SIM118

@@ -26,6 +26,7 @@ from quant.incoherence import IncoherenceConfig, check_transform_size, quantize_
 from quant.ldlq import LDLQConfig, quantize_ldlq
 from quant.rtn import quantize_rtn
 from quant.types import GridConfig, QuantizedWeight
+from tasks.moe import expert_hessian, expert_report, pooled_stats_name
 from tasks.qlayer import BCQLayer, LayerResult, fake_weight, layer_shape
 from tasks.recipe import HessianConfig, QuantizeConfig
 from tasks.stage import StageContext, StageResult, ensure_artifact, run_stage, stage_key
@@ -237,7 +238,7 @@ def plan_layers(model_path: Path, cfg: QuantizeConfig, block_refs: Sequence[str 
     skip = [re.compile(p) for p in cfg.skip]
     jobs = []
     for i, ref in enumerate(block_refs):
-        for g in mapping.groups:
+        for g in mapping.groups_for_layer(config, i):  # MoE layers: one group pair per expert (tasks.moe)
             for linear in g.linears:
                 name = f"{mapping.blocks}.{i}.{linear}"
                 if not any(p.search(name) for p in skip):
@@ -384,10 +385,19 @@ def quantize_layer(ctx: StageContext, model_path: Path, model_ref: str, job: Lay
 
     def compute() -> LayerResult:
         W = _WeightIndex(Path(model_path)).get(f"{job.name}.weight")
-        H_sum, n = load_block_hessians(ctx, job.hessian_ref, [job.group])[job.group]
-        return _quantize_tensor(W, H_sum, n, job.config(cfg), job.name, ctx.settings.resolved_device(), job.group_bits)
+        pooled = pooled_stats_name(job.group)
+        stats = load_block_hessians(ctx, job.hessian_ref, [job.group] + ([pooled] if pooled else []))
+        H_sum, n, record = expert_hessian(job.group, *stats[job.group], stats.get(pooled) if pooled else None)
+        device = ctx.settings.resolved_device()
+        return _with_stats(_quantize_tensor(W, H_sum, n, job.config(cfg), job.name, device, job.group_bits), record)
 
     return _layer_stage(ctx, cfg, job, {"model": model_ref, "hessians": job.hessian_ref}, compute)
+
+
+def _with_stats(q: LayerResult, record: dict[str, float]) -> LayerResult:
+    """An expert's routed and pooled token counts join the layer's stats (so the artifact and index record them)."""
+    q.stats.update(record)
+    return q
 
 
 MapLayers = Callable[[list[LayerJob]], list[str]]
@@ -442,6 +452,10 @@ def run_quantize(
             bits = meta.get("bits", job.bits or cfg.bits)
             layers[job.name] = {"ref": ref, "block": job.block, "bits": bits, **meta.get("stats", {})}
         w.add_bytes("index.json", json.dumps({"layers": layers}, indent=1, sort_keys=True).encode())
+        if any("routed_tokens" in v for v in layers.values()):  # MoE: expert policy and token counts
+            report = expert_report(layers)
+            w.add_bytes("experts.json", json.dumps(report, indent=1, sort_keys=True).encode())
+            w.metadata.update({"expert_policy": report["policy"], "experts_topped_up": len(report["topped_up"])})
         total = sum(float(v.get("proxy_loss_exact", v.get("proxy_loss", 0.0))) for v in layers.values())
         w.metadata.update({"n_layers": len(layers), "proxy_loss_total": total})
         if allocation is not None:
@@ -522,7 +536,9 @@ def _run_sequential(
             s = stats_of(job)
 
             def compute(W: Tensor = W, s: Any = s, job: LayerJob = job) -> LayerResult:
-                return _quantize_tensor(W, s.H, s.n, cfg, job.name, streamer.device.type)
+                pooled = (s.pooled.H, s.pooled.n) if s.pooled is not None else None
+                H_sum, n, record = expert_hessian(job.group, s.H, s.n, pooled)
+                return _with_stats(_quantize_tensor(W, H_sum, n, cfg, job.name, streamer.device.type), record)
 
             refs[job.name] = _layer_stage(ctx, cfg, job, inputs, compute, fkey)
         apply(block, i, block_jobs)

@@ -91,7 +91,9 @@ class MoELayout(BaseModel):
     gate_up: str = "gate_up_proj"  # fused parameter [E, 2I, H]: gate rows, then up rows
     down: str = "down_proj"  # fused parameter [E, H, I]
     router: str = "mlp.gate"  # never quantized: its weight picks the experts
-    num_experts: str = "num_experts"  # config key
+    # config keys naming the expert count, first present wins (hub Qwen3-MoE configs write num_experts,
+    # transformers 5 saves it as num_local_experts)
+    num_experts: tuple[str, ...] = ("num_experts", "num_local_experts")
     keep_fp: tuple[str, ...] = ()  # other block-relative modules kept in floating point (shared_expert_gate)
     shared_groups: tuple[LinearGroup, ...] = ()  # a shared expert's linears (ordinary, quantized)
     sparse_step: str | None = None  # config key: a layer is sparse when (i + 1) % step == 0
@@ -135,7 +137,7 @@ class ArchMapping(BaseModel):
     def is_sparse(self, config: Mapping[str, Any], layer: int) -> bool:
         """Whether decoder layer ``layer`` has an experts MLP (read from the model's ``config.json``)."""
         moe = self.moe
-        if moe is None or int(config.get(moe.num_experts) or 0) <= 0:
+        if moe is None or self.num_experts(config) <= 0:
             return False
         if moe.dense_layers is not None and layer in (config.get(moe.dense_layers) or ()):
             return False
@@ -143,7 +145,9 @@ class ArchMapping(BaseModel):
         return (layer + 1) % step == 0
 
     def num_experts(self, config: Mapping[str, Any]) -> int:
-        return 0 if self.moe is None else int(config.get(self.moe.num_experts) or 0)
+        if self.moe is None:
+            return 0
+        return next((int(config[k] or 0) for k in self.moe.num_experts if k in config), 0)
 
     def groups_for_layer(self, config: Mapping[str, Any], layer: int) -> tuple[LinearGroup, ...]:
         """The linear groups of decoder layer ``layer``: ``groups`` for a dense layer; for a sparse one the
@@ -208,7 +212,7 @@ MIXTRAL_FAMILY = ArchMapping(
     groups=_LLAMA_GROUPS,
     family="mixtral",
     moe=MoELayout(
-        num_experts="num_local_experts",
+        num_experts=("num_local_experts",),
         disk_experts="block_sparse_moe.experts",
         disk_gate="w1",
         disk_up="w3",

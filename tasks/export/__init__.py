@@ -99,9 +99,15 @@ def write_exports(root: Path, inputs: ExportInputs, enabled: Callable[[str], boo
     """Write every enabled, representable format under ``root/<name>``; returns manifest metadata:
     ``formats`` (the names written), ``exports`` ({name: what the writer reported}) and ``<flag>_skipped``
     (the one-line reason) for each format not written."""
+    from tasks.moe import moe_export_reason  # MoE builds: refused in one line per format
+
     meta: dict[str, Any] = {"formats": [], "exports": {}}
     for fmt in EXPORTS:
-        reason = fmt.reason(inputs) if enabled(fmt.flag) else "disabled in recipe"
+        reason = (
+            (moe_export_reason(inputs.model_path, fmt.name) or fmt.reason(inputs))
+            if enabled(fmt.flag)
+            else "disabled in recipe"
+        )
         if reason is None:
             out = root / fmt.name
             info = fmt.write(out, inputs)

@@ -184,3 +184,41 @@ def test_layers_of_a_mixed_dense_and_sparse_model(tmp_path: Path) -> None:
     assert sparse[:2] == ["attn_in", "o_in"] and sparse[-2:] == ["shared_mlp_in", "shared_down_in"]
     assert len(sparse) == 2 + 2 * 4 + 2
     assert mapping.moe is not None and mapping.moe.fp_modules() == ("mlp.gate", "mlp.shared_expert_gate")
+
+
+def test_an_expert_that_sees_no_token_is_quantized_with_the_pooled_hessian(tmp_path: Path) -> None:
+    """One calibration token, top-2 of 4 experts: two experts are never routed a token."""
+    from quant.gptq import GPTQConfig, quantize_gptq
+    from quant.hessian import finalize
+    from quant.types import GridConfig
+    from tasks.driver import BlockStreamer, collect_block_hessians
+    from tasks.moe import expert_hessian
+
+    path = build_tiny_family(tmp_path / "olmoe", "olmoe")
+    streamer = BlockStreamer(path)
+    hidden = streamer.embed(_ids(1, 1))
+    with streamer.loaded(streamer.block_name(0)) as block:
+        stats, _ = collect_block_hessians(streamer, block, hidden)
+        W = block.get_submodule("mlp.experts.0.gate_proj").weight.detach().clone()
+    counts = [stats[f"expert{e}_mlp_in"].n for e in range(4)]
+    assert sorted(counts) == [0, 0, 1, 1]
+    starved = counts.index(0)
+    s = stats[f"expert{starved}_mlp_in"]
+    assert torch.count_nonzero(s.H) == 0 and s.pooled is stats["pooled_mlp_in"] and s.pooled.n == 2
+    H_sum, n, record = expert_hessian(f"expert{starved}_mlp_in", s.H, s.n, (s.pooled.H, s.pooled.n))
+    assert n == 64 and record == {"routed_tokens": 0.0, "pooled_tokens": 64.0}
+    assert torch.allclose(finalize(H_sum, n), finalize(s.pooled.H, s.pooled.n))
+    q = quantize_gptq(W, finalize(H_sum, n), GPTQConfig(grid=GridConfig(bits=4, group_size=32)))
+    assert torch.isfinite(q.dequantize(torch.float32)).all()
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_quarot_refuses_moe_families_in_one_line(family: str, tmp_path: Path) -> None:
+    from infra.errors import ConfigError
+    from tasks.quarot import check_recipe_for_model
+    from tasks.recipe import load_recipe
+
+    model_dir = build_tiny_family(tmp_path / family, family)
+    with pytest.raises(ConfigError, match=f"derived for the Llama family only, not for {family}") as info:
+        check_recipe_for_model(load_recipe("quarot-w4a16"), model_dir)
+    assert "\n" not in str(info.value)
