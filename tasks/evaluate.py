@@ -25,6 +25,7 @@ __all__ = [
     "FP_VERSION",
     "STAGE_VERSION",
     "check_fits_in_memory",
+    "check_not_degenerate",
     "eval_windows",
     "perplexity",
     "run_eval_fp",
@@ -155,6 +156,22 @@ def _safetensors_bytes(model_dir: Path, *, as_float32: bool) -> int:
             dtype = entry["dtype"]
             total += n * (4 if as_float32 and dtype in ("F16", "BF16", "F32") else sizes.get(dtype, 4))
     return total
+
+
+def check_not_degenerate(ppl: float, ppl_fp: float, vocab: int | None, what: str) -> None:
+    """Refuse to record (and so to register) a build that predicts no better than chance while its fp model
+    does: NaN/inf perplexity, or ppl within 10 % of the vocabulary size (a uniform guess) when the fp model is
+    below half of it. Such a build is broken (uninitialised buffers, inf activations), not merely bad: a
+    Gemma-3 pack once registered with ppl 262,143.5 = its vocabulary size. Random test models, whose fp ppl is
+    itself near the vocabulary size, are not affected."""
+    from infra.errors import QuantpipeError
+
+    uniform = vocab is not None and ppl_fp < 0.5 * vocab and ppl >= 0.9 * vocab
+    if not math.isfinite(ppl) or uniform:
+        raise QuantpipeError(
+            f"{what} scores ppl {ppl:.6g} (fp {ppl_fp:.4g}, vocabulary {vocab}): no better than a uniform guess, so "
+            "the packed model is broken (NaN/inf or uninitialised weights or buffers); not recording or registering it"
+        )
 
 
 def check_fits_in_memory(need_bytes: int, what: str, *, available_bytes: int | None = None) -> None:
@@ -306,6 +323,8 @@ def run_evaluate(
             progress=progress,
         )
         ppl_fp = float(ctx.store.manifest(fp_ref).metadata["ppl"])
+        vocab = json.loads((native_dir / "config.json").read_text()).get("vocab_size")
+        check_not_degenerate(float(metrics["ppl"]), ppl_fp, int(vocab) if vocab else None, pack_ref)
         pack_meta = packed.manifest.metadata
         metrics.update(
             {

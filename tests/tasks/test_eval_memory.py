@@ -29,3 +29,17 @@ def test_refuses_with_need_and_available() -> None:
     with pytest.raises(ConfigError, match=r"needs about 96\.2 GiB of memory but 24\.0 GiB is available") as err:
         check_fits_in_memory(80 * gib, "the fp model llama-70b", available_bytes=24 * gib)
     assert "\n" not in str(err.value) and "llama-70b" in str(err.value)
+
+
+def test_degenerate_builds_are_refused_before_registration() -> None:
+    """A pack scoring its vocabulary size (a uniform guess) while the fp model is far better is broken, not bad."""
+    from infra.errors import QuantpipeError
+    from tasks.evaluate import check_not_degenerate
+
+    check_not_degenerate(38.3, 23.6, 262_144, "pack/x")  # a bad but working W4 build
+    check_not_degenerate(900.0, 950.0, 1000, "pack/x")  # a random test model: fp itself near uniform
+    with pytest.raises(QuantpipeError, match=r"ppl 262144 .*no better than a uniform guess") as err:
+        check_not_degenerate(262_143.5, 23.6, 262_144, "pack/gemma")
+    assert "\n" not in str(err.value)
+    with pytest.raises(QuantpipeError, match="ppl nan"):
+        check_not_degenerate(float("nan"), 23.6, 262_144, "pack/x")
