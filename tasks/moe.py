@@ -11,9 +11,9 @@ Hessian (``expertE_mlp_in``, ``expertE_down_in``), and the quantized modules (``
 linears like any other. The names are those checkpoints and vLLM give an expert's linears.
 
 Checkpoints name experts differently from memory: ``save_pretrained`` and the hub write per-expert tensors
-(Mixtral: ``block_sparse_moe.experts.E.w1/w3/w2``), newer tools the fused tensors. :func:`expert_entries` makes
-:class:`tasks.weights.WeightIndex` answer every name of the unfused model from whichever layout the checkpoint has,
-reading one expert's byte range at a time.
+(Mixtral: ``block_sparse_moe.experts.E.w1/w3/w2``), newer tools the fused tensors.
+:func:`tasks.weights.expert_entries` makes :class:`tasks.weights.WeightIndex` answer every name of the unfused
+model from whichever layout the checkpoint has, reading one expert's byte range at a time.
 
 Experts that see few calibration tokens (:func:`expert_hessian`): an expert routed fewer tokens than its input
 width has a rank-deficient Hessian fitted to a handful of tokens (none at all for an expert never picked), so its
