@@ -276,7 +276,10 @@ def run_hessians(
                     micro_batch=cfg.micro_batch,
                     until=max(todo),
                 )
-        groups = [g.name for g in streamer.mapping.groups]
+        layers = range(streamer.n_blocks)  # MoE layers add per-expert groups (quant.arch.ArchMapping.groups_for_layer)
+        groups = list(
+            dict.fromkeys(g.name for i in layers for g in streamer.mapping.groups_for_layer(streamer.config_dict, i))
+        )
         w.add_bytes("index.json", json.dumps({"blocks": [str(r) for r in refs]}, indent=1).encode())
         w.metadata.update(
             {

@@ -74,6 +74,8 @@ def test_family_quantizes_end_to_end(family: str, prefect_harness: None, home: S
         tokens = sum(r["routed_tokens"] for n, r in experts["layers"].items() if n.endswith("gate_proj"))
         calibration = 8 * 64  # tiny_recipe: 8 samples x 64 tokens, top-2 routing
         assert tokens == 2 * calibration * mapping_sparse_layers(mapping, config)
+        hessian_groups = store.manifest(gptq["stages"]["hessians"]["key"]).metadata["groups"]
+        assert {f"expert{e}_{r}" for e in range(4) for r in ("mlp_in", "down_in")} <= set(hessian_groups)
         pack_meta = store.manifest(gptq["stages"]["pack"]["key"]).metadata
         assert pack_meta["formats"] == ["native"]  # serving exports refused in one line, never written unverified
         assert "experts are packed per expert" in pack_meta["compressed_tensors_skipped"]
