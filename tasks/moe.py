@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quant.arch import ArchMapping, expert_group, mapping_for, pooled_group
+from quant.arch import EXPERT_LINEARS, ArchMapping, expert_group, mapping_for, pooled_group
 from tasks.weights import WeightIndex, expert_entries
 
 __all__ = [
@@ -212,21 +212,40 @@ def expert_report(layers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def moe_export_reason(model_path: Path, fmt: str) -> str | None:
-    """Why a serving format is not written for a mixture-of-experts model (None for a dense one): the exporters
-    copy the checkpoint's tensors and write per-linear packed tensors, but their verifying readers (transformers'
-    compressed-tensors / GPTQ loaders, llama.cpp) load experts through fused-MoE layouts that the per-expert
-    export has not been checked against; nothing unverified ships."""
+    """Why a serving format is not written for a mixture-of-experts model (None: write it; always None for a
+    dense model).
+
+    compressed-tensors is written when the checkpoint already names every expert linear as the unfused model
+    does (``mlp.experts.E.gate_proj/up_proj/down_proj``: Qwen2-MoE, Qwen3-MoE, OLMoE as ``save_pretrained`` and
+    the hub store them): the exporter then copies the fp tensors (routers, shared-expert gate, norms) under their
+    own names and writes each quantized expert under the per-expert names vLLM's fused-MoE loader maps, verified
+    by compressed-tensors' decompressor like any linear. Mixtral's checkpoint names (``block_sparse_moe``,
+    ``w1/w3/w2``), fused-on-disk experts, and the GPTQ and GGUF formats' MoE layouts are not written."""
     config_path = Path(model_path) / "config.json"
     try:
         mapping = mapping_for(json.loads(config_path.read_text()).get("architectures") or [])
     except (OSError, ValueError):
         return None
-    if mapping.moe is None:
+    moe = mapping.moe
+    if moe is None:
         return None
-    return (
-        f"{fmt}: {mapping.family} experts are packed per expert (unfused); no writer for this format's "
-        "mixture-of-experts layout and no reader here that loads quantized experts to verify one"
-    )
+    if fmt != "compressed-tensors":
+        return f"{fmt}: no writer for {mapping.family} mixture-of-experts layers (experts are packed per expert)"
+    if (
+        moe.disk_renames
+        or moe.disk_experts != moe.experts
+        or (moe.disk_gate, moe.disk_up, moe.disk_down) != EXPERT_LINEARS
+    ):
+        return (
+            f"{fmt}: {mapping.family} checkpoints name experts {moe.disk_experts}.E."
+            f"{{{moe.disk_gate},{moe.disk_up},{moe.disk_down}}}; an export under those names is not written"
+        )
+    fused = f".{moe.experts}.{moe.gate_up}"
+    if any(name.endswith(fused) for name in dict.keys(WeightIndex(Path(model_path)).entries)):
+        return (
+            f"{fmt}: this checkpoint stores {mapping.family} experts fused ({moe.experts}.{moe.gate_up}); not written"
+        )
+    return None
 
 
 # ---- packed checkpoint ---------------------------------------------------------------------------------------------

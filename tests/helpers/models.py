@@ -96,7 +96,7 @@ FAMILY_CONFIGS: dict[str, tuple[str, str, dict]] = {
             "num_experts": 4,
             "num_experts_per_tok": 2,
             "moe_intermediate_size": 32,
-            "shared_expert_intermediate_size": 48,
+            "shared_expert_intermediate_size": 64,
             "mlp_only_layers": [1],
         },
     ),
