@@ -206,7 +206,7 @@ def main() -> None:
         n_h = args.hessian_chunks or args.calib_chunks
         cached = WORK / f"hessians-c{args.ctx}-n{n_h}.pt"
         if cached.is_file():
-            hessians = torch.load(cached)
+            hessians = torch.load(cached, weights_only=True)  # tensors and containers only: nothing executed
         else:
             t0 = time.time()
             tok = AutoTokenizer.from_pretrained(src)
