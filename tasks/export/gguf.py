@@ -90,6 +90,25 @@ def _rope_theta(config: dict[str, Any]) -> float:
     return float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
+def gguf_model_reason(model_path: Path, config: dict[str, Any]) -> str | None:
+    """None when this base checkpoint can be written as a GGUF llama.cpp loads (architecture, RoPE, biases,
+    tokenizer, host byte order: what every GGUF export needs, whatever its grids), else why not (one line)."""
+    if config.get("model_type") != "llama":
+        return f"the GGUF export writes llama-architecture models, not {config.get('model_type')!r}"
+    if not _rope_default(config):
+        return "RoPE scaling is not written to GGUF by this exporter"
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        return "attention/MLP biases are not written to GGUF by this exporter"
+    tok_file = model_path / "tokenizer.json"
+    if not tok_file.is_file():
+        return "no tokenizer.json: the GGUF export writes byte-level BPE vocabularies only"
+    if tokenizer_pre(json.loads(tok_file.read_text())) is None:
+        return "the tokenizer's pre-tokenizer is none llama.cpp implements (gpt-2, smollm, llama-bpe, qwen2)"
+    if sys.byteorder != "little":
+        return "GGUF blocks are written on little-endian hosts only"
+    return None
+
+
 def gguf_reason(inputs: ExportInputs) -> str | None:
     """None when the build is written exactly as a GGUF llama.cpp loads, else why not (one line)."""
     reason = affine_reason(inputs, "GGUF")
@@ -100,20 +119,9 @@ def gguf_reason(inputs: ExportInputs) -> str | None:
     if qtype is None:
         grid = f"W{cfg.bits} {'per-channel' if cfg.group_size <= 0 else f'g{cfg.group_size}'}"
         return f"llama.cpp has no grid for {grid} {'sym' if cfg.sym else 'asym'}; GGUF maps only {mapping_text()}"
-    config = inputs.config
-    if config.get("model_type") != "llama":
-        return f"the GGUF export writes llama-architecture models, not {config.get('model_type')!r}"
-    if not _rope_default(config):
-        return "RoPE scaling is not written to GGUF by this exporter"
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        return "attention/MLP biases are not written to GGUF by this exporter"
-    tok_file = inputs.model_path / "tokenizer.json"
-    if not tok_file.is_file():
-        return "no tokenizer.json: the GGUF export writes byte-level BPE vocabularies only"
-    if tokenizer_pre(json.loads(tok_file.read_text())) is None:
-        return "the tokenizer's pre-tokenizer is none llama.cpp implements (gpt-2, smollm, llama-bpe, qwen2)"
-    if sys.byteorder != "little":
-        return "GGUF blocks are written on little-endian hosts only"
+    reason = gguf_model_reason(inputs.model_path, inputs.config)
+    if reason is not None:
+        return reason
     for name, q in inputs.affine().items():
         if q.g_idx is not None:
             return f"{name} uses act-order without static groups; GGUF blocks are contiguous"

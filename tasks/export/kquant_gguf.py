@@ -96,22 +96,11 @@ def kquant_mix(ftype: str, config: dict[str, Any]) -> dict[str, str]:
 def kquant_reason(model_path: Path, config: dict[str, Any]) -> str | None:
     """None when this base checkpoint is written as a GGUF llama.cpp loads (the checks of the exact GGUF export
     that concern the model, not its grids), else why not (one line)."""
-    import json
-    import sys
+    from tasks.export.gguf import gguf_model_reason
 
-    from tasks.export.gguf import _rope_default, tokenizer_pre
-
-    if config.get("model_type") != "llama":
-        return f"the GGUF export writes llama-architecture models, not {config.get('model_type')!r}"
-    if not _rope_default(config):
-        return "RoPE scaling is not written to GGUF by this exporter"
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        return "attention/MLP biases are not written to GGUF by this exporter"
-    tok_file = model_path / "tokenizer.json"
-    if not tok_file.is_file() or tokenizer_pre(json.loads(tok_file.read_text())) is None:
-        return "the tokenizer is not a byte-level BPE with a pre-tokenizer llama.cpp implements"
-    if sys.byteorder != "little":
-        return "GGUF blocks are written on little-endian hosts only"
+    reason = gguf_model_reason(model_path, config)
+    if reason is not None:
+        return reason
     try:
         kquant_mix("Q4_K_M", config)
     except ValueError as exc:
