@@ -141,12 +141,17 @@ def cached_perplexity(
 
 
 def _safetensors_bytes(model_dir: Path, *, as_float32: bool) -> int:
-    """Bytes the tensors of a checkpoint take once loaded (headers only): as stored, or every float as fp32."""
+    """Bytes the tensors of a checkpoint take once loaded (headers only): as stored, or every float as fp32.
+    Each header is first validated by the model loader's checks (length, offsets, dtypes), so a lying header is a
+    one-line error here too, never a huge read."""
     import struct
+
+    from tasks.models import _safetensors_shapes
 
     sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
     total = 0
     for f in sorted(Path(model_dir).glob("*.safetensors")):
+        _safetensors_shapes(f)
         with f.open("rb") as fh:
             header = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
         for name, entry in header.items():

@@ -43,3 +43,11 @@ def test_degenerate_builds_are_refused_before_registration() -> None:
     assert "\n" not in str(err.value)
     with pytest.raises(QuantpipeError, match="ppl nan"):
         check_not_degenerate(float("nan"), 23.6, 262_144, "pack/x")
+
+
+def test_lying_header_is_one_line_error(tmp_path: Path) -> None:
+    import struct
+
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    with pytest.raises(ConfigError, match="not a valid safetensors file"):
+        _safetensors_bytes(tmp_path, as_float32=True)
