@@ -411,15 +411,16 @@ def canonical_name(path: Path, fallback: str) -> str:
     """One base-model name per checkpoint, whatever path, alias or copy it is reached by: the name recorded in
     the checkpoint (``NAME_FILE``, written when quantpipe fetches or converts it), else the hub id in
     ``config.json``'s ``_name_or_path``, else ``fallback`` (the directory's name)."""
-    candidates: list[Any] = []
-    try:
-        candidates.append(json.loads((path / NAME_FILE).read_text()).get("name"))
-    except (OSError, ValueError, AttributeError):
-        pass
-    try:
-        origin = json.loads((path / "config.json").read_text()).get("_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        origin = None
+
+    def field(file: str, key: str) -> Any:  # only regular files inside the model dir (model_file refuses the rest)
+        f = model_file(path, file)
+        try:
+            return json.loads(f.read_text()).get(key) if f is not None else None
+        except (OSError, ValueError, AttributeError):
+            return None
+
+    candidates: list[Any] = [field(NAME_FILE, "name")]
+    origin = field("config.json", "_name_or_path")
     if isinstance(origin, str) and re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", origin):
         candidates.append(origin.split("/", 1)[1])
     for name in candidates:

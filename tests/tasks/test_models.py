@@ -46,6 +46,12 @@ def test_one_canonical_name_and_key_per_checkpoint(tiny_llama_dir: Path, tmp_pat
     assert resolve_model(str(hub), settings).name == "Tiny-Hub"
     (named / NAME_FILE).write_text(json.dumps({"name": "../etc"}))  # not a valid name: falls back to the dir
     assert resolve_model(str(named), settings).name == "tiny-llama-instruct"
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text(json.dumps({"name": "Planted"}))
+    (named / NAME_FILE).unlink()
+    (named / NAME_FILE).symlink_to(outside)  # a name file leading out of the model dir is never read
+    with pytest.raises(ConfigError, match="outside the model directory"):
+        resolve_model(str(named), settings)
 
 
 def test_missing_dir(tmp_path: Path) -> None:
