@@ -31,16 +31,18 @@ Q8_0    32     32    8     fp16 d                                           a = 
 In every case a·u is exact in float32 (≤ 24 significant bits) and a·u + b is rounded once, as in ggml, so
 :func:`dequantize` reproduces llama.cpp's (and the ``gguf`` package's) dequantization bit for bit.
 
-Grid choice, per block, with importance w_i = h_i·sqrt(σ² + x_i²) (h = diag H, σ² = 2·mean x² of the block;
-llama.cpp's ``quantize_row_q4_K_impl`` weighting with the imatrix h):
+Grid choice, per block, is llama.cpp's own with the imatrix h = diag H (``quantize_row_*_impl`` in
+ggml-quants.c, transcribed in :func:`fit_blocks` and checked against scalar transcriptions in the tests):
 
-* types with a min: per sub-block, the weighted least-squares (scale, min ≤ 0) over ``make_qkx2_quants``'s
-  candidate inverse scales (nmax + rmin + k·rdelta)/(max − min);
+* importance w_i = h_i·sqrt(σ² + x_i²), σ² per type (2·mean x² of the 256-block for Q3_K/Q4_K/Q5_K, mean x² for
+  Q2_K, mean x² of the whole row for the legacy types; Q6_K weights by h alone);
+* types with a min: per sub-block, the weighted least-squares (scale, min ≤ 0) over ``make_qkx3_quants``'s
+  candidate inverse scales (nmax − 0.9 + 0.05·k)/(max − min), k = 0…36;
 * symmetric types: per sub-block, the weighted least-squares scale over ``make_qx_quants``'s candidates
   −(nmax + k/10)/max_signed;
-* k-quants then round the sub-block scales (and mins) onto the super-block's 6/4/8-bit integer grid with an fp16
-  super-scale (llama.cpp's rules: d = max/63 for Q4_K, −max_signed/32 for Q3_K, −max_signed/128 for Q6_K);
-  legacy types store the scale (and min) as fp16.
+* k-quants then put the sub-block scales (and mins) on the super-block's integer grid with an fp16 super-scale:
+  weighted ``make_qp_quants`` for Q2_K/Q4_K/Q5_K, weighted ``make_qx_quants`` over the signed scales for Q3_K,
+  −128/max_signed for Q6_K; legacy types store the scale (and min) as fp16, Q8_0 absmax/127.
 """
 
 from __future__ import annotations
@@ -168,24 +170,26 @@ def _round(x: Tensor) -> Tensor:
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
-def _fit_min(
-    x: Tensor, w: Tensor, umax: int, *, nstep: int = 20, rmin: float = -1.0, rdelta: float = 0.1
-) -> tuple[Tensor, Tensor]:
-    """Weighted (scale ≥ 0, min ≤ 0) per sub-block for x ≈ scale·u + min, u ∈ [0, umax] (``make_qkx2_quants``).
+_EPS = 1e-15  # ggml's GROUP_MAX_EPS: a group whose largest magnitude is below it is all zero
 
-    x, w [..., n]; returns scale, min [...]."""
+
+def _fit_min(
+    x: Tensor, w: Tensor, umax: int, *, nstep: int = 36, rmin: float = -0.9, rdelta: float = 0.05
+) -> tuple[Tensor, Tensor]:
+    """Weighted (scale ≥ 0, min ≤ 0) per group for x ≈ scale·u + min, u ∈ [0, umax]: ``make_qkx3_quants`` with
+    the parameters every imatrix path of llama.cpp uses (−0.9, 0.05, 36 steps). x, w [..., n]; returns scale, min."""
     xmin = x.amin(-1).clamp(max=0.0)
     xmax = x.amax(-1)
-    rng = (xmax - xmin).clamp(min=1e-30)
     sw = w.sum(-1)
     best_s = (xmax - xmin) / umax
     best_m = xmin
-    lq = torch.clamp(_round((x - xmin[..., None]) / best_s.clamp(min=1e-30)[..., None]), 0, umax)
+    lq = torch.clamp(_round((umax / (xmax - xmin).clamp(min=1e-30))[..., None] * (x - xmin[..., None])), 0, umax)
     best_e = (w * (best_s[..., None] * lq + best_m[..., None] - x) ** 2).sum(-1)
     sx = (w * x).sum(-1)
     for k in range(nstep + 1):
-        iscale = (rmin + rdelta * k + umax) / rng
-        lq = torch.clamp(_round(iscale[..., None] * (x - xmin[..., None])), 0, umax)
+        # ggml measures every candidate from the best min found so far (its ``min`` is updated in the loop)
+        iscale = (rmin + rdelta * k + umax) / (xmax - best_m).clamp(min=1e-30)
+        lq = torch.clamp(_round(iscale[..., None] * (x - best_m[..., None])), 0, umax)
         sl = (w * lq).sum(-1)
         sl2 = (w * lq * lq).sum(-1)
         sxl = (w * x * lq).sum(-1)
@@ -198,75 +202,131 @@ def _fit_min(
         s = torch.where(pos, sxl / sl2.clamp(min=1e-30), s)
         mn = torch.where(pos, torch.zeros_like(mn), mn)
         e = (w * (s[..., None] * lq + mn[..., None] - x) ** 2).sum(-1)
-        better = ok & (e < best_e) & (s >= 0)
+        better = ok & (e < best_e) & (s >= 0)  # s ≥ 0: a negative scale has no 6-bit code (ggml would wrap)
         best_s = torch.where(better, s, best_s)
         best_m = torch.where(better, mn, best_m)
         best_e = torch.where(better, e, best_e)
-    flat = xmax == xmin
+    flat = xmax <= xmin
     best_s = torch.where(flat, torch.zeros_like(best_s), best_s)
     best_m = torch.where(flat, xmin, best_m)
     return best_s, best_m
 
 
-def _fit_sym(x: Tensor, w: Tensor, nmax: int, *, steps: int = 9) -> Tensor:
-    """Weighted signed scale per sub-block for x ≈ scale·q, q ∈ [−nmax, nmax − 1] (``make_qx_quants``).
+def _fit_sym(x: Tensor, w: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
+    """Weighted signed scale per group for x ≈ scale·q, q ∈ [−nmax, nmax − 1] (``make_qx_quants``, rmse type 1).
 
-    The value of largest magnitude maps to −nmax (the wider side); the candidates move that anchor by tenths."""
+    The value of largest magnitude maps to −nmax (the wider side); candidates move that anchor by tenths, the
+    unmoved one first (ties keep it, as in ggml). Returns (scale, q) with q the best candidate's integers
+    (−nmax for an all-zero group, which ggml stores as L = 0)."""
     idx = x.abs().argmax(-1, keepdim=True)
     mx = x.gather(-1, idx).squeeze(-1)
-    zero = mx == 0
+    zero = mx.abs() < _EPS
     mx_safe = torch.where(zero, torch.ones_like(mx), mx)
-    best_s = -mx_safe / nmax
-    best_score = torch.full_like(mx, -1.0)
-    for k in range(-steps, steps + 1):
-        iscale = -(nmax + 0.1 * k) / mx_safe
-        q = torch.clamp(_round(iscale[..., None] * x), -nmax, nmax - 1)
-        sxl = (w * x * q).sum(-1)
-        sl2 = (w * q * q).sum(-1)
-        score = torch.where(sl2 > 0, sxl * sxl / sl2.clamp(min=1e-30), torch.zeros_like(sl2))  # error reduction
-        better = (score > best_score) & (sl2 > 0)
-        best_s = torch.where(better, sxl / sl2.clamp(min=1e-30), best_s)
-        best_score = torch.where(better, score, best_score)
-    return torch.where(zero, torch.zeros_like(best_s), best_s)
+
+    def candidate(k: int) -> tuple[Tensor, Tensor, Tensor]:
+        q = torch.clamp(_round((-(nmax + 0.1 * k) / mx_safe)[..., None] * x), -nmax, nmax - 1)
+        return q, (w * x * q).sum(-1), (w * q * q).sum(-1)
+
+    best_q, sxl, sl2 = candidate(0)
+    scale = torch.where(sl2 != 0, sxl / torch.where(sl2 == 0, 1.0, sl2), torch.zeros_like(sl2))
+    best = scale * sxl
+    for k in (*range(-9, 0), *range(1, 10)):
+        q, sxl, sl2 = candidate(k)
+        better = (sl2 > 0) & (sxl * sxl > best * sl2)
+        best_q = torch.where(better[..., None], q, best_q)
+        scale = torch.where(better, sxl / sl2.clamp(min=1e-30), scale)
+        best = torch.where(better, scale * sxl, best)
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    return scale, torch.where(zero[..., None], torch.full_like(best_q, -nmax), best_q)
+
+
+def _fit_pos(x: Tensor, w: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
+    """Weighted scale for non-negative x ≈ scale·L, L ∈ [0, nmax] (``make_qp_quants``: nine candidate scales,
+    then up to five passes moving one L at a time while the weighted fit improves). How k-quants store their
+    sub-block scales and mins with an imatrix. x, w [..., n] → (scale [...], L [..., n] float)."""
+    mx = x.amax(-1).clamp(min=0.0)
+    zero = mx < _EPS
+    mx_safe = torch.where(zero, torch.ones_like(mx), mx)
+    iscale = nmax / mx_safe
+    L = _round(iscale[..., None] * x)
+    best = (w * (x - (1 / iscale)[..., None] * L) ** 2).sum(-1)
+    for k in (-4, -3, -2, -1, 1, 2, 3, 4):
+        iscale_k = (0.1 * k + nmax) / mx_safe
+        lk = _round(iscale_k[..., None] * x).clamp(max=nmax)
+        mse = (w * (x - (1 / iscale_k)[..., None] * lk) ** 2).sum(-1)
+        better = mse < best
+        best = torch.where(better, mse, best)
+        iscale = torch.where(better, iscale_k, iscale)
+    L = _round(iscale[..., None] * x).clamp(max=nmax)
+    sumlx = (w * x * L).sum(-1)
+    suml2 = (w * L * L).sum(-1)
+    for _ in range(5):
+        changed = torch.zeros_like(zero)
+        for i in range(x.shape[-1]):
+            wi, xi, li = w[..., i], x[..., i], L[..., i]
+            slx = sumlx - wi * xi * li
+            sl2 = suml2 - wi * li * li
+            ok = (slx > 0) & (sl2 > 0)
+            new_l = _round(xi * sl2 / torch.where(ok, slx, 1.0)).clamp(max=nmax)
+            slx = slx + wi * xi * new_l
+            sl2 = sl2 + wi * new_l * new_l
+            take = ok & (new_l != li) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            L[..., i] = torch.where(take, new_l, li)
+            sumlx = torch.where(take, slx, sumlx)
+            suml2 = torch.where(take, sl2, suml2)
+            changed |= take
+        if not bool(changed.any()):
+            break
+    scale = torch.where(suml2 > 0, sumlx / suml2.clamp(min=1e-30), torch.zeros_like(suml2))
+    return torch.where(zero, 0.0, scale), torch.where(zero[..., None], 0.0, L)
 
 
 def _fp16(x: Tensor) -> Tensor:
     return x.to(torch.float16)
 
 
-def _super(values: Tensor, top: int) -> tuple[Tensor, Tensor]:
-    """Non-negative sub-block values [R, B, S] → (fp16 super-scale [R, B], integers [R, B, S] in [0, top])."""
-    d = _fp16(values.amax(-1) / top)
-    df = d.to(torch.float32)
-    q = torch.where(df[..., None] > 0, _round(values / df.clamp(min=1e-30)[..., None]), torch.zeros_like(values))
-    return d, q.clamp(0, top).to(torch.int16)
+def importance(qtype: str, x: Tensor, h: Tensor | None, row_sigma2: Tensor | None = None) -> Tensor:
+    """llama.cpp's per-weight importance inside a block with an imatrix h (diag H), per type: h·sqrt(σ² + x²) with
+    σ² = 2·mean x² over the 256-block (Q3_K, Q4_K, Q5_K), mean x² over the block (Q2_K) or over the whole row
+    (legacy Q4_0 … Q5_1, ``row_sigma2`` [R]), and h alone for Q6_K. x [R, B, block], h [B, block] or None
+    (uniform). Q8_0 takes no importance (absmax scale)."""
+    rule = _IMPORTANCE[qtype]
+    hh = torch.ones_like(x[0]) if h is None else h.to(x.dtype)
+    if rule == "h":
+        return hh[None].expand_as(x)
+    if rule == "row":
+        sigma2 = ((x * x).mean((-2, -1)) if row_sigma2 is None else row_sigma2.to(x.dtype))[:, None, None]
+    else:
+        sigma2 = (2.0 if rule == "block2" else 1.0) * (x * x).mean(-1, keepdim=True)
+    return hh[None] * torch.sqrt(sigma2 + x * x)
 
 
-def _super_signed(values: Tensor, lo: int, hi: int) -> tuple[Tensor, Tensor]:
-    """Signed sub-block scales [R, B, S] → (fp16 d [R, B], integers in [lo, hi]): the scale of largest magnitude
-    maps to ``lo`` (llama.cpp: iscale = lo/max_signed, d = 1/iscale)."""
-    idx = values.abs().argmax(-1, keepdim=True)
-    mx = values.gather(-1, idx).squeeze(-1)
-    zero = mx == 0
-    d = _fp16(torch.where(zero, torch.zeros_like(mx), mx / lo))
-    df = d.to(torch.float32)
-    q = torch.where(df[..., None] != 0, _round(values / torch.where(df == 0, 1.0, df)[..., None]), 0 * values)
-    return d, q.clamp(lo, hi).to(torch.int16)
+_IMPORTANCE = {
+    "Q2_K": "block1",
+    "Q3_K": "block2",
+    "Q4_K": "block2",
+    "Q5_K": "block2",
+    "Q6_K": "h",
+    "Q4_0": "row",
+    "Q4_1": "row",
+    "Q5_0": "row",
+    "Q5_1": "row",
+    "Q8_0": "h",
+}
 
 
-def importance(x: Tensor, h: Tensor | None) -> Tensor:
-    """llama.cpp's per-weight importance inside a block: h_i·sqrt(σ² + x_i²), σ² = 2·mean(x²) over the block
-    (uniform h when there is no Hessian). x [R, B, block], h [B, block] or None."""
-    sigma2 = 2.0 * (x * x).mean(-1, keepdim=True)
-    base = torch.sqrt(sigma2 + x * x)
-    if h is None:
-        return base
-    return h[None].to(x.dtype) * base
+def fit_blocks(
+    qtype: str, x: Tensor, h: Tensor | None = None, row_sigma2: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Choose the stored grids of whole blocks as ``llama-quantize --imatrix`` does (``quantize_row_*_impl``):
+    x [R, C] (C a multiple of the block), h [C] importance (diag H) or None, ``row_sigma2`` [R] the rows' mean
+    square for the legacy types (default: x's own). Returns (d, dmin) float16 [R, C/block] and (sc, m) int16
+    [R, C/sub].
 
-
-def fit_blocks(qtype: str, x: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Choose the stored grids of whole blocks: x [R, C] (C a multiple of the block), h [C] importance
-    (diag H) or None. Returns (d, dmin) float16 [R, C/block] and (sc, m) int16 [R, C/sub]."""
+    Sub-block grids: ``make_qkx3_quants`` (types with a min) or ``make_qx_quants`` (symmetric); k-quant
+    sub-scales and mins then go onto the super-block's integer grid with an fp16 super-scale: weighted
+    ``make_qp_quants`` (Q2_K, Q4_K, Q5_K; weights = the sub-block's summed importance), weighted
+    ``make_qx_quants`` over the signed scales (Q3_K), −128/max (Q6_K). Q8_0 is absmax/127."""
     spec = KSPECS[qtype]
     R, C = x.shape
     if C % spec.block:
@@ -274,26 +334,37 @@ def fit_blocks(qtype: str, x: Tensor, h: Tensor | None = None) -> tuple[Tensor, 
     nb, per = C // spec.block, spec.block // spec.sub
     xb = x.to(torch.float32).reshape(R, nb, spec.block)
     hb = None if h is None else h.to(torch.float32).reshape(nb, spec.block)
-    w = importance(xb, hb).reshape(R, nb, per, spec.sub)
+    if row_sigma2 is None and _IMPORTANCE[qtype] == "row":
+        row_sigma2 = (xb * xb).mean((-2, -1))
+    w = importance(qtype, xb, hb, row_sigma2).reshape(R, nb, per, spec.sub)
     xs = xb.reshape(R, nb, per, spec.sub)
     ones = torch.ones(R, nb * per, dtype=torch.int16, device=x.device)
     zeros16 = torch.zeros(R, nb, dtype=torch.float16, device=x.device)
+    if qtype == "Q8_0":
+        return _fp16(xb.abs().amax(-1) / 127), zeros16, ones, 0 * ones
     if spec.kind == "min":
         s, mn = _fit_min(xs, w, spec.umax)  # [R, nb, per]
         if spec.scale_bits == 0:
             return _fp16(s.reshape(R, nb)), _fp16(mn.reshape(R, nb)), ones, 0 * ones
         top = (1 << spec.scale_bits) - 1
-        d, sc = _super(s, top)
-        dmin, m = _super(-mn, top)
-        return d, dmin, sc.reshape(R, -1), m.reshape(R, -1)
-    s = _fit_sym(xs, w, spec.zero)  # signed scale per sub-block, x ≈ s·q
+        sw = w.sum(-1)
+        d, ls = _fit_pos(s, sw, top)
+        dm, lm = _fit_pos(-mn, sw, top)
+        return _fp16(d), _fp16(dm), ls.to(torch.int16).reshape(R, -1), lm.to(torch.int16).reshape(R, -1)
+    s, _ = _fit_sym(xs, w, spec.zero)  # signed scale per sub-block, x ≈ s·q
     if spec.scale_bits == 0:
         return _fp16(s.reshape(R, nb)), zeros16, ones, 0 * ones
     if qtype == "Q3_K":
-        d, sc = _super_signed(s, -32, 31)
-        return d, zeros16, (sc + 32).reshape(R, -1), 0 * ones
-    d, sc = _super_signed(s, -128, 127)  # Q6_K
-    return d, zeros16, sc.reshape(R, -1), 0 * ones
+        d, q = _fit_sym(s, w.sum(-1), 32)
+        return _fp16(d), zeros16, (q + 32).to(torch.int16).reshape(R, -1), 0 * ones
+    # Q6_K: the scale of largest magnitude maps to −128; the integers come from the unrounded inverse
+    idx = s.abs().argmax(-1, keepdim=True)
+    mx = s.gather(-1, idx).squeeze(-1)
+    zero = mx.abs() < _EPS
+    iscale = torch.where(zero, 0.0, -128.0 / torch.where(zero, 1.0, mx))
+    d = _fp16(torch.where(zero, 0.0, 1 / torch.where(zero, 1.0, iscale)))
+    q = _round(iscale[..., None] * s).clamp(max=127)
+    return d, zeros16, q.to(torch.int16).reshape(R, -1), 0 * ones
 
 
 def _codes(w: Tensor, a: Tensor, b: Tensor, umax: int) -> Tensor:
@@ -307,7 +378,7 @@ def quantize_rtn(W: Tensor, qtype: str, h: Tensor | None = None) -> KQuantWeight
     """Round to nearest on the importance-weighted grids (what ``llama-quantize --imatrix`` does, with h the
     imatrix). W [R, C]."""
     W = W.to(torch.float32)
-    d, dmin, sc, m = fit_blocks(qtype, W, h)
+    d, dmin, sc, m = fit_blocks(qtype, W, h, (W * W).mean(1))
     a, b = subgrid(qtype, d, dmin, sc, m)
     sub = KSPECS[qtype].sub
     u = _codes(W, a.repeat_interleave(sub, 1), b.repeat_interleave(sub, 1), KSPECS[qtype].umax)
@@ -339,6 +410,7 @@ def quantize_kquant(
     Wc = W.to(torch.float32, copy=True)
     Wc[:, dead] = 0
     hdiag = torch.diagonal(H_fixed).to(torch.float32)
+    row_sigma2 = (Wc * Wc).mean(1)  # the legacy types' importance uses the whole original row (as ggml does)
     U64, lam = inverse_cholesky(H_fixed, damp, damp_max, name)
     U = U64.to(torch.float32)
     nb, nsub = C // spec.block, C // spec.sub
@@ -351,7 +423,7 @@ def quantize_kquant(
     for i1 in range(0, C, step):
         i2 = min(i1 + step, C)
         W1 = Wc[:, i1:i2].clone()
-        bd, bdm, bsc, bm = fit_blocks(qtype, W1, hdiag[i1:i2])
+        bd, bdm, bsc, bm = fit_blocks(qtype, W1, hdiag[i1:i2], row_sigma2)
         d[:, i1 // spec.block : i2 // spec.block] = bd
         dmin[:, i1 // spec.block : i2 // spec.block] = bdm
         sc[:, i1 // spec.sub : i2 // spec.sub] = bsc
