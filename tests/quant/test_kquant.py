@@ -111,7 +111,7 @@ def test_ragged_width_is_refused() -> None:
         quantize_kquant(random_weight(2, 288, 0), random_spd(288, 0), "Q4_K")
 
 
-@pytest.mark.parametrize("qtype", TYPES + ["Q4_1"])
+@pytest.mark.parametrize("qtype", [*TYPES, "Q4_1"])
 def test_grids_are_llama_cpp_imatrix_grids(qtype: str) -> None:
     """fit_blocks against a scalar float32 transcription of ggml's ``quantize_row_*_impl`` (tests/quant/
     ggml_reference.py): the same d, dmin, sub-scales and mins block for block. The vectorised sums round in
