@@ -2,9 +2,9 @@
 
 Only grids llama.cpp has are written, and only exactly (:mod:`kernels.formats.ggml`): W4 g32 asym → Q4_1,
 W4 g32 sym → Q4_0, W8 g32 sym → Q8_0; anything else is refused in one line naming those. Metadata follows
-llama.cpp's ``convert_hf_to_gguf.py`` for the llama architecture:
+llama.cpp's ``convert_hf_to_gguf.py`` for the llama and qwen2 architectures (``GGUF_ARCHES``):
 
-* ``general.*`` (architecture, type, file_type, quantization_version, quantized_by) and ``llama.*``
+* ``general.*`` (architecture, type, file_type, quantization_version, quantized_by) and ``<arch>.*``
   hyper-parameters (block_count, context_length, embedding_length, feed_forward_length, head counts,
   rope.freq_base, rope.dimension_count = head_dim, layer_norm_rms_epsilon, vocab_size; key/value_length when
   head_dim ≠ hidden/heads);
@@ -12,12 +12,13 @@ llama.cpp's ``convert_hf_to_gguf.py`` for the llama architecture:
   must run, see ``tokenizer_pre``), tokens with their types (added special tokens CONTROL, other added tokens
   USER_DEFINED, holes ``[PAD<i>]`` UNUSED), merges, special token ids, add_bos/add_eos and the chat template
   (``gguf.SpecialVocab``);
-* tensors under llama.cpp's names (``gguf.get_tensor_name_map``). ``attn_q``/``attn_k`` rows are permuted the
-  way the converter permutes them (rotary pairs interleaved): a permutation of output rows, so every 32-weight
-  block moves whole and stays exact. Tensors we did not quantize keep their dtype (F32 / F16 / BF16; norms F32),
+* tensors under llama.cpp's names (``gguf.get_tensor_name_map``). For llama, ``attn_q``/``attn_k`` rows are
+  permuted the way the converter permutes them (rotary pairs interleaved): a permutation of output rows, so every
+  32-weight block moves whole and stays exact. qwen2 runs NeoX-style rotary (rows as they are) and keeps its
+  q/k/v biases (F32). Tensors we did not quantize keep their dtype (F32 / F16 / BF16; norms F32),
   so the file holds exactly the native pack's numbers.
 
-Not written (refused with the reason): other architectures, RoPE scaling, attention/MLP biases, sentencepiece
+Not written (refused with the reason): other architectures, RoPE scaling, biases the architecture lacks, sentencepiece
 vocabularies, pre-tokenizers llama.cpp does not implement, act-order without static groups.
 """
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -45,6 +46,45 @@ _LLAMA3_REGEX = (
 )
 _QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
 _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED = 1, 3, 4, 5
+
+
+class GGUFArch(NamedTuple):
+    """How llama.cpp's converter writes one Hugging Face ``model_type``."""
+
+    arch: str  # member of gguf.MODEL_ARCH
+    permute_qk: bool  # llama's interleaved rotary pairs: q/k rows permuted; NeoX-style rotary keeps them
+    biases: bool  # q/k/v biases are part of the architecture (Qwen2 always has them)
+
+
+GGUF_ARCHES: dict[str, GGUFArch] = {
+    "llama": GGUFArch("LLAMA", permute_qk=True, biases=False),
+    "qwen2": GGUFArch("QWEN2", permute_qk=False, biases=True),
+}
+
+
+def gguf_arch(config: dict[str, Any]) -> GGUFArch:
+    """The GGUF architecture of a checkpoint (``gguf_model_reason`` has refused the others)."""
+    return GGUF_ARCHES[str(config.get("model_type"))]
+
+
+def tensor_names(config: dict[str, Any]) -> Any:
+    """llama.cpp's tensor-name map for this checkpoint (``gguf.TensorNameMap``)."""
+    import gguf
+
+    return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, gguf_arch(config).arch), int(config["num_hidden_layers"]))
+
+
+def qk_heads(name: str, config: dict[str, Any]) -> int | None:
+    """Heads whose rotary pairs llama.cpp's converter interleaves in this q/k weight's rows, else None."""
+    if not gguf_arch(config).permute_qk:
+        return None
+    n_head = int(config["num_attention_heads"])
+    base = name.removesuffix(".weight")
+    if base.endswith("q_proj"):
+        return n_head
+    if base.endswith("k_proj"):
+        return int(config.get("num_key_value_heads") or n_head)
+    return None
 
 
 def _byte_level(step: dict[str, Any], *, regex: bool) -> bool:
@@ -93,12 +133,15 @@ def _rope_theta(config: dict[str, Any]) -> float:
 def gguf_model_reason(model_path: Path, config: dict[str, Any]) -> str | None:
     """None when this base checkpoint can be written as a GGUF llama.cpp loads (architecture, RoPE, biases,
     tokenizer, host byte order: what every GGUF export needs, whatever its grids), else why not (one line)."""
-    if config.get("model_type") != "llama":
-        return f"the GGUF export writes llama-architecture models, not {config.get('model_type')!r}"
+    arch = GGUF_ARCHES.get(str(config.get("model_type")))
+    if arch is None:
+        return f"the GGUF export writes {' and '.join(GGUF_ARCHES)} models, not {config.get('model_type')!r}"
     if not _rope_default(config):
         return "RoPE scaling is not written to GGUF by this exporter"
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        return "attention/MLP biases are not written to GGUF by this exporter"
+    if config.get("use_sliding_window"):
+        return f"sliding-window attention is not part of llama.cpp's {arch.arch.lower()} architecture"
+    if (config.get("attention_bias") and not arch.biases) or config.get("mlp_bias"):
+        return f"attention/MLP biases are not part of llama.cpp's {arch.arch.lower()} architecture"
     tok_file = model_path / "tokenizer.json"
     if not tok_file.is_file():
         return "no tokenizer.json: the GGUF export writes byte-level BPE vocabularies only"
@@ -193,7 +236,7 @@ def start_writer(path: Path, model_path: Path, config: dict[str, Any], file_type
     vocab_size = int(config["vocab_size"])
     tokens, types = _vocab(model_path, vocab_size)
     pre = tokenizer_pre(json.loads((model_path / "tokenizer.json").read_text()))
-    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, gguf_arch(config).arch)])
     w.add_type(gguf.GGUFType.MODEL)
     w.add_quantized_by("quantpipe")
     w.add_file_type(file_type)
@@ -235,10 +278,7 @@ def write_gguf(out: Path, inputs: ExportInputs) -> dict[str, Any]:
     path = out / FILE_NAME.format(qtype=qtype)
     w = start_writer(path, inputs.model_path, config, getattr(gguf.LlamaFileType, f"MOSTLY_{qtype}"))
     pre = tokenizer_pre(json.loads((inputs.model_path / "tokenizer.json").read_text()))
-    n_layers, n_head = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
-    n_kv = int(config.get("num_key_value_heads") or n_head)
-
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    names = tensor_names(config)
     tied = bool(config.get("tie_word_embeddings", True))
     for name, t in source_tensors(inputs.model_path, skip=set(qweights)):
         if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
@@ -250,7 +290,7 @@ def write_gguf(out: Path, inputs: ExportInputs) -> dict[str, Any]:
         w.add_tensor(target, array, raw_dtype=raw)
     for name, q in sorted(qweights.items()):
         codes, scales, zeros = q.codes, q.scales, q.zeros
-        heads = n_head if name.endswith("q_proj") else n_kv if name.endswith("k_proj") else None
+        heads = qk_heads(name, config)
         if heads is not None:  # llama.cpp's rotary-pair permutation of q/k rows
             perm = _rows_permutation(q.out_features, heads)
             codes, scales, zeros = codes[perm], scales[perm], zeros[perm]
@@ -273,8 +313,12 @@ def dequantized_weights(path: Path, config: dict[str, Any]) -> dict[str, torch.T
     from transformers.integrations.gguf.dequant import GGML_BLOCK, dequantize
     from transformers.integrations.gguf.reader import GgufHeader, load_gguf_state_dict
 
-    n_head = int(config["num_attention_heads"])
-    n_kv = int(config.get("num_key_value_heads") or n_head)
+    names = tensor_names(config)
+    hf_of = {
+        names.get_name(f"model.layers.{i}.self_attn.{p}"): f"self_attn.{p}"
+        for i in range(int(config["num_hidden_layers"]))
+        for p in ("q_proj", "k_proj")
+    }
     header = GgufHeader.from_file(str(path))
     lazy = load_gguf_state_dict(header)
     out = {}
@@ -282,7 +326,7 @@ def dequantized_weights(path: Path, config: dict[str, Any]) -> dict[str, torch.T
         if info.ggml_type not in GGML_BLOCK:  # plain tensors are stored as they are
             continue
         w = dequantize(lazy[info.name][()].reshape(-1), info.ggml_type).reshape(info.shape)
-        heads = n_head if ".attn_q." in info.name else n_kv if ".attn_k." in info.name else None
+        heads = qk_heads(hf_of.get(info.name.removesuffix(".weight"), ""), config)
         if heads is not None:
             w = w[torch.argsort(_rows_permutation(w.shape[0], heads))]
         out[info.name] = w
@@ -292,10 +336,9 @@ def dequantized_weights(path: Path, config: dict[str, Any]) -> dict[str, torch.T
 def verify_gguf(path: Path, inputs: ExportInputs) -> str | None:
     """None when transformers' GGUF reader decodes every quantized tensor of ``path`` to our dequantized weights
     bit for bit, else what differs."""
-    import gguf
 
     weights = dequantized_weights(path, inputs.config)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(inputs.config["num_hidden_layers"]))
+    names = tensor_names(inputs.config)
     for name, q in inputs.affine().items():
         got = weights.get(f"{names.get_name(name)}.weight")
         if got is None or not torch.equal(got, q.dequantize()):

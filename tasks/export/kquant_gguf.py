@@ -1,7 +1,7 @@
 """k-quant GGUF: llama.cpp's Q2_K / Q3_K_M / Q4_K_M files, every weight rounded by GPTQ onto its ggml grid.
 
 Which tensor gets which ggml type mirrors ``llama-quantize`` (``llama_tensor_get_type_impl`` and
-``tensor_type_fallback`` in llama.cpp's ``src/llama-quant.cpp``, dense llama-architecture models), so a quantpipe file
+``tensor_type_fallback`` in llama.cpp's ``src/llama-quant.cpp``, dense llama and qwen2 models), so a quantpipe file
 and llama.cpp's own have the same size:
 
 * output (and the token embedding when tied to it): Q6_K;
@@ -137,28 +137,26 @@ def write_kquant_gguf(
     import gguf
 
     from tasks.export.common import source_tensors
-    from tasks.export.gguf import _plain_tensor, _rows_permutation, start_writer
+    from tasks.export.gguf import _plain_tensor, _rows_permutation, qk_heads, start_writer, tensor_names
 
-    n_layers, n_head = int(config["num_hidden_layers"]), int(config["num_attention_heads"])
-    n_kv = int(config.get("num_key_value_heads") or n_head)
     tied = bool(config.get("tie_word_embeddings", True))
     file_type = gguf.LlamaFileType.ALL_F32 if ftype == "F32" else getattr(gguf.LlamaFileType, f"MOSTLY_{ftype}")
     w = start_writer(path, model_path, config, file_type)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    names = tensor_names(config)
     for name, t in source_tensors(model_path, skip=set(quantized)):
         if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
             continue
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if target is None:
             raise ValueError(f"no llama.cpp tensor name for {name}")
-        heads = n_head if "q_proj.weight" in name else n_kv if "k_proj.weight" in name else None
+        heads = qk_heads(name, config)
         if heads is not None:
             t = t[_rows_permutation(t.shape[0], heads)]
         array, raw = _plain_tensor(name, t)
         w.add_tensor(target, array, raw_dtype=raw)
     types: dict[str, int] = {}
     for name, kw in sorted(quantized.items()):
-        heads = n_head if name.endswith("q_proj") else n_kv if name.endswith("k_proj") else None
+        heads = qk_heads(name, config)
         if heads is not None:
             kw = kw.rows(_rows_permutation(kw.shape[0], heads))
         target = names.get_name(f"{name}.weight", try_suffixes=(".weight",))

@@ -96,3 +96,64 @@ def test_kquant_gguf_loads_in_transformers_exactly(tmp_path: Path, ftype: str) -
     ids = torch.randint(0, int(config["vocab_size"]), (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_qwen2_kquant_gguf_loads_in_transformers_exactly(tmp_path: Path) -> None:
+    """Qwen2 (the real-releases family): GGUF architecture qwen2, q/k/v biases kept as F32, q/k rows not permuted
+    (NeoX rotary); transformers' GGUF loader reads our weights back bit for bit and computes the same logits."""
+    import gguf
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from tasks.export.kquant_gguf import kquant_reason
+    from tasks.models import load_model
+    from tests.helpers.models import build_tokenizer
+
+    src = tmp_path / "qwen2"
+    src.mkdir()
+    tok = build_tokenizer(src)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    net = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-zero biases, so a dropped or misplaced bias shows in the logits
+        for layer in net.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    net.save_pretrained(src, safe_serialization=True)
+    config = json.loads((src / "config.json").read_text())
+    assert kquant_reason(src, config) is None
+    assert "sliding-window" in (kquant_reason(src, {**config, "use_sliding_window": True}) or "")
+
+    model = load_model(src).float().eval()
+    weights = {n: m.weight.data for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    weights["model.embed_tokens"] = model.get_input_embeddings().weight.data
+    hessians = {n: _spd(w.shape[1], i) for i, (n, w) in enumerate(sorted(weights.items()))}
+    quantized = quantize_mix(weights, kquant_mix("Q3_K_M", config), hessians, tied=False)
+    write_kquant_gguf(tmp_path / "m.gguf", src, "Q3_K_M", quantized, config)
+
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert reader.fields["general.architecture"].contents() == "qwen2"
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.bias"] == "F32" and types["blk.1.attn_v.bias"] == "F32"
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
+    state = loaded.state_dict()
+    for name, kw in quantized.items():
+        assert torch.equal(state[f"{name}.weight"].to(torch.float32), kw.dequantize()), name
+    mods = dict(model.named_modules())
+    for name, kw in quantized.items():
+        target = model.get_input_embeddings() if name == "model.embed_tokens" else mods[name]
+        target.weight.data = kw.dequantize()
+    ids = torch.randint(0, int(config["vocab_size"]), (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
