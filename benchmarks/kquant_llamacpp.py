@@ -16,9 +16,11 @@ Build the tools once (not in CI; ~40 min on 2 busy cores) from the vendored sour
     cd llama_cpp_python-0.3.36/vendor/llama.cpp && cmake -B build -DLLAMA_BUILD_TOOLS=ON -DLLAMA_CURL=OFF \\
         -DCMAKE_BUILD_TYPE=Release && cmake --build build -j2 --target llama-quantize llama-imatrix llama-perplexity
 
-    .venv/bin/python benchmarks/kquant_llamacpp.py [--calib-chunks 16] [--ppl-chunks 20] [--types Q3_K_M,Q2_K,Q4_K_M]
+    .venv/bin/python benchmarks/kquant_llamacpp.py [--model qwen2.5-coder-0.5b] [--calib-chunks 16] [--ppl-chunks 20] \
+        [--types Q3_K_M,Q2_K,Q4_K_M]
 
-Writes ``benchmarks/results/kquant_llamacpp.json``.
+Writes ``benchmarks/results/kquant_llamacpp.json`` (SmolLM2) or ``kquant_llamacpp-<model>.json``. The logits check
+of our files inside llama.cpp needs ``llama_cpp`` (llama-cpp-python) in the venv; without it that entry says so.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 LLAMA = ROOT / ".cache" / "llamacpp" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
-WORK = ROOT / ".cache" / "llamacpp" / "bench"
+BENCH = ROOT / ".cache" / "llamacpp"
 
 
 def _tool(name: str) -> str:
@@ -110,7 +112,11 @@ def _hessians(model, tokenizer, text: str, ctx: int, chunks: int) -> dict:
 def _llama_logits_vs_torch(gguf_file: Path, model, text: str) -> dict:
     import numpy as np
     import torch
-    from llama_cpp import Llama
+
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return {"skipped": "llama_cpp (llama-cpp-python) is not installed in this venv"}
 
     llm = Llama(model_path=str(gguf_file), logits_all=True, n_ctx=512, n_batch=512, n_threads=2, verbose=False)
     toks = llm.tokenize(text.encode(), add_bos=False, special=False)[:256]
@@ -158,6 +164,7 @@ def _gguf_weights(path: Path, config: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m", help="a quantpipe model name (models fetch) ")
     parser.add_argument("--types", default="Q3_K_M,Q2_K,Q4_K_M")
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--calib-chunks", type=int, default=16)
@@ -179,7 +186,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     settings = get_settings()
-    src = fetch_demo_model("smollm2-135m", settings, progress=False)
+    src = fetch_demo_model(args.model, settings, progress=False)
+    smol = args.model == "smollm2-135m"
+    WORK = BENCH / ("bench" if smol else f"bench-{args.model}")
     config = json.loads((src / "config.json").read_text())
     wiki = settings.wikitext_dir
     if wiki is None:
@@ -189,7 +198,7 @@ def main() -> None:
     calib_file = WORK / "calib.txt"
     if not calib_file.is_file():
         calib_file.write_text(calib_text)
-    f32 = WORK / "smollm2-135m-f32.gguf"
+    f32 = WORK / f"{args.model}-f32.gguf"
     if not f32.is_file():  # llama.cpp's convert_hf_to_gguf.py wants sentencepiece for this vocab; same header
         write_kquant_gguf(f32, src, "F32", {}, config)
     tied = bool(config.get("tie_word_embeddings", True))
@@ -231,7 +240,7 @@ def main() -> None:
         cmd = [_tool("llama-imatrix"), "-m", str(f32), "-f", str(calib_file), "-o", str(imatrix), "-c", str(args.ctx)]
         _run([*cmd, "--chunks", str(args.calib_chunks), "-t", str(args.threads)], WORK / "imatrix.log")
     results: dict = {
-        "model": "SmolLM2-135M (demo checkpoint)",
+        "model": "SmolLM2-135M (demo checkpoint)" if smol else f"{args.model} (dequantized GGUF bundle)",
         "ctx": args.ctx,
         "calibration": f"WikiText-2 validation, first windows of {args.ctx} tokens: llama-imatrix {args.calib_chunks}, "
         f"quantpipe Hessians {args.hessian_chunks or args.calib_chunks}",
@@ -268,7 +277,8 @@ def main() -> None:
         row["quantpipe GPTQ"]["llama_cpp_vs_torch_dequant"] = _llama_logits_vs_torch(ours, deq, calib_text[:4000])
         results["types"][ftype] = row
         print(json.dumps(row, indent=1), flush=True)
-        out = ROOT / "benchmarks" / "results" / "kquant_llamacpp.json"
+        name = "kquant_llamacpp.json" if smol else f"kquant_llamacpp-{args.model}.json"
+        out = ROOT / "benchmarks" / "results" / name
         out.write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))
 
