@@ -48,8 +48,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
-from quant.gptq import SWEEP_DTYPE, inverse_cholesky, validate_inputs
-from quant.hessian import HESSIAN_DTYPE, DampFraction, check_damp_max, fix_dead_inputs, proxy_loss
+from quant.gptq import SWEEP_DTYPE, sweep_factor, validate_inputs
+from quant.hessian import HESSIAN_DTYPE, DampFraction, check_damp_max, dead_inputs, proxy_loss
 from quant.precision import exact
 from quant.types import ConfigVersion
 
@@ -322,15 +322,14 @@ def quantize_e8p_ldlq(
     validate_inputs(W, H, name)
     m, n = W.shape
     check_e8p_width(n, name)
-    H_fixed, dead = fix_dead_inputs(H)
+    dead = dead_inputs(H)
     W_in = W
     W = W.to(sweep_dtype, copy=True)
     W[:, dead] = 0
     scales = row_scales(W, cfg.scale).to(W.device)
     inv_s = (1 / scales)[:, None].to(sweep_dtype)
     s_col = scales[:, None].to(sweep_dtype)
-    U64, lam = inverse_cholesky(H_fixed, cfg.damp, cfg.damp_max, name)
-    U = U64.to(sweep_dtype)
+    U, lam = sweep_factor(H, None, cfg.damp, cfg.damp_max, name, sweep_dtype)
     codes = torch.zeros(m, n // E8P_DIM, dtype=torch.long, device=W.device)
     codes2 = torch.zeros_like(codes) if cfg.bits == 3 else None
     losses = torch.zeros(m, dtype=sweep_dtype, device=W.device)

@@ -25,7 +25,7 @@ Precision: H is kept in float64 for dead-input fixing, damping, Cholesky and inv
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -42,7 +42,9 @@ from quant.hessian import (
     check_finite,
     cholesky_failure,
     damp_schedule,
-    fix_dead_inputs,
+    dead_inputs,
+    fixed_diagonal,
+    fixed_hessian,
     proxy_loss,
 )
 from quant.mixed import check_group_bits, fit_mixed_group_grids
@@ -56,6 +58,7 @@ __all__ = [
     "inverse_cholesky",
     "quantize_gptq",
     "start_sweep",
+    "sweep_factor",
     "validate_inputs",
     "with_sweep_stats",
 ]
@@ -101,20 +104,57 @@ class GPTQConfig(BaseModel):
         return self
 
 
-def inverse_cholesky(H: Tensor, damp: float, damp_max: float, name: str) -> tuple[Tensor, float]:
+def inverse_cholesky(
+    H: Tensor, damp: float, damp_max: float, name: str, *, rebuild: Callable[[], Tensor] | None = None
+) -> tuple[Tensor, float]:
     """U = chol(H_λ⁻¹) upper, with H_λ = H + λ·mean(diag H)·I; λ escalates on failure.
 
     The three-line trick: L = chol(H_λ); H_λ⁻¹ = cholesky_inverse(L); U = chol(H_λ⁻¹, upper). Returns
     (U float64 [n, n], λ used).
+
+    With ``rebuild``, H is the caller's private float64 symmetric matrix and is consumed: the three steps run in
+    place on its column-major view (LAPACK's own layout, so torch copies nothing) and U comes back as a view of
+    H's memory. The working set is then H alone instead of four n×n float64 matrices. A failed attempt has
+    overwritten H, so ``rebuild()`` supplies it again for the next λ. The bits are the same either way.
     """
-    for lam in damp_schedule(damp, damp_max):
-        L, info = torch.linalg.cholesky_ex(add_damping(H, lam))
+    if rebuild is None:
+        for lam in damp_schedule(damp, damp_max):
+            L, info = torch.linalg.cholesky_ex(add_damping(H, lam))
+            if int(info) != 0:
+                continue
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0:
+                return U, lam
+        raise cholesky_failure(name, damp_max)
+    V = H.mT  # == H (symmetric), Fortran-contiguous
+    info = torch.zeros((), dtype=torch.int32, device=H.device)
+    for attempt, lam in enumerate(damp_schedule(damp, damp_max)):
+        if attempt:
+            H.copy_(rebuild())
+        diag = torch.diagonal(V)
+        diag.add_(lam * diag.mean())  # add_damping's arithmetic, in place
+        torch.linalg.cholesky_ex(V, out=(V, info))
         if int(info) != 0:
             continue
-        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        torch.cholesky_inverse(V, out=V)
+        torch.linalg.cholesky_ex(V, upper=True, out=(V, info))
         if int(info) == 0:
-            return U, lam
+            return V, lam
     raise cholesky_failure(name, damp_max)
+
+
+def sweep_factor(
+    H: Tensor, perm: Tensor | None, damp: float, damp_max: float, name: str, dtype: torch.dtype
+) -> tuple[Tensor, float]:
+    """(U row-major in ``dtype``, λ) for a column sweep in ``perm`` order: U = chol(H_λ⁻¹) of the dead-input-fixed,
+    permuted H. One float64 copy of H is built and factored in place, so a sweep holds the caller's H, that copy
+    and U — not the five n×n matrices of copy → fix → permute → damp → factor → invert → factor."""
+
+    def build() -> Tensor:
+        return fixed_hessian(H, perm)
+
+    U64, lam = inverse_cholesky(build(), damp, damp_max, name, rebuild=build)
+    return torch.empty(U64.shape, dtype=dtype, device=U64.device).copy_(U64), lam  # row-major, one allocation
 
 
 def validate_inputs(W: Tensor, H: Tensor, name: str) -> None:
@@ -133,7 +173,7 @@ class SweepStart(NamedTuple):
     """What a column sweep (GPTQ, LDLQ) starts from, as built by :func:`start_sweep`."""
 
     W: Tensor  # [m, n] sweep_dtype copy of the weight, dead input columns zeroed
-    H: Tensor  # [n, n] the Hessian with dead inputs fixed (H_ii = 1)
+    hdiag: Tensor  # [n] float64 diag H with dead inputs fixed (H_ii = 1): act-order's key
     dead: Tensor  # [n] bool, inputs with H_ii = 0
     group_size: int  # effective group size (n for per-channel grids)
     scales: Tensor  # [m, G] GRID_DTYPE: fitted on W (static groups) or zeros the sweep fills in
@@ -154,7 +194,7 @@ def start_sweep(
     (static grids of group g at ``group_bits[g]`` bits when given)."""
     validate_inputs(W, H, name)
     m, n = W.shape
-    H_fixed, dead = fix_dead_inputs(H)
+    dead = dead_inputs(H)
     W = W.to(sweep_dtype, copy=True)
     W[:, dead] = 0
     if group_bits is not None:
@@ -164,7 +204,7 @@ def start_sweep(
     else:
         scales = torch.zeros(m, grid.n_groups(n), dtype=GRID_DTYPE, device=W.device)
         zeros = torch.zeros_like(scales)
-    return SweepStart(W, H_fixed, dead, grid.effective_group_size(n), scales, zeros)
+    return SweepStart(W, fixed_diagonal(H), dead, grid.effective_group_size(n), scales, zeros)
 
 
 def with_sweep_stats(
@@ -207,23 +247,21 @@ def quantize_gptq(
         if not cfg.static_groups:
             raise ValueError(f"{name!r}: per-group bit-widths need static_groups (grids fixed before the sweep)")
         gb = check_group_bits(group_bits, grid.n_groups(W.shape[1]), name)
-    W, H_fixed, dead, gs, scales, zeros = start_sweep(
+    W, hdiag, dead, gs, scales, zeros = start_sweep(
         W_in, H, grid, static_groups=cfg.static_groups, name=name, sweep_dtype=sweep_dtype, group_bits=gb
     )
     m, n = W.shape
     bits_of = [grid.bits] * scales.shape[1] if gb is None else gb.tolist()
 
     if cfg.act_order:
-        perm = torch.argsort(torch.diagonal(H_fixed), descending=True, stable=True)
+        perm = torch.argsort(hdiag, descending=True, stable=True)
         W = W[:, perm]
-        H_fixed = H_fixed[perm][:, perm]
     else:
         perm = torch.arange(n, device=W.device)
     # group_of[p]: the grid used at sweep position p
     group_of = (perm // gs if cfg.static_groups else torch.arange(n, device=W.device) // gs).tolist()
 
-    U64, lam = inverse_cholesky(H_fixed, cfg.damp, cfg.damp_max, name)
-    U = U64.to(sweep_dtype)
+    U, lam = sweep_factor(H, perm if cfg.act_order else None, cfg.damp, cfg.damp_max, name, sweep_dtype)
     codes = torch.zeros(m, n, dtype=sweep_dtype, device=W.device)
     losses = torch.zeros(m, dtype=sweep_dtype, device=W.device)
 

@@ -24,7 +24,10 @@ __all__ = [
     "cholesky_failure",
     "damp_schedule",
     "finalize",
+    "dead_inputs",
     "fix_dead_inputs",
+    "fixed_diagonal",
+    "fixed_hessian",
     "proxy_loss",
 ]
 
@@ -91,10 +94,34 @@ def fix_dead_inputs(H: Tensor) -> tuple[Tensor, Tensor]:
     Returns (a float64 copy of H with the fix, bool mask [in] of dead columns); the caller must set
     W[:, dead] = 0 — such columns never affect the output, so zero is as good as any value and exact.
     """
-    H = H.to(HESSIAN_DTYPE, copy=True)
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    return H, dead
+    return fixed_hessian(H), dead_inputs(H)
+
+
+def dead_inputs(H: Tensor) -> Tensor:
+    """bool [in]: inputs never activated in calibration (H_ii = 0)."""
+    return torch.diagonal(H) == 0
+
+
+def fixed_diagonal(H: Tensor) -> Tensor:
+    """float64 [in]: diag H with dead inputs' entries set to 1 (the diagonal of ``fixed_hessian(H)``)."""
+    d = torch.diagonal(H).to(HESSIAN_DTYPE, copy=True)
+    d[d == 0] = 1.0
+    return d
+
+
+def fixed_hessian(H: Tensor, perm: Tensor | None = None, *, panel: int = 2048) -> Tensor:
+    """A private float64 copy of H with dead inputs fixed (H_ii = 1), rows and columns in ``perm`` order
+    (``H[perm][:, perm]``), built in row panels so the result is the only full-size allocation: at a 70B
+    down_proj's 28,672 inputs every n×n float64 matrix is 6.6 GB."""
+    n = H.shape[0]
+    out = torch.empty(n, n, dtype=HESSIAN_DTYPE, device=H.device)
+    for a in range(0, n, panel):
+        b = min(a + panel, n)
+        rows = H[a:b] if perm is None else H[perm[a:b]]
+        out[a:b] = rows if perm is None else rows[:, perm]
+    dead = dead_inputs(H) if perm is None else dead_inputs(H)[perm]
+    out[dead, dead] = 1.0
+    return out
 
 
 def _check_damp(v: float) -> float:

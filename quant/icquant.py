@@ -55,9 +55,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from torch import Tensor
 
-from quant.gptq import SWEEP_DTYPE, inverse_cholesky, validate_inputs
+from quant.gptq import SWEEP_DTYPE, sweep_factor, validate_inputs
 from quant.grid import GRID_DTYPE, MSE_CLIP_FACTORS, MSE_NORM, dequantize_codes, quantize_codes
-from quant.hessian import HESSIAN_DTYPE, check_finite, fix_dead_inputs, proxy_loss
+from quant.hessian import HESSIAN_DTYPE, check_finite, dead_inputs, fixed_diagonal, proxy_loss
 from quant.precision import exact
 from quant.types import ConfigVersion, GridConfig
 
@@ -510,16 +510,15 @@ def gptq_sweep(
     m, n = W.shape
     if tuple(scales.shape) != (m, n) or tuple(zeros.shape) != (m, n):
         raise ValueError(f"per-element scales/zeros must be [{m}, {n}], got {tuple(scales.shape)}")
-    H_fixed, dead = fix_dead_inputs(H)
+    dead = dead_inputs(H)
     W = W.to(sweep_dtype, copy=True)
     W[:, dead] = 0
     if act_order:
-        perm = torch.argsort(torch.diagonal(H_fixed), descending=True, stable=True)
-        W, H_fixed, scales, zeros = W[:, perm], H_fixed[perm][:, perm], scales[:, perm], zeros[:, perm]
+        perm = torch.argsort(fixed_diagonal(H), descending=True, stable=True)
+        W, scales, zeros = W[:, perm], scales[:, perm], zeros[:, perm]
     else:
         perm = torch.arange(n, device=W.device)
-    U64, lam = inverse_cholesky(H_fixed, damp, damp_max, name)
-    U = U64.to(sweep_dtype)
+    U, lam = sweep_factor(H, perm if act_order else None, damp, damp_max, name, sweep_dtype)
     codes = torch.zeros(m, n, dtype=sweep_dtype, device=W.device)
     losses = torch.zeros(m, dtype=sweep_dtype, device=W.device)
     for i1 in range(0, n, block_size):

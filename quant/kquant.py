@@ -53,8 +53,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from quant.gptq import inverse_cholesky, validate_inputs
-from quant.hessian import HESSIAN_DTYPE, fix_dead_inputs, proxy_loss
+from quant.gptq import sweep_factor, validate_inputs
+from quant.hessian import HESSIAN_DTYPE, dead_inputs, fixed_diagonal, proxy_loss
 from quant.precision import exact
 
 __all__ = ["KSPECS", "KQuantWeight", "KSpec", "dequantize", "fit_blocks", "quantize_kquant", "quantize_rtn", "subgrid"]
@@ -406,13 +406,12 @@ def quantize_kquant(
     R, C = W.shape
     if C % spec.block:
         raise ValueError(f"{name}: {qtype} needs whole {spec.block}-weight blocks, got {C} columns")
-    H_fixed, dead = fix_dead_inputs(H)
+    dead = dead_inputs(H)
     Wc = W.to(torch.float32, copy=True)
     Wc[:, dead] = 0
-    hdiag = torch.diagonal(H_fixed).to(torch.float32)
+    hdiag = fixed_diagonal(H).to(torch.float32)
     row_sigma2 = (Wc * Wc).mean(1)  # the legacy types' importance uses the whole original row (as ggml does)
-    U64, lam = inverse_cholesky(H_fixed, damp, damp_max, name)
-    U = U64.to(torch.float32)
+    U, lam = sweep_factor(H, None, damp, damp_max, name, torch.float32)
     nb, nsub = C // spec.block, C // spec.sub
     d = torch.zeros(R, nb, dtype=torch.float16)
     dmin = torch.zeros_like(d)

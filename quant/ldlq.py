@@ -26,7 +26,15 @@ from torch import Tensor
 
 from quant.gptq import SWEEP_DTYPE, start_sweep, with_sweep_stats
 from quant.grid import dequantize_codes, fit_grid, quantize_codes
-from quant.hessian import HESSIAN_DTYPE, DampFraction, add_damping, check_damp_max, cholesky_failure, damp_schedule
+from quant.hessian import (
+    HESSIAN_DTYPE,
+    DampFraction,
+    add_damping,
+    check_damp_max,
+    cholesky_failure,
+    damp_schedule,
+    fixed_hessian,
+)
 from quant.precision import exact
 from quant.types import ConfigVersion, GridConfig, QuantizedWeight
 
@@ -86,9 +94,10 @@ def quantize_ldlq(
     """
     grid = cfg.grid
     W_in = W
-    W, H_fixed, dead, gs, scales, zeros = start_sweep(
+    W, _, dead, gs, scales, zeros = start_sweep(
         W_in, H, grid, static_groups=cfg.static_groups, name=name, sweep_dtype=sweep_dtype
     )
+    H_fixed = fixed_hessian(H)
     m, n = W.shape
     Lt64, D64, lam = ldl_upper(H_fixed, cfg.damp, cfg.damp_max, name)
     Lt, D = Lt64.to(sweep_dtype), D64.to(sweep_dtype)

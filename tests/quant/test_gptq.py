@@ -179,3 +179,48 @@ def test_sweep_ignores_a_callers_bf16_autocast() -> None:
         under = quantize_gptq(W, H, cfg)
     assert torch.equal(plain.codes, under.codes)
     assert torch.equal(plain.scales, under.scales)
+
+
+def _spd_with_dead(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(3 * n, n, generator=g, dtype=torch.float64)
+    H = X.T @ X / (3 * n)
+    H[7, :] = 0
+    H[:, 7] = 0  # a dead input
+    return H
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_in_place_factor_is_bit_identical_to_the_copying_path(dtype: torch.dtype) -> None:
+    """sweep_factor (one float64 copy, factored in place on its column-major view) against the old chain
+    (copy → fix dead → permute → damp → chol → cholesky_inverse → chol), bit for bit, row-major."""
+    from quant.gptq import inverse_cholesky, sweep_factor
+    from quant.hessian import fix_dead_inputs
+
+    H = _spd_with_dead(300, 1).to(torch.float32)
+    perm = torch.randperm(300, generator=torch.Generator().manual_seed(2))
+    for p in (None, perm):
+        H_fixed, _ = fix_dead_inputs(H)
+        if p is not None:
+            H_fixed = H_fixed[p][:, p]
+        ref, ref_lam = inverse_cholesky(H_fixed, 0.01, 1.0, "layer")
+        got, lam = sweep_factor(H, p, 0.01, 1.0, "layer", dtype)
+        assert lam == ref_lam and got.is_contiguous()
+        assert torch.equal(got, ref.to(dtype))
+
+
+def test_in_place_factor_retries_on_a_rebuilt_matrix() -> None:
+    """An indefinite H fails at the first λ; the in-place path, whose failed attempt overwrote its copy,
+    rebuilds it and lands on the same λ and the same bits as the copying path."""
+    from quant.gptq import inverse_cholesky, sweep_factor
+
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(120, 120, generator=g, dtype=torch.float64))
+    eig = torch.rand(120, generator=g, dtype=torch.float64) + 1.0
+    eig[0] = -0.05  # mean diag ≈ 1.5: λ = 0.01 adds 0.015 (still indefinite), λ = 0.1 adds 0.15
+    H = (Q * eig) @ Q.T
+    H = (H + H.T) / 2
+    ref, ref_lam = inverse_cholesky(H.clone(), 0.01, 1.0, "layer")
+    got, lam = sweep_factor(H, None, 0.01, 1.0, "layer", torch.float64)
+    assert ref_lam == lam == pytest.approx(0.1)
+    assert torch.equal(got, ref)
