@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -162,6 +163,13 @@ def hessian_shard_task(ctx: StageContext, job: Any) -> list[str]:
     return run_hessian_shard(ctx, job)
 
 
+@task(name="hessians-reduce", cache_policy=NO_CACHE)
+def hessian_reduce_task(ctx: StageContext, job: Any) -> str:
+    from tasks.hessians import run_hessian_reduce
+
+    return run_hessian_reduce(ctx, job)
+
+
 def _hessians_stage(ctx: StageContext, model: Any, model_ref: str, cal_ref: str, recipe: Recipe) -> StageResult:
     """One task for the stage; with ``hessians.shards`` > 1 one task per calibration shard on the flow's runner
     (threads, or Dask workers with --dask), submitted from the flow so the runner is the flow's, then the reduce."""
@@ -183,9 +191,25 @@ def _hessians_stage(ctx: StageContext, model: Any, model_ref: str, cal_ref: str,
         ]
         return [f.result() for f in futures]
 
+    def map_reduce(jobs: list[Any]) -> Iterator[str]:
+        futures = [
+            hessian_reduce_task.with_options(
+                task_run_name=f"hessians reduce block {job.block} ({len(job.partials)} partials)"
+            ).submit(ctx, job)
+            for job in jobs
+        ]
+        return (f.result() for f in futures)
+
     with _progress(ctx).track("hessians: blocks reduced", n_blocks) as advance:
         return run_hessians(
-            ctx, model.path, model_ref, cal_ref, recipe.hessians, progress=advance, map_shards=map_shards
+            ctx,
+            model.path,
+            model_ref,
+            cal_ref,
+            recipe.hessians,
+            progress=advance,
+            map_shards=map_shards,
+            map_reduce=map_reduce,
         )
 
 

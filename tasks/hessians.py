@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +32,11 @@ __all__ = [
     "BLOCK_VERSION",
     "PARTIAL_VERSION",
     "STAGE_VERSION",
+    "ReduceJob",
     "ShardJob",
     "load_block_hessians",
     "load_tokens",
+    "run_hessian_reduce",
     "run_hessian_shard",
     "run_hessians",
     "shard_ranges",
@@ -48,6 +50,7 @@ BLOCK_VERSION = 2
 PARTIAL_VERSION = 1
 
 ShardMap = Callable[[list["ShardJob"]], list[list[str]]]
+ReduceMap = Callable[[list["ReduceJob"]], Iterable[str]]
 
 
 def load_tokens(ctx: StageContext, cal_ref: str) -> Any:
@@ -87,6 +90,18 @@ class ShardJob:
     stop: int
     blocks: tuple[int, ...]
     model_path: str
+    model_ref: str
+    cal_ref: str
+    cfg: HessianConfig
+
+
+@dataclass(frozen=True)
+class ReduceJob:
+    """One block's reduce: the shards' partial refs in shard order, summed into the block artifact."""
+
+    block: int
+    partials: tuple[str, ...]
+    tokens: int
     model_ref: str
     cal_ref: str
     cfg: HessianConfig
@@ -193,6 +208,38 @@ def _reduce_partials(ctx: StageContext, refs: Sequence[str]) -> tuple[dict[str, 
     return tensors, tokens
 
 
+def _block_ref(cfg: HessianConfig, model_ref: str, cal_ref: str, i: int) -> ArtifactRef:
+    inputs = {"model": model_ref, "calibration": cal_ref}
+    return stage_key("hessian-block", BLOCK_VERSION, {**cfg.key_config(), "block": i}, inputs)
+
+
+def _commit_block(
+    ctx: StageContext, cfg: HessianConfig, model_ref: str, cal_ref: str, i: int, tensors: dict[str, Any], tokens: int
+) -> None:
+    from safetensors.torch import save
+
+    payload = save(tensors)
+    dims = {k[: -len(".dim")]: int(v) for k, v in tensors.items() if k.endswith(".dim")}
+
+    def produce_block(bw: Any, _run: Any) -> None:
+        bw.add_bytes("hessians.safetensors", payload)
+        bw.metadata.update({"block": i, "tokens": tokens, "dims": dims})
+
+    inputs = {"model": model_ref, "calibration": cal_ref}
+    ensure_artifact(ctx, "hessian-block", BLOCK_VERSION, {**cfg.key_config(), "block": i}, inputs, produce_block)
+
+
+def run_hessian_reduce(ctx: StageContext, job: ReduceJob) -> str:
+    """Sum one block's partials in shard order into its block artifact, then delete the partials (the block now
+    holds their sum); returns the block ref. Blocks are independent, so the flow runs these as tasks on its runner
+    (Dask workers with --dask) instead of one process reading every shard's partial of every block."""
+    tensors, _ = _reduce_partials(ctx, job.partials)
+    _commit_block(ctx, job.cfg, job.model_ref, job.cal_ref, job.block, tensors, job.tokens)
+    for ref in job.partials:
+        ctx.store.delete(ref)
+    return str(_block_ref(job.cfg, job.model_ref, job.cal_ref, job.block))
+
+
 def _local_map(ctx: StageContext) -> ShardMap:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -212,11 +259,13 @@ def run_hessians(
     *,
     progress: Any = None,
     map_shards: ShardMap | None = None,
+    map_reduce: ReduceMap | None = None,
 ) -> StageResult:
     """The hessians stage. With ``cfg.shards`` > 1 the shards run through ``map_shards`` (the flow passes one that
-    submits a task per shard to its runner; default: local threads) and their partials are reduced per block."""
+    submits a task per shard to its runner; default: local threads) and their partials are reduced per block
+    through ``map_reduce`` (the flow: a task per block; default: one after the other here), each block's sum in
+    shard order, so the blocks are bit-identical whatever the shard count and however the reduces are spread."""
     import torch
-    from safetensors.torch import save
 
     from tasks.driver import BlockStreamer, collect_block_hessians, for_each_block, peak_rss_mb
 
@@ -224,17 +273,10 @@ def run_hessians(
     inputs = {"model": model_ref, "calibration": cal_ref}
 
     def block_ref(i: int) -> ArtifactRef:
-        return stage_key("hessian-block", BLOCK_VERSION, {**config, "block": i}, inputs)
+        return _block_ref(cfg, model_ref, cal_ref, i)
 
     def commit_block(i: int, tensors: dict[str, Any], tokens: int) -> None:
-        payload = save(tensors)
-        dims = {k[: -len(".dim")]: int(v) for k, v in tensors.items() if k.endswith(".dim")}
-
-        def produce_block(bw: Any, _run: Any) -> None:
-            bw.add_bytes("hessians.safetensors", payload)
-            bw.metadata.update({"block": i, "tokens": tokens, "dims": dims})
-
-        ensure_artifact(ctx, "hessian-block", BLOCK_VERSION, {**config, "block": i}, inputs, produce_block)
+        _commit_block(ctx, cfg, model_ref, cal_ref, i, tensors, tokens)
 
     def produce(w: Any, run: Any) -> None:
         streamer = BlockStreamer(model_path, device=ctx.settings.resolved_device())
@@ -251,14 +293,16 @@ def run_hessians(
                 for s, (a, b) in enumerate(ranges)
             ]
             partials = (map_shards or _local_map(ctx))(jobs)
-            for n, i in enumerate(todo):
-                block_partials = [shard_refs[n] for shard_refs in partials]
-                tensors, _ = _reduce_partials(ctx, block_partials)
-                commit_block(i, tensors, tokens)
-                for ref in block_partials:  # the block artifact now holds their sum
-                    ctx.store.delete(ref)
+            reduces = [
+                ReduceJob(i, tuple(shard_refs[n] for shard_refs in partials), tokens, model_ref, cal_ref, cfg)
+                for n, i in enumerate(todo)
+            ]
+            reduce_all = map_reduce or (lambda rjobs: (run_hessian_reduce(ctx, j) for j in rjobs))
+            for done_ref, job in zip(reduce_all(reduces), reduces, strict=True):
+                if done_ref != str(block_ref(job.block)):
+                    raise QuantpipeError(f"the reduce of block {job.block} committed {done_ref}, not its block key")
                 if progress is not None:
-                    progress(i)
+                    progress(job.block)
         elif todo:
 
             def visit(i: int, block: Any, hidden: Any) -> Any:

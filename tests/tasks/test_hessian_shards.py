@@ -100,3 +100,34 @@ def test_killed_mid_shard_resumes_from_committed_partials(
     for ref in out.metadata["blocks"]:
         assert ctx.store.manifest(ref).files[0].sha256 == clean_ctx.store.manifest(ref).files[0].sha256
     assert not list(ctx.store.list("hessian-partial"))
+
+
+def test_reduces_spread_over_workers_give_the_same_blocks(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """The per-block reduces are independent jobs (the flow submits one task per block): run concurrently, in any
+    completion order, they commit the same bits as one process, and the stage sees every block's ref."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen: list[int] = []
+
+    def map_reduce(jobs):
+        assert [j.block for j in jobs] == sorted(j.block for j in jobs) and all(len(j.partials) == 3 for j in jobs)
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            futures = [pool.submit(hessians.run_hessian_reduce, ctx_box[0], j) for j in reversed(jobs)]
+            refs = [f.result() for f in futures][::-1]
+        seen.extend(j.block for j in jobs)
+        return refs
+
+    ctx_box: list[StageContext] = []
+    settings = Settings(home=tmp_path / "par")
+    ctx = StageContext(settings=settings, store_url=(tmp_path / "par" / "store").as_uri(), progress=False)
+    ctx_box.append(ctx)
+    model = resolve_model(str(tiny_llama_dir), settings, progress=False)
+    model_ref = str(run_model(ctx, model).ref)
+    cal = run_calibration(ctx, model, model_ref, CalibrationConfig(n_samples=10, seq_len=32))
+    cfg = HessianConfig(micro_batch=2, shards=3)
+    par = run_hessians(ctx, tiny_llama_dir, model_ref, str(cal.ref), cfg, map_reduce=map_reduce)
+    ctx1, one = _collect(tmp_path / "one", tiny_llama_dir, HessianConfig(micro_batch=2))
+    assert par.ref == one.ref and seen == list(range(len(one.metadata["blocks"])))
+    for ref in one.metadata["blocks"]:
+        assert ctx.store.manifest(ref).files[0].sha256 == ctx1.store.manifest(ref).files[0].sha256
+    assert not list(ctx.store.list("hessian-partial"))
