@@ -271,13 +271,16 @@ def _quantize_tensor(
     name: str,
     device: str = "cpu",
     group_bits: Sequence[int] | None = None,
+    *,
+    owned: bool = False,
 ) -> LayerResult:
     """Run the recipe's method on ``device`` (GPTQ on a GPU is what real users run); results come back on CPU.
-    ``group_bits``: group-wise mixed precision (rtn/gptq), split into one part per width."""
+    ``group_bits``: group-wise mixed precision (rtn/gptq), split into one part per width. ``owned``: ``H_sum`` is
+    this layer's own copy (parallel mode loads it per layer), finalized in place instead of copied."""
     W = W.to(device)
     H = None
     if H_sum is not None:
-        H = finalize(H_sum.to(device), n)
+        H = finalize(H_sum.to(device), n, in_place=owned)
         try:
             check_finite(H, name)
         except ValueError as exc:
@@ -389,7 +392,10 @@ def quantize_layer(ctx: StageContext, model_path: Path, model_ref: str, job: Lay
         stats = load_block_hessians(ctx, job.hessian_ref, [job.group] + ([pooled] if pooled else []))
         H_sum, n, record = expert_hessian(job.group, *stats[job.group], stats.get(pooled) if pooled else None)
         device = ctx.settings.resolved_device()
-        return _with_stats(_quantize_tensor(W, H_sum, n, job.config(cfg), job.name, device, job.group_bits), record)
+        del stats  # H_sum is this layer's alone from here: finalized in place
+        return _with_stats(
+            _quantize_tensor(W, H_sum, n, job.config(cfg), job.name, device, job.group_bits, owned=True), record
+        )
 
     return _layer_stage(ctx, cfg, job, {"model": model_ref, "hessians": job.hessian_ref}, compute)
 

@@ -99,3 +99,21 @@ def test_gram_is_float32_under_bf16_autocast() -> None:
         H, _ = accumulate(None, 0, x)
     X = x.to(torch.float64)
     torch.testing.assert_close(H, X.T @ X, rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_finalize_and_panelled_proxy_loss_match_the_plain_forms() -> None:
+    """finalize(in_place=True) gives the same bits as the copying form; proxy_loss in panels equals the one-shot
+    tr(Δ H Δᵀ) to float64 rounding (panels smaller than the matrix, so the loop really runs)."""
+    from quant.hessian import finalize, proxy_loss
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 70, generator=g, dtype=torch.float64)
+    H_sum = X.T @ X
+    copy = finalize(H_sum, 300)
+    assert torch.equal(finalize(H_sum.clone(), 300, in_place=True), copy)
+    W = torch.randn(45, 70, generator=g)
+    W_hat = W + 0.01 * torch.randn(45, 70, generator=g)
+    D = W_hat.double() - W.double()
+    plain = float(((D @ copy) * D).sum())
+    assert proxy_loss(W, W_hat, copy, panel=16) == pytest.approx(plain, rel=1e-12)
+    assert proxy_loss(W, W_hat, copy.float(), panel=16) == pytest.approx(plain, rel=1e-6)
