@@ -11,7 +11,11 @@ compute U = chol((H + λ·mean diag·I)⁻¹) in ``float32`` for the sweep:
 Each prints its peak RSS above the Hessian it was handed, in units of one n×n float64 matrix, so the numbers carry to
 any width: at a Llama-3-70B down_proj (n = 28,672) one such matrix is 6.6 GB.
 
-    .venv/bin/python benchmarks/gptq_memory.py [--widths 4096 8192]
+``--layer M`` adds a third subprocess per width: the whole parallel-mode layer as the quantize stage runs it
+(``tasks.quantize._quantize_tensor`` with the shipped ``gptq-w4g64`` config on a random [M, n] weight, the layer's
+own float64 H_sum finalized in place, the sweep, the exact proxy loss), its peak above H_sum and W.
+
+    .venv/bin/python benchmarks/gptq_memory.py [--widths 4096 8192] [--layer 8192]
 
 Writes ``benchmarks/results/gptq_memory.json``.
 """
@@ -27,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _child(mode: str, n: int) -> dict[str, float]:
+def _child(mode: str, n: int, m: int = 0) -> dict[str, float]:
     import time
 
     import torch
@@ -54,6 +58,23 @@ def _child(mode: str, n: int) -> dict[str, float]:
     reset_hwm()
     base = hwm_mb()
     t0 = time.time()
+    if mode == "layer":
+        from tasks.quantize import _quantize_tensor
+        from tasks.recipe import load_recipe
+
+        W = torch.randn(m, n, generator=torch.Generator().manual_seed(1))
+        H.diagonal().mul_(1000.0)  # H_sum of 1000 tokens: finalize scales by 2/1000
+        reset_hwm()
+        base = hwm_mb()
+        t0 = time.time()
+        q = _quantize_tensor(W, H, 1000, load_recipe("gptq-w4g64").quantize, "bench", owned=True)
+        seconds = time.time() - t0
+        del H
+        return {
+            "peak_above_H_and_W_matrices": round((hwm_mb() - base) / matrix_mb, 2),
+            "seconds": round(seconds, 1),
+            "proxy_loss_exact": float(q.stats["proxy_loss_exact"]),
+        }
     if mode == "copy":
         H_fixed, _ = fix_dead_inputs(H)
         H_fixed = H_fixed[perm][:, perm]
@@ -72,22 +93,25 @@ def _child(mode: str, n: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--widths", type=int, nargs="+", default=[4096, 8192])
-    parser.add_argument("--child", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
+    parser.add_argument("--layer", type=int, default=0, help="also the whole layer with this many output rows")
+    parser.add_argument("--child", nargs=3, metavar=("MODE", "N", "M"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(_child(args.child[0], int(args.child[1]))))
+        print(json.dumps(_child(args.child[0], int(args.child[1]), int(args.child[2]))))
         return
     rows = []
     for n in args.widths:
         row: dict = {"n": n, "matrix_gb": round(n * n * 8 / 1e9, 3)}
-        for mode in ("copy", "in-place"):
-            cmd = [sys.executable, __file__, "--child", mode, str(n)]
+        for mode in ("copy", "in-place") + (("layer",) if args.layer else ()):
+            cmd = [sys.executable, __file__, "--child", mode, str(n), str(args.layer)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             row[mode] = json.loads(out.strip().splitlines()[-1])
         if row["copy"]["u"] != row["in-place"]["u"]:
             raise SystemExit(f"n={n}: the two factors differ ({row['copy']['u']} vs {row['in-place']['u']})")
         ratio = row["in-place"]["peak_above_H_matrices"] / max(row["copy"]["peak_above_H_matrices"], 1e-9)
         row["ratio_in_place_vs_copy"] = round(ratio, 3)
+        if args.layer:
+            row["layer_rows"] = args.layer
         print(json.dumps(row), flush=True)
         rows.append(row)
     out = ROOT / "benchmarks" / "results" / "gptq_memory.json"
