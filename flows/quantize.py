@@ -243,6 +243,14 @@ def validate_recipe_for_model(recipe: Recipe, model_path: Path) -> None:
         )
     check_positions(cfg, f"recipe {recipe.name}: calibration.seq_len", recipe.calibration.seq_len)
     check_positions(cfg, f"recipe {recipe.name}: eval.seq_len", recipe.eval.seq_len)
+    if recipe.hessians.first_token_weight != 1.0:
+        from quant.arch.mapping import mapping_for
+
+        if mapping_for(cfg.get("architectures") or []).moe is not None:
+            raise ConfigError(
+                f"recipe {recipe.name}: hessians.first_token_weight needs token positions, which routed MoE expert "
+                "inputs do not have; leave it at 1 for this model"
+            )
     from tasks.method_checks import check_method_shapes
     from tasks.quantize import check_transform_sizes
 

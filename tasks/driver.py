@@ -9,6 +9,7 @@ ping-pong activation buffers. Peak memory is therefore one block + activations, 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from infra.errors import QuantpipeError
 from quant.arch import ROLES, ArchMapping, LinearGroup, mapping_for
 from quant.hessian import accumulate
 from tasks.weights import WeightIndex
@@ -63,8 +65,17 @@ class GroupStats:
     x_sum: torch.Tensor | None = None
     n: int = 0
     pooled: GroupStats | None = None  # an expert's group: the block's statistics pooled over experts (tasks.moe)
+    first_token_weight: float = 1.0  # HessianConfig.first_token_weight: position 0 of each sample counts this much
 
     def add(self, x: torch.Tensor) -> None:
+        if self.first_token_weight != 1.0:
+            if x.dim() < 3:
+                raise QuantpipeError(
+                    "hessians.first_token_weight needs token positions, and routed MoE expert inputs have none; "
+                    "leave it at 1 for mixture-of-experts models"
+                )
+            x = x.clone()
+            x[:, 0] *= math.sqrt(self.first_token_weight)  # Σ (√w x)(√w x)ᵀ = w·x xᵀ for that token
         x2 = x.reshape(-1, x.shape[-1])
         self.H, self.n = accumulate(self.H, self.n, x2)
         s = x2.sum(0, dtype=torch.float64)
@@ -211,13 +222,18 @@ class BlockStreamer:
 
 
 def collect_block_hessians(
-    streamer: BlockStreamer, block: nn.Module, hidden: torch.Tensor, *, micro_batch: int = 8
+    streamer: BlockStreamer,
+    block: nn.Module,
+    hidden: torch.Tensor,
+    *,
+    micro_batch: int = 8,
+    first_token_weight: float = 1.0,
 ) -> tuple[dict[str, GroupStats], torch.Tensor]:
     """Hessian statistics of every linear group of ``block`` and the block's outputs, in one forward pass. An
     expert's groups see only the tokens routed to it; MoE blocks also get the pooled expert statistics
     (``tasks.moe.pool_expert_stats``)."""
     groups = streamer.block_groups(block)
-    stats = {g.name: GroupStats() for g in groups}
+    stats = {g.name: GroupStats(first_token_weight=first_token_weight) for g in groups}
     handles = []
     for g in groups:
         first = block.get_submodule(g.linears[0])
@@ -315,6 +331,7 @@ def quantize_block_by_group(
     *,
     micro_batch: int = 8,
     keep_bytes: int = 2 << 30,
+    first_token_weight: float = 1.0,
 ) -> torch.Tensor:
     """True-sequential quantization of one block in a single calibration forward; returns the block's outputs.
 
@@ -329,7 +346,15 @@ def quantize_block_by_group(
     groups = streamer.block_groups(block)
     by_name = {g.name: g for g in groups}
     if set(by_name) != set(ROLES):  # a sparse block: its experts' groups share roles
-        return _quantize_block_by_role(streamer, block, hidden, groups, quantize_group, micro_batch=micro_batch)
+        return _quantize_block_by_role(
+            streamer,
+            block,
+            hidden,
+            groups,
+            quantize_group,
+            micro_batch=micro_batch,
+            first_token_weight=first_token_weight,
+        )
     first = {name: block.get_submodule(g.linears[0]) for name, g in by_name.items()}
     attn, mlp = block.get_submodule(m.attention), block.get_submodule(m.mlp)
     kwargs = streamer.block_kwargs(block, hidden.shape[1])
@@ -339,7 +364,7 @@ def quantize_block_by_group(
         return block(x, **kwargs)
 
     def run_group(name: str, inputs: Callable[[int], torch.Tensor], keep: bool) -> list[torch.Tensor]:
-        stats, kept = GroupStats(), []
+        stats, kept = GroupStats(first_token_weight=first_token_weight), []
         for i in range(len(chunks)):
             x = inputs(i)
             stats.add(x)
@@ -394,6 +419,7 @@ def _quantize_block_by_role(
     quantize_group: Callable[[str, GroupStats], None],
     *,
     micro_batch: int = 8,
+    first_token_weight: float = 1.0,
 ) -> torch.Tensor:
     """True-sequential quantization of a block whose groups are not one per role (a sparse MoE block: every
     expert and the shared expert have an ``mlp_in`` and a ``down_in`` group). One calibration forward per role in
@@ -406,7 +432,7 @@ def _quantize_block_by_role(
         stage = tuple(g for g in groups if g.kind == role)
         if not stage:
             continue
-        stats = {g.name: GroupStats() for g in stage}
+        stats = {g.name: GroupStats(first_token_weight=first_token_weight) for g in stage}
         handles = []
         for g in stage:
 

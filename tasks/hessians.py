@@ -168,7 +168,9 @@ def run_hessian_shard(ctx: StageContext, job: ShardJob) -> list[str]:
         inputs = {"model": job.model_ref, "calibration": job.cal_ref}
 
         def visit(i: int, block: Any, hidden: Any) -> Any:
-            stats, out = collect_block_hessians(streamer, block, hidden, micro_batch=job.cfg.micro_batch)
+            stats, out = collect_block_hessians(
+                streamer, block, hidden, micro_batch=job.cfg.micro_batch, first_token_weight=job.cfg.first_token_weight
+            )
             payload = save(_stats_tensors(stats, streamer.block_name(i), torch.float64))
 
             def produce_partial(pw: Any, _run: Any) -> None:
@@ -306,7 +308,9 @@ def run_hessians(
         elif todo:
 
             def visit(i: int, block: Any, hidden: Any) -> Any:
-                stats, out = collect_block_hessians(streamer, block, hidden, micro_batch=cfg.micro_batch)
+                stats, out = collect_block_hessians(
+                    streamer, block, hidden, micro_batch=cfg.micro_batch, first_token_weight=cfg.first_token_weight
+                )
                 commit_block(i, _stats_tensors(stats, streamer.block_name(i), torch.float32), tokens)
                 return out
 

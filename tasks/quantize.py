@@ -491,6 +491,8 @@ def _sequential_forward_key(cfg: QuantizeConfig, forward: HessianConfig | None) 
     from tasks.hessians import STAGE_VERSION as HESSIANS_VERSION
 
     key: dict[str, Any] = {"hessians_version": HESSIANS_VERSION}
+    if forward is not None and forward.first_token_weight != 1.0:
+        key["first_token_weight"] = forward.first_token_weight
     if forward is not None and forward.compute_dtype != "float32":
         key["forward_dtype"] = forward.compute_dtype
         # 2: the sweep no longer inherits the bf16 forward's autocast (quant.precision); layers swept partly in
@@ -562,9 +564,12 @@ def _run_sequential(
                 hidden,
                 lambda group, s: quantize_jobs(i, block, [j for j in block_jobs if j.group == group], lambda _: s),
                 micro_batch=fwd.micro_batch,
+                first_token_weight=fwd.first_token_weight,
             )
         else:  # llm-compressor's order: every group's Hessian from the block's fp weights, then re-forward
-            stats, _ = collect_block_hessians(streamer, block, hidden, micro_batch=fwd.micro_batch)
+            stats, _ = collect_block_hessians(
+                streamer, block, hidden, micro_batch=fwd.micro_batch, first_token_weight=fwd.first_token_weight
+            )
             quantize_jobs(i, block, block_jobs, lambda j: stats[j.group])
         return streamer.run_block(block, hidden, micro_batch=fwd.micro_batch)
 

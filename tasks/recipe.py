@@ -101,9 +101,18 @@ class HessianConfig(BaseModel):
         description="Calibration shards collected in parallel (threads, or Dask workers with --dask) and summed per "
         "block; execution only: the artifacts' keys are the same whatever the count (not keyed).",
     )
+    first_token_weight: float = Field(
+        default=1.0,
+        gt=0,
+        le=4096,
+        description="Weight of each calibration window's first token in Σ x xᵀ. That token is the attention sink "
+        "every later token reads, so its errors count more than one token's; 16 beat llama.cpp's Q2_K on SmolLM2 "
+        "(benchmarks/RESULTS.md). Dense layers only (routed MoE expert inputs have no positions).",
+    )
 
     def key_config(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude={"micro_batch", "shards"})
+        exclude = {"micro_batch", "shards"} | ({"first_token_weight"} if self.first_token_weight == 1.0 else set())
+        return self.model_dump(mode="json", exclude=exclude)
 
 
 # method → its default transform kind
