@@ -77,7 +77,7 @@ def _tensor_types(gguf_file: Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in reader.tensors}
 
 
-def _hessians(model, tokenizer, text: str, ctx: int, chunks: int) -> dict:
+def _hessians(model, tokenizer, text: str, ctx: int, chunks: int, first_token_weight: float = 1.0) -> dict:
     """H = 2/N Σ x xᵀ of every linear's input (and the LM head's), fp model, on the windows llama-imatrix reads:
     the text tokenized once, cut into ``chunks`` windows of ``ctx`` tokens, the first replaced by BOS when the
     vocabulary adds one (SmolLM2's does not)."""
@@ -95,7 +95,11 @@ def _hessians(model, tokenizer, text: str, ctx: int, chunks: int) -> dict:
 
             def hook(_m, inp, _out, name=name):
                 H, n = acc.get(name, [None, 0])
-                acc[name] = list(accumulate(H, n, inp[0].detach()))
+                x = inp[0].detach()
+                if first_token_weight != 1.0:  # as hessians.first_token_weight does in the pipeline
+                    x = x.clone()
+                    x[:, 0] *= first_token_weight**0.5
+                acc[name] = list(accumulate(H, n, x.reshape(-1, x.shape[-1])))
 
             hooks.append(mod.register_forward_hook(hook))
     with torch.no_grad():
@@ -173,6 +177,9 @@ def main() -> None:
         "--hessian-chunks", type=int, default=None, help="quantpipe's calibration windows (default: --calib-chunks)"
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--first-token-weight", type=float, default=1.0, help="our Hessians: weight of each window's first token"
+    )
     parser.add_argument("--ours-only", action="store_true", help="write quantpipe's GGUFs and stop")
     parser.add_argument("--fp-ppl", action="store_true", help="also measure the F32 file's perplexity")
     args = parser.parse_args()
@@ -210,27 +217,28 @@ def main() -> None:
 
     # 1. quantpipe: Hessians from the calibration windows, GPTQ onto llama-quantize's mix
     seconds: dict[str, float] = {}
-    todo = [t for t in types if not (WORK / f"quantpipe-gptq-{t}.gguf").is_file()]
+    tag = "" if args.first_token_weight == 1.0 else f"-ftw{args.first_token_weight:g}"
+    todo = [t for t in types if not (WORK / f"quantpipe-gptq{tag}-{t}.gguf").is_file()]
     if todo:
         n_h = args.hessian_chunks or args.calib_chunks
-        cached = WORK / f"hessians-c{args.ctx}-n{n_h}.pt"
+        cached = WORK / f"hessians-c{args.ctx}-n{n_h}{tag}.pt"
         if cached.is_file():
             hessians = torch.load(cached, weights_only=True)  # tensors and containers only: nothing executed
         else:
             t0 = time.time()
             tok = AutoTokenizer.from_pretrained(src)
-            hessians = _hessians(model, tok, calib_text, args.ctx, n_h)
+            hessians = _hessians(model, tok, calib_text, args.ctx, n_h, args.first_token_weight)
             torch.save(hessians, cached)
             seconds["hessians"] = time.time() - t0
         for ftype in todo:
             t0 = time.time()
             quantized = quantize_mix(weights, kquant_mix(ftype, config), hessians, tied=tied)
-            part = WORK / f"quantpipe-gptq-{ftype}.gguf.part"
+            part = WORK / f"quantpipe-gptq{tag}-{ftype}.gguf.part"
             write_kquant_gguf(part, src, ftype, quantized, config)
-            part.rename(WORK / f"quantpipe-gptq-{ftype}.gguf")
+            part.rename(WORK / f"quantpipe-gptq{tag}-{ftype}.gguf")
             seconds[ftype] = time.time() - t0
             print(f"  quantpipe {ftype}: {seconds[ftype]:.0f}s", flush=True)
-    (WORK / "quantpipe-seconds.json").write_text(json.dumps(seconds))
+    (WORK / f"quantpipe-seconds{tag}.json").write_text(json.dumps(seconds))
     if args.ours_only:
         return
 
@@ -252,7 +260,7 @@ def main() -> None:
         results["f32"]["ppl"] = _ppl(f32, test, args.ctx, args.ppl_chunks, args.threads)
     for ftype in types:
         print(ftype, flush=True)
-        theirs, ours = WORK / f"llamacpp-imatrix-{ftype}.gguf", WORK / f"quantpipe-gptq-{ftype}.gguf"
+        theirs, ours = WORK / f"llamacpp-imatrix-{ftype}.gguf", WORK / f"quantpipe-gptq{tag}-{ftype}.gguf"
         if not theirs.is_file():
             cmd = [_tool("llama-quantize"), "--imatrix", str(imatrix), str(f32), str(theirs), ftype]
             _run([*cmd, str(args.threads)], WORK / f"quantize-{ftype}.log")
@@ -277,7 +285,7 @@ def main() -> None:
         row["quantpipe GPTQ"]["llama_cpp_vs_torch_dequant"] = _llama_logits_vs_torch(ours, deq, calib_text[:4000])
         results["types"][ftype] = row
         print(json.dumps(row, indent=1), flush=True)
-        name = "kquant_llamacpp.json" if smol else f"kquant_llamacpp-{args.model}.json"
+        name = ("kquant_llamacpp" if smol else f"kquant_llamacpp-{args.model}") + f"{tag}.json"
         out = ROOT / "benchmarks" / "results" / name
         out.write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))
