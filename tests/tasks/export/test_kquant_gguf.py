@@ -57,11 +57,28 @@ def _spd(n: int, seed: int) -> torch.Tensor:
     return X.T @ X / (4 * n)
 
 
+def _assert_reads_back(folder: Path, model, quantized: dict, config: dict) -> None:
+    """transformers' GGUF loader reads ``folder/m.gguf`` to our dequantized weights bit for bit (q/k rows permuted
+    back where the architecture permutes them), and computes the logits of ``model`` carrying those weights."""
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file="m.gguf")
+    state = loaded.state_dict()
+    for name, kw in quantized.items():
+        assert torch.equal(state[f"{name}.weight"].to(torch.float32), kw.dequantize()), name
+    mods = dict(model.named_modules())
+    for name, kw in quantized.items():
+        target = model.get_input_embeddings() if name == "model.embed_tokens" else mods[name]
+        target.weight.data = kw.dequantize()
+    ids = torch.randint(0, int(config["vocab_size"]), (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("ftype", sorted(FTYPES))
 def test_kquant_gguf_loads_in_transformers_exactly(tmp_path: Path, ftype: str) -> None:
     """Hidden 256 so every tensor is a real k-quant (no legacy fallback); untied so token_embd and output differ."""
     import gguf
-    from transformers import AutoModelForCausalLM
 
     from tasks.models import load_model
 
@@ -85,24 +102,14 @@ def test_kquant_gguf_loads_in_transformers_exactly(tmp_path: Path, ftype: str) -
     assert types["blk.1.ffn_down.weight"] == mix["model.layers.1.mlp.down_proj"]
     assert types["output.weight"] == "Q6_K" and types["output_norm.weight"] == "F32"
 
-    loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file="m.gguf")
-    state = loaded.state_dict()
-    for name, kw in quantized.items():  # q/k rows permuted back by the reader: equal, bit for bit
-        assert torch.equal(state[f"{name}.weight"].to(torch.float32), kw.dequantize()), name
-    mods = dict(model.named_modules())
-    for name, kw in quantized.items():
-        target = model.get_input_embeddings() if name == "model.embed_tokens" else mods[name]
-        target.weight.data = kw.dequantize()
-    ids = torch.randint(0, int(config["vocab_size"]), (2, 16), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    _assert_reads_back(out, model, quantized, config)
 
 
 def test_qwen2_kquant_gguf_loads_in_transformers_exactly(tmp_path: Path) -> None:
     """Qwen2 (the real-releases family): GGUF architecture qwen2, q/k/v biases kept as F32, q/k rows not permuted
     (NeoX rotary); transformers' GGUF loader reads our weights back bit for bit and computes the same logits."""
     import gguf
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from tasks.export.kquant_gguf import kquant_reason
     from tasks.models import load_model
@@ -146,14 +153,4 @@ def test_qwen2_kquant_gguf_loads_in_transformers_exactly(tmp_path: Path) -> None
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.attn_q.bias"] == "F32" and types["blk.1.attn_v.bias"] == "F32"
 
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
-    state = loaded.state_dict()
-    for name, kw in quantized.items():
-        assert torch.equal(state[f"{name}.weight"].to(torch.float32), kw.dequantize()), name
-    mods = dict(model.named_modules())
-    for name, kw in quantized.items():
-        target = model.get_input_embeddings() if name == "model.embed_tokens" else mods[name]
-        target.weight.data = kw.dequantize()
-    ids = torch.randint(0, int(config["vocab_size"]), (2, 16), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    _assert_reads_back(tmp_path, model, quantized, config)
