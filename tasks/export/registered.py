@@ -91,7 +91,9 @@ def export_kquant(target: str, ftype: str, out: Path | None, settings: Settings)
 
     The k-quant grids are not the build's grids, so this re-quantizes from the base checkpoint: the Hessians are the
     build's ``hessians`` artifact (parallel mode) or, for sequential builds, the hessians stage run on the build's
-    calibration tokens (content-addressed, reused next time). The GGUF is its own artifact ``gguf-kquant/<key>``
+    calibration tokens with its ``first_token_weight`` (content-addressed, reused next time). A build made with
+    ``hessians.first_token_weight=16`` gives the files that beat ``llama-quantize --imatrix`` in RESULTS.md.
+    The GGUF is its own artifact ``gguf-kquant/<key>``
     keyed on the model, the Hessians and the file type. Same return shape as :func:`export_build`."""
     import json
 
@@ -118,8 +120,9 @@ def export_kquant(target: str, ftype: str, out: Path | None, settings: Settings)
         raise ConfigError(f"{target} has no {ftype} GGUF: {reason}")
     ctx = StageContext(settings=settings, store_url=settings.effective_store_url, progress=False)
     hes_ref = quant.inputs.get("hessians")
-    if hes_ref is None:
-        hes_ref = run_hessians(ctx, model_path, model_ref, quant.inputs["calibration"], HessianConfig()).ref
+    if hes_ref is None:  # a sequential build: its own first-token weight (keyed in its config when set)
+        hcfg = HessianConfig(first_token_weight=float(quant.config.get("first_token_weight", 1.0)))
+        hes_ref = run_hessians(ctx, model_path, model_ref, quant.inputs["calibration"], hcfg).ref
     file_name = f"model-{ftype}.gguf"
 
     def produce(w: Any, _run: Any) -> None:

@@ -62,3 +62,20 @@ def test_kquant_export_of_a_registered_build(
         export_build(target, "gguf", None, home, gguf_type="Q3_K_S")
     with pytest.raises(ConfigError, match="GGUF option"):
         export_build(target, "gptq", None, home, gguf_type="Q2_K")
+
+
+def test_kquant_export_uses_the_builds_first_token_weight(
+    prefect_harness: None, home: Settings, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """A sequential build quantized with hessians.first_token_weight=16 exports with Hessians collected the same
+    way (the weight is in the hessians artifact's config), not with uniform tokens."""
+    from tasks.export.registered import KQUANT_STAGE, export_build
+
+    recipe = tiny_recipe(sym=False)
+    recipe = recipe.model_copy(update={"hessians": recipe.hessians.model_copy(update={"first_token_weight": 16.0})})
+    out = quantize_model(str(tiny_llama_dir), recipe)
+    export_build(f"{out['model_name']}/{out['model_version']}", "gguf", None, home, gguf_type="Q3_K_M")
+    store = open_store(settings=home)
+    (art,) = store.list(KQUANT_STAGE)
+    hes = store.get(store.get(str(art)).manifest.inputs["hessians"]).manifest
+    assert hes.config["first_token_weight"] == 16.0
