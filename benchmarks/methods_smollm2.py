@@ -160,7 +160,7 @@ def run_recipe(model: str, name: str, overrides: list[str], machine: dict[str, A
     started = time.perf_counter()
     runner = ThreadPoolTaskRunner(max_workers=recipe.quantize.workers)
     out = quantize_model.with_options(task_runner=runner)(model=model, recipe=recipe)
-    return result_row(recipe, out, machine, time.perf_counter() - started)
+    return {**result_row(recipe, out, machine, time.perf_counter() - started), "overrides": overrides}
 
 
 def main() -> None:
