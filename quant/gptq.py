@@ -262,7 +262,7 @@ def quantize_gptq(
     group_of = (perm // gs if cfg.static_groups else torch.arange(n, device=W.device) // gs).tolist()
 
     U, lam = sweep_factor(H, perm if cfg.act_order else None, cfg.damp, cfg.damp_max, name, sweep_dtype)
-    codes = torch.zeros(m, n, dtype=sweep_dtype, device=W.device)
+    codes = torch.zeros(m, n, dtype=torch.uint8, device=W.device)  # ≤ 8-bit codes: a quarter of a float32 matrix
     losses = torch.zeros(m, dtype=sweep_dtype, device=W.device)
 
     for i1 in range(0, n, cfg.block_size):

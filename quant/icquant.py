@@ -519,7 +519,7 @@ def gptq_sweep(
     else:
         perm = torch.arange(n, device=W.device)
     U, lam = sweep_factor(H, perm if act_order else None, damp, damp_max, name, sweep_dtype)
-    codes = torch.zeros(m, n, dtype=sweep_dtype, device=W.device)
+    codes = torch.zeros(m, n, dtype=torch.uint8, device=W.device)  # ≤ 8-bit codes
     losses = torch.zeros(m, dtype=sweep_dtype, device=W.device)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
