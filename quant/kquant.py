@@ -334,8 +334,6 @@ def fit_blocks(
     nb, per = C // spec.block, spec.block // spec.sub
     xb = x.to(torch.float32).reshape(R, nb, spec.block)
     hb = None if h is None else h.to(torch.float32).reshape(nb, spec.block)
-    if row_sigma2 is None and _IMPORTANCE[qtype] == "row":
-        row_sigma2 = (xb * xb).mean((-2, -1))
     w = importance(qtype, xb, hb, row_sigma2).reshape(R, nb, per, spec.sub)
     xs = xb.reshape(R, nb, per, spec.sub)
     ones = torch.ones(R, nb * per, dtype=torch.int16, device=x.device)
