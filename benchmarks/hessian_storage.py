@@ -7,26 +7,89 @@ order, static groups) twice: against the fp64 sum and against its fp32-rounded u
 relative change of the proxy loss per layer.
 
     .venv/bin/python benchmarks/hessian_storage.py --blocks 6 --samples 32
+
+``--ppl RECIPE ...`` measures whole builds instead: each recipe runs end to end (the quantize-model flow, BENCHMARKS.md
+protocol, as ``methods_smollm2.py``) twice, each in a fresh ``QUANTPIPE_HOME``: once as shipped (blocks stored as the
+fp32 upper triangle) and once with the triangle stored in float64 (what the loader reads back is then the exact
+float64 sum, i.e. the pre-v2 Hessians), and appends both perplexities to
+``benchmarks/results/hessian_storage_ppl.jsonl``. Only parallel-mode builds read stored Hessians (sequential ones
+collect their own), so use parallel recipes or ``--set quantize.mode=parallel``:
+
+    .venv/bin/python benchmarks/hessian_storage.py --ppl hadamard-e8p-w2 gptq-w4g64 --set quantize.mode=parallel
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PPL_JSONL = RESULTS / "hessian_storage_ppl.jsonl"
+
+# A child per build, so each sees a fresh store and only the float64 one is patched.
+_BUILD = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+stored, recipe, overrides = sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+if stored == "float64":
+    import tasks.hessians as h
+    shipped = h._stats_tensors
+    h._stats_tensors = lambda stats, where, _dtype: shipped(stats, where, torch.float64)
+from methods_smollm2 import run_recipe
+print(json.dumps(run_recipe("smollm2-135m", recipe, overrides, {})))
+"""
+
+
+def ppl_before_after(recipes: list[str], overrides: list[str], out: Path) -> None:
+    """Whole-build perplexity with the Hessians stored as fp32 triangles (shipped) and as float64 ones."""
+    here = Path(__file__).resolve().parent
+    for recipe in recipes:
+        row: dict = {"recipe": recipe, "overrides": overrides}
+        for stored in ("float32", "float64"):
+            with tempfile.TemporaryDirectory() as home:
+                env = {**os.environ, "QUANTPIPE_HOME": home, "PYTHONPATH": str(here.parent)}
+                t = time.perf_counter()
+                child = subprocess.run(
+                    [sys.executable, "-c", _BUILD, str(here), stored, recipe, json.dumps(overrides)],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    check=True,
+                )
+                res = json.loads(child.stdout.strip().splitlines()[-1])
+                row[stored] = {
+                    "ppl": res.get("ppl"),
+                    "ppl_fp": res.get("ppl_fp"),
+                    "wall_s": round(time.perf_counter() - t),
+                }
+            print(recipe, stored, row[stored], flush=True)
+        row["delta_ppl"] = row["float32"]["ppl"] - row["float64"]["ppl"]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--samples", type=int, default=32)
-    parser.add_argument("--out", default=str(RESULTS / "hessian_storage.json"))
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--ppl", nargs="+", metavar="RECIPE", help="whole-build ppl, fp32 vs float64 storage")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override (with --ppl)")
     args = parser.parse_args()
+    if args.ppl:
+        ppl_before_after(args.ppl, args.overrides, Path(args.out or PPL_JSONL))
+        return
+    args.out = args.out or str(RESULTS / "hessian_storage.json")
 
     from infra.settings import get_settings
     from quant.hessian_store import pack_upper, unpack_upper
