@@ -10,6 +10,11 @@ blocks (that is what the per-stage peaks check).
     .venv/bin/python benchmarks/big_blocks.py --shape 8b --recipe gptq-w4g64 --samples 32 --windows 2
     .venv/bin/python benchmarks/big_blocks.py --shape 70b --recipe hadamard-e8p-w2 --samples 16 --windows 1
 
+``--model NAME`` runs the same per-stage measurement on a real fetched model instead (``quantpipe models fetch``),
+evaluating 2048-token windows, e.g. Qwen2.5-Coder-1.5B beside llm-compressor (``real_models.py --peer-python``):
+
+    .venv/bin/python benchmarks/big_blocks.py --model qwen2.5-coder-1.5b --recipe gptq-w4g64 --samples 32 --windows 2
+
 Writes ``benchmarks/results/big_blocks-<shape>-<recipe>.json``. Calibration samples and eval windows are fewer
 than the recipe's, and evaluation windows are 512 tokens (the random model's max positions), all stated in the
 output, so a run fits in an hour on 2 cores; per-block time is linear in samples and windows.
@@ -51,10 +56,11 @@ def rss_gb(field):
     return float("nan")
 
 model_dir, recipe_name, samples, windows = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+eval_len = int(sys.argv[5])
 recipe = load_recipe(recipe_name)
 recipe = recipe.model_copy(update={
     "calibration": recipe.calibration.model_copy(update={"n_samples": samples}),
-    "eval": recipe.eval.model_copy(update={"n_windows": windows, "seq_len": 512}),  # the random model's positions
+    "eval": recipe.eval.model_copy(update={"n_windows": windows, "seq_len": eval_len}),
 })
 settings = get_settings(refresh=True)
 ctx = StageContext(settings=settings, store_url=settings.effective_store_url, progress=False)
@@ -107,6 +113,7 @@ def build(shape: str, blocks: int, root: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
+    parser.add_argument("--model", default=None, help="a fetched model name or checkpoint dir instead of --shape")
     parser.add_argument("--recipe", default="gptq-w4g64")
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--samples", type=int, default=32, help="calibration samples (the recipe's seq_len)")
@@ -118,11 +125,20 @@ def main() -> None:
         root = args.workdir or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
-        model_dir = build(args.shape, args.blocks, root)
-        print(f"built {model_dir} in {time.perf_counter() - t:.0f} s", flush=True)
+        if args.model:
+            from infra.settings import get_settings
+            from tasks.models import fetch_demo_model
+
+            model_dir = fetch_demo_model(args.model, get_settings(), progress=False)
+            eval_len = 2048
+        else:
+            model_dir = build(args.shape, args.blocks, root)
+            eval_len = 512  # the random model's positions
+            print(f"built {model_dir} in {time.perf_counter() - t:.0f} s", flush=True)
         env = {**os.environ, "QUANTPIPE_HOME": str(root / "home"), "PYTHONPATH": str(repo)}
+        argv = [str(model_dir), args.recipe, str(args.samples), str(args.windows), str(eval_len)]
         child = subprocess.run(
-            [sys.executable, "-c", CHILD, str(model_dir), args.recipe, str(args.samples), str(args.windows)],
+            [sys.executable, "-c", CHILD, *argv],
             cwd=repo,
             env=env,
             stdout=subprocess.PIPE,
@@ -130,6 +146,24 @@ def main() -> None:
             check=True,
         )
     result = json.loads(child.stdout.strip().splitlines()[-1])
+    if args.model:
+        upstream = [r for r in result["stages"] if r["stage"] in ("calibration", "hessians", "quantize", "pack")]
+        report = {
+            "model": args.model,
+            "recipe": args.recipe,
+            "calibration_samples": args.samples,
+            "eval_windows": args.windows,
+            "eval_seq_len": eval_len,
+            "stages": result["stages"],
+            "calibration_to_pack_s": round(sum(r["seconds"] for r in upstream), 1),
+            "calibration_to_pack_peak_rss_gb": max(r["peak_rss_gb"] for r in upstream),
+            "metrics": result["metrics"],
+        }
+        out = RESULTS / f"big_blocks-{args.model}-{args.recipe}.json"
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        print(json.dumps(report, indent=1))
+        print(f"wrote {out}")
+        return
     shape = SHAPES[args.shape]
     per_block = {r["stage"]: r["seconds"] / args.blocks for r in result["stages"]}
     report = {

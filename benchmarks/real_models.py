@@ -142,6 +142,9 @@ def peer_worker(src: str, out: str, calib: int, seq_len: int = 512) -> None:
     t0 = time.perf_counter()
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=seq_len, num_calibration_samples=len(ids))
     oneshot_s = time.perf_counter() - t0
+    import resource
+
+    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: model load included
     state: dict[str, torch.Tensor] = {}
     n_quantized = 0
     for name, module in model.named_modules():
@@ -170,6 +173,7 @@ def peer_worker(src: str, out: str, calib: int, seq_len: int = 512) -> None:
         json.dumps(
             {
                 "oneshot_s": round(oneshot_s, 1),
+                "peak_rss_gb_through_oneshot": round(peak_rss_gb, 2),
                 "threads": torch.get_num_threads(),
                 "samples": len(ids),
                 "linears_quantized": n_quantized,
