@@ -6,7 +6,7 @@ compute U = chol((H + λ·mean diag·I)⁻¹) in ``float32`` for the sweep:
 * ``copy``: the chain before 2026-12-02 — fix dead inputs (copy), permute (``H[perm][:, perm]``), damp (copy),
   Cholesky, ``cholesky_inverse``, Cholesky, cast;
 * ``in-place``: ``sweep_factor`` — one float64 copy built in row panels, factored in place on its column-major
-  view, cast.
+  view; the sweep converts it to float32 one band of rows at a time (``SweepFactor.band``), no full cast.
 
 Each prints its peak RSS above the Hessian it was handed, in units of one n×n float64 matrix, so the numbers carry to
 any width: at a Llama-3-70B down_proj (n = 28,672) one such matrix is 6.6 GB.
@@ -59,6 +59,7 @@ def _child(mode: str, n: int, m: int = 0) -> dict[str, float]:
     base = hwm_mb()
     t0 = time.time()
     if mode == "layer":
+        from quant.hessian import finalize
         from tasks.quantize import _quantize_tensor
         from tasks.recipe import load_recipe
 
@@ -67,7 +68,7 @@ def _child(mode: str, n: int, m: int = 0) -> dict[str, float]:
         reset_hwm()
         base = hwm_mb()
         t0 = time.time()
-        q = _quantize_tensor(W, H, 1000, load_recipe("gptq-w4g64").quantize, "bench", owned=True)
+        q = _quantize_tensor(W, finalize(H, 1000, in_place=True), load_recipe("gptq-w4g64").quantize, "bench")
         seconds = time.time() - t0
         del H
         return {
@@ -80,13 +81,14 @@ def _child(mode: str, n: int, m: int = 0) -> dict[str, float]:
         H_fixed = H_fixed[perm][:, perm]
         U64, _ = inverse_cholesky(H_fixed, 0.01, 1.0, "bench")
         U = U64.to(torch.float32)
-    else:
-        U, _ = sweep_factor(H, perm, 0.01, 1.0, "bench", torch.float32)
+        u = float(U[0, 0])
+    else:  # the float64 factor; the sweep converts one band of rows at a time
+        u = float(sweep_factor(H, perm, 0.01, 1.0, "bench", torch.float32).band(0, 1)[0, 0])
     seconds = time.time() - t0
     return {
         "peak_above_H_matrices": round((hwm_mb() - base) / matrix_mb, 2),
         "seconds": round(seconds, 1),
-        "u": float(U[0, 0]),
+        "u": u,
     }
 
 

@@ -92,6 +92,7 @@ def main() -> None:
     args.out = args.out or str(RESULTS / "hessian_storage.json")
 
     from infra.settings import get_settings
+    from quant.hessian import finalize
     from quant.hessian_store import pack_upper, unpack_upper
     from tasks.calibration import load_texts
     from tasks.driver import BlockStreamer, collect_block_hessians, for_each_block
@@ -123,8 +124,8 @@ def main() -> None:
             H32 = unpack_upper(tri, s.H.shape[0])
             for linear in streamer.mapping.groups[[x.name for x in streamer.mapping.groups].index(g)].linears:
                 W = block.get_submodule(linear).weight.detach().clone()
-                a = _quantize_tensor(W, s.H, s.n, cfg, linear)
-                b = _quantize_tensor(W, H32, s.n, cfg, linear)
+                a = _quantize_tensor(W, finalize(s.H, s.n), cfg, linear)
+                b = _quantize_tensor(W, finalize(H32, s.n), cfg, linear)
                 differ = float((a.codes != b.codes).float().mean())  # type: ignore[union-attr]
                 la = a.stats["proxy_loss_exact"]  # type: ignore[union-attr]
                 lb = b.stats["proxy_loss_exact"]  # type: ignore[union-attr]

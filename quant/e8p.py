@@ -329,7 +329,7 @@ def quantize_e8p_ldlq(
     scales = row_scales(W, cfg.scale).to(W.device)
     inv_s = (1 / scales)[:, None].to(sweep_dtype)
     s_col = scales[:, None].to(sweep_dtype)
-    U, lam = sweep_factor(H, None, cfg.damp, cfg.damp_max, name, sweep_dtype)
+    factor = sweep_factor(H, None, cfg.damp, cfg.damp_max, name, sweep_dtype)
     codes = torch.zeros(m, n // E8P_DIM, dtype=torch.long, device=W.device)
     codes2 = torch.zeros_like(codes) if cfg.bits == 3 else None
     losses = torch.zeros(m, dtype=sweep_dtype, device=W.device)
@@ -337,6 +337,7 @@ def quantize_e8p_ldlq(
         i2 = min(i1 + cfg.block_size, n)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
+        Ub = factor.band(i1, i2)  # U[i1:i2, i1:]
         for j in range(0, i2 - i1, E8P_DIM):
             j2 = j + E8P_DIM
             x = W1[:, j:j2]
@@ -348,12 +349,12 @@ def quantize_e8p_ldlq(
                 v = v + _residual_on(c.device)[c2].to(sweep_dtype) / RESID_SCALE
                 codes2[:, (i1 + j) // E8P_DIM] = c2
             q = v * s_col
-            Ubb = U[i1 + j : i1 + j2, i1 + j : i1 + j2]
+            Ubb = Ub[j:j2, j:j2]
             E = torch.linalg.solve_triangular(Ubb, x - q, upper=True, left=False)  # E U_bb = X − Q
             losses += E.pow(2).sum(1)
-            W1[:, j2:] -= E @ U[i1 + j : i1 + j2, i1 + j2 : i2]
+            W1[:, j2:] -= E @ Ub[j:j2, j2 : i2 - i1]
             Err1[:, j:j2] = E
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        W[:, i2:] -= Err1 @ Ub[:, i2 - i1 :]
     q_w = E8PWeight(
         torch.where(codes >= 1 << 15, codes - (1 << 16), codes).to(torch.int16).cpu(),  # uint16 bits as int16
         scales.cpu(),
@@ -362,7 +363,7 @@ def quantize_e8p_ldlq(
     stats = {
         "proxy_loss": float(losses.to(HESSIAN_DTYPE).sum()),
         "proxy_loss_exact": proxy_loss(W_in, q_w.dequantize(HESSIAN_DTYPE), H),
-        "damp": float(lam),
+        "damp": float(factor.lam),
         "n_dead": float(dead.sum()),
     }
     return replace(q_w, stats=stats)

@@ -518,14 +518,15 @@ def gptq_sweep(
         W, scales, zeros = W[:, perm], scales[:, perm], zeros[:, perm]
     else:
         perm = torch.arange(n, device=W.device)
-    U, lam = sweep_factor(H, perm if act_order else None, damp, damp_max, name, sweep_dtype)
+    factor = sweep_factor(H, perm if act_order else None, damp, damp_max, name, sweep_dtype)
     codes = torch.zeros(m, n, dtype=torch.uint8, device=W.device)  # ≤ 8-bit codes
     losses = torch.zeros(m, dtype=sweep_dtype, device=W.device)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
+        Ub = factor.band(i1, i2)  # U[i1:i2, i1:]
+        U1 = Ub[:, : i2 - i1]
         for i in range(i2 - i1):
             s, z = scales[:, i1 + i], zeros[:, i1 + i]
             w, d = W1[:, i], U1[i, i]
@@ -536,9 +537,9 @@ def gptq_sweep(
             err = (w - q) / d
             W1[:, i + 1 :] -= err[:, None] * U1[i, i + 1 :][None, :]
             Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        W[:, i2:] -= Err1 @ Ub[:, i2 - i1 :]
     codes_u8 = codes[:, torch.argsort(perm)].to(torch.uint8)
-    return SweepResult(codes_u8, float(losses.to(HESSIAN_DTYPE).sum()), float(lam), int(dead.sum()))
+    return SweepResult(codes_u8, float(losses.to(HESSIAN_DTYPE).sum()), factor.lam, int(dead.sum()))
 
 
 # ---------------------------------------------------------------- result type and driver

@@ -409,7 +409,7 @@ def quantize_kquant(
     Wc[:, dead] = 0
     hdiag = fixed_diagonal(H).to(torch.float32)
     row_sigma2 = (Wc * Wc).mean(1)  # the legacy types' importance uses the whole original row (as ggml does)
-    U, lam = sweep_factor(H, None, damp, damp_max, name, torch.float32)
+    factor = sweep_factor(H, None, damp, damp_max, name, torch.float32)
     nb, nsub = C // spec.block, C // spec.sub
     d = torch.zeros(R, nb, dtype=torch.float16)
     dmin = torch.zeros_like(d)
@@ -429,7 +429,8 @@ def quantize_kquant(
         a = a.repeat_interleave(spec.sub, 1)
         b = b.repeat_interleave(spec.sub, 1)
         Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
+        Ub = factor.band(i1, i2)  # U[i1:i2, i1:]
+        U1 = Ub[:, : i2 - i1]
         for i in range(i2 - i1):
             w = W1[:, i]
             u = _codes(w, a[:, i], b[:, i], spec.umax)
@@ -438,9 +439,9 @@ def quantize_kquant(
             err = (w - q) / U1[i, i]
             W1[:, i + 1 :] -= err[:, None] * U1[i, i + 1 :][None, :]
             Err1[:, i] = err
-        Wc[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        Wc[:, i2:] -= Err1 @ Ub[:, i2 - i1 :]
     kw = KQuantWeight(qtype, codes, d, dmin, sc, m)
     loss = proxy_loss(W, dequantize(kw).to(HESSIAN_DTYPE), H)
     return KQuantWeight(
-        qtype, codes, d, dmin, sc, m, {"proxy_loss": loss, "damp": float(lam), "n_dead": float(dead.sum())}
+        qtype, codes, d, dmin, sc, m, {"proxy_loss": loss, "damp": factor.lam, "n_dead": float(dead.sum())}
     )

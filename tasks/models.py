@@ -389,18 +389,20 @@ def _check_weights_match_config(path: Path, config: dict[str, Any], files: list[
 
 
 def check_weights_finite(path: Path) -> None:
-    """Refuse a checkpoint with NaN/Inf weights (one pass over the tensors, memory-mapped)."""
+    """Refuse a checkpoint with NaN/Inf weights: one pass over the tensors in 64 MB pieces read with plain file
+    reads, so memory stays flat whatever the model's size (a memory-mapped pass left the whole checkpoint resident:
+    7 GB of RSS on Qwen2.5-Coder-1.5B in fp32)."""
     import torch
-    from safetensors import safe_open
 
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            for name in h.keys():  # noqa: SIM118
-                t = h.get_tensor(name)
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    raise ConfigError(
-                        f"model {path}: tensor {name} in {f.name} has NaN/Inf values; the checkpoint is corrupt"
-                    )
+    from tasks.weights import WeightIndex
+
+    index = WeightIndex(path)
+    for name in index.stored():
+        f, _offset, dtype, _shape, _nbytes = index.entries[name]
+        if not dtype.is_floating_point:
+            continue
+        if not all(bool(torch.isfinite(piece).all()) for piece in index.pieces(name)):
+            raise ConfigError(f"model {path}: tensor {name} in {f.name} has NaN/Inf values; the checkpoint is corrupt")
 
 
 NAME_FILE = ".quantpipe-model.json"  # {"name": ...}: a checkpoint's canonical name (a dotfile: not in its digest)

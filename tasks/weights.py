@@ -8,6 +8,7 @@ used by :mod:`tasks.moe`), from per-expert or fused checkpoint tensors alike.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,27 @@ class WeightIndex:
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
+
+    def stored(self) -> list[str]:
+        """The tensors the files hold as written (not the MoE names the index also answers)."""
+        return sorted(dict.keys(self.entries))
+
+    def pieces(self, name: str, max_bytes: int = 64 << 20) -> Iterator[torch.Tensor]:
+        """A tensor's elements, 1-D, in pieces of at most ``max_bytes``: a pass over a checkpoint larger than
+        memory (the NaN/Inf check of a 70B model) holds one piece, not one tensor (a 70B embedding is 2–4 GB)."""
+        f, offset, dtype, _shape, nbytes = self.entries[name]
+        item = torch.empty((), dtype=dtype).element_size()
+        step = max(item, max_bytes // item * item)
+        with f.open("rb") as fh:
+            fh.seek(offset)
+            for start in range(0, nbytes, step):
+                size = min(step, nbytes - start)
+                buf = bytearray(size)
+                if fh.readinto(buf) != size:
+                    from infra.errors import CorruptArtifactError
+
+                    raise CorruptArtifactError(f"{f} is truncated (tensor {name})")
+                yield torch.frombuffer(buf, dtype=dtype)
 
 
 class _ExpertEntries(dict):  # type: ignore[type-arg]

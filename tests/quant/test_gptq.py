@@ -193,7 +193,8 @@ def _spd_with_dead(n: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_in_place_factor_is_bit_identical_to_the_copying_path(dtype: torch.dtype) -> None:
     """sweep_factor (one float64 copy, factored in place on its column-major view) against the old chain
-    (copy → fix dead → permute → damp → chol → cholesky_inverse → chol), bit for bit, row-major."""
+    (copy → fix dead → permute → damp → chol → cholesky_inverse → chol), bit for bit; its bands in the sweep dtype
+    are the old full-size conversion's rows."""
     from quant.gptq import inverse_cholesky, sweep_factor
     from quant.hessian import fix_dead_inputs
 
@@ -204,9 +205,13 @@ def test_in_place_factor_is_bit_identical_to_the_copying_path(dtype: torch.dtype
         if p is not None:
             H_fixed = H_fixed[p][:, p]
         ref, ref_lam = inverse_cholesky(H_fixed, 0.01, 1.0, "layer")
-        got, lam = sweep_factor(H, p, 0.01, 1.0, "layer", dtype)
-        assert lam == ref_lam and got.is_contiguous()
-        assert torch.equal(got, ref.to(dtype))
+        factor = sweep_factor(H, p, 0.01, 1.0, "layer", dtype)
+        assert factor.lam == ref_lam
+        assert torch.equal(factor.U, ref)
+        for i1, i2 in ((0, 128), (128, 256), (256, 300)):  # the bands a sweep reads, in its dtype, row-major
+            band = factor.band(i1, i2)
+            assert band.dtype == dtype and band.is_contiguous()
+            assert torch.equal(band, ref[i1:i2, i1:].to(dtype))
 
 
 def test_in_place_factor_retries_on_a_rebuilt_matrix() -> None:
@@ -221,6 +226,6 @@ def test_in_place_factor_retries_on_a_rebuilt_matrix() -> None:
     H = (Q * eig) @ Q.T
     H = (H + H.T) / 2
     ref, ref_lam = inverse_cholesky(H.clone(), 0.01, 1.0, "layer")
-    got, lam = sweep_factor(H, None, 0.01, 1.0, "layer", torch.float64)
-    assert ref_lam == lam == pytest.approx(0.1)
-    assert torch.equal(got, ref)
+    factor = sweep_factor(H, None, 0.01, 1.0, "layer", torch.float64)
+    assert ref_lam == factor.lam == pytest.approx(0.1)
+    assert torch.equal(factor.U, ref)

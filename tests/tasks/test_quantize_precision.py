@@ -41,10 +41,10 @@ def test_codes_do_not_depend_on_the_callers_autocast(method: str) -> None:
     cfg = QuantizeConfig.model_validate(CONFIGS[method])
     n = 256
     W = random_weight(128, n, 3)
-    H = random_spd(n, 4) * 1000.0  # a summed Gram matrix over n = 1000 tokens
-    plain = _quantize_tensor(W, H, 1000, cfg, "layer")
+    H = random_spd(n, 4) * 2.0  # finalize(Σ x xᵀ over 1000 tokens, 1000) of a 1000-token Gram sum
+    plain = _quantize_tensor(W, H, cfg, "layer")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        under = _quantize_tensor(W, H, 1000, cfg, "layer")
+        under = _quantize_tensor(W, H, cfg, "layer")
     assert _tensors(plain)
     for a, b in zip(_tensors(plain), _tensors(under), strict=True):
         assert torch.equal(a, b)

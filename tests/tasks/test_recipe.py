@@ -109,7 +109,7 @@ def test_one_bit_gptqt_quantizes_and_stores(tmp_path: Path) -> None:
     recipe = load_recipe(
         _write(tmp_path, "quantize: {method: gptqt, bits: 1, group_size: 32, gptqt: {linear_bits: 2}}")
     )
-    q = _quantize_tensor(random_weight(16, 64, 1), random_spd(64, 2) * 100, 100, recipe.quantize, "layer")
+    q = _quantize_tensor(random_weight(16, 64, 1), random_spd(64, 2) * 2, recipe.quantize, "layer")
     from safetensors import safe_open
 
     payload = _qlayer_payload(q)
