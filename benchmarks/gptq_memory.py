@@ -13,7 +13,8 @@ any width: at a Llama-3-70B down_proj (n = 28,672) one such matrix is 6.6 GB.
 
 ``--layer M`` adds a third subprocess per width: the whole parallel-mode layer as the quantize stage runs it
 (``tasks.quantize._quantize_tensor`` with the shipped ``gptq-w4g64`` config on a random [M, n] weight, the layer's
-own float64 H_sum finalized in place, the sweep, the exact proxy loss), its peak above H_sum and W.
+own H_sum as a stored block reads back — float32 — finalized in place, the sweep, the exact proxy loss), its peak
+above H_sum and W (still in units of one n×n float64 matrix; H_sum itself is half of one).
 
     .venv/bin/python benchmarks/gptq_memory.py [--widths 4096 8192] [--layer 8192]
 
@@ -59,16 +60,18 @@ def _child(mode: str, n: int, m: int = 0) -> dict[str, float]:
     base = hwm_mb()
     t0 = time.time()
     if mode == "layer":
-        from quant.hessian import finalize
+        from quant.hessian import HELD_DTYPE, finalize
         from tasks.quantize import _quantize_tensor
         from tasks.recipe import load_recipe
 
         W = torch.randn(m, n, generator=torch.Generator().manual_seed(1))
         H.diagonal().mul_(1000.0)  # H_sum of 1000 tokens: finalize scales by 2/1000
+        H = H.to(torch.float32)  # as a stored block's triangle reads back (hessian-block v2)
         reset_hwm()
         base = hwm_mb()
         t0 = time.time()
-        q = _quantize_tensor(W, finalize(H, 1000, in_place=True), load_recipe("gptq-w4g64").quantize, "bench")
+        H = finalize(H, 1000, in_place=True, dtype=HELD_DTYPE)  # as quantize_layer does
+        q = _quantize_tensor(W, H, load_recipe("gptq-w4g64").quantize, "bench")
         seconds = time.time() - t0
         del H
         return {

@@ -15,6 +15,7 @@ from pydantic import AfterValidator
 from torch import Tensor
 
 __all__ = [
+    "HELD_DTYPE",
     "HESSIAN_DTYPE",
     "DampFraction",
     "accumulate",
@@ -72,16 +73,29 @@ def _add_gram(H: Tensor, X: Tensor) -> None:
         H[b:, a:b].add_(panel[:, b - a :].T)
 
 
-def finalize(H_sum: Tensor, n: int, *, in_place: bool = False) -> Tensor:
-    """H = (2/n) · H_sum — the GPTQ proxy Hessian of ‖W X − Ŵ X‖² per token (float64).
+def finalize(H_sum: Tensor, n: int, *, in_place: bool = False, dtype: torch.dtype = HESSIAN_DTYPE) -> Tensor:
+    """H = (2/n) · H_sum — the GPTQ proxy Hessian of ‖W X − Ŵ X‖² per token.
 
-    ``in_place``: the caller owns a float64 ``H_sum`` it no longer needs, which becomes H (one n×n matrix fewer:
-    6.6 GB at a 70B down_proj). Same bits either way."""
+    The product is taken in float64 and rounded to ``dtype``. ``dtype=HELD_DTYPE`` (float32) is how the quantize
+    stage holds H: the precision Hessians are stored in (``quant.hessian_store``), half the bytes of float64, while
+    every factorization still runs in float64 on a copy (``fixed_hessian``). At a 70B down_proj that is 3.3 GB
+    instead of 6.6 GB for as long as a layer is quantized.
+
+    ``in_place``: the caller owns ``H_sum`` and no longer needs it; when it already has ``dtype`` it becomes H (row
+    panels, so no second n×n matrix is made). Same bits either way."""
     if n <= 0:
         raise ValueError(f"cannot finalize a Hessian from {n} tokens; collect calibration data first")
-    if in_place and H_sum.dtype == HESSIAN_DTYPE:
-        return H_sum.mul_(2.0 / n)
-    return H_sum.to(HESSIAN_DTYPE) * (2.0 / n)
+    c = 2.0 / n
+    if dtype == HESSIAN_DTYPE and H_sum.dtype == HESSIAN_DTYPE:
+        return H_sum.mul_(c) if in_place else H_sum * c
+    out = H_sum if in_place and H_sum.dtype == dtype else torch.empty(H_sum.shape, dtype=dtype, device=H_sum.device)
+    for a in range(0, H_sum.shape[0], _PANEL):
+        out[a : a + _PANEL] = H_sum[a : a + _PANEL].to(HESSIAN_DTYPE) * c
+    return out
+
+
+_PANEL = 1024
+HELD_DTYPE = torch.float32
 
 
 def check_finite(H: Tensor, name: str) -> None:

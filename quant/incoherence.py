@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from quant.hadamard import HadamardSizeError, fwht, hadamard_factorization, random_orthogonal, random_signs
-from quant.hessian import HESSIAN_DTYPE, proxy_loss
+from quant.hessian import HELD_DTYPE, HESSIAN_DTYPE, proxy_loss
 from quant.precision import exact
 from quant.types import ConfigVersion, QuantizedWeight
 
@@ -363,7 +363,7 @@ class IncoherenceTransforms:
 
 
 class Preprocessed(NamedTuple):
-    """W̃ float64 [m, n], H̃ float64 [n, n] (mean diag 1), the transforms, and h_scale = tr(H_rot)/n."""
+    """W̃ [m, n], H̃ [n, n] (mean diag 1), in the dtype asked for; the transforms; h_scale = tr(H_rot)/n."""
 
     W: Tensor
     H: Tensor
@@ -371,12 +371,39 @@ class Preprocessed(NamedTuple):
     h_scale: float
 
 
-def incoherence_preprocess(W: Tensor, H: Tensor, cfg: IncoherenceConfig, *, generator: torch.Generator) -> Preprocessed:
-    """W̃ = U W diag(s) Vᵀ, H̃ = V diag(s)⁻¹ H diag(s)⁻¹ Vᵀ · n/tr, in float64 (V drawn first, then U)."""
+_PANEL = 1024
+
+
+def _rotate_hessian_(H: Tensor, V: OrthogonalTransform) -> None:
+    """H ← (V H Vᵀ + (V H Vᵀ)ᵀ)/2 in place on a private float64 H (symmetric), one panel of rows or columns at a
+    time: a 28,672-wide Hessian is 6.6 GB in float64, and the out-of-place chain held four such matrices. The
+    arithmetic per entry is the out-of-place chain's: rows first (M = H Vᵀ), then each column panel of M becomes
+    the rows of R = V M, written transposed (the buffer holds Rᵀ, whose symmetrization equals R's)."""
+    n = H.shape[0]
+    for a in range(0, n, _PANEL):
+        H[a : a + _PANEL] = V.apply(H[a : a + _PANEL])
+    for a in range(0, n, _PANEL):
+        H[:, a : a + _PANEL] = V.apply(H[:, a : a + _PANEL].t().contiguous()).t()
+    for a in range(0, n, _PANEL):
+        b = min(a + _PANEL, n)
+        for c in range(a, n, _PANEL):
+            d = min(c + _PANEL, n)
+            avg = (H[a:b, c:d] + H[c:d, a:b].t()) / 2
+            H[a:b, c:d] = avg
+            H[c:d, a:b] = avg.t()
+
+
+def incoherence_preprocess(
+    W: Tensor, H: Tensor, cfg: IncoherenceConfig, *, generator: torch.Generator, dtype: torch.dtype = HESSIAN_DTYPE
+) -> Preprocessed:
+    """W̃ = U W diag(s) Vᵀ, H̃ = V diag(s)⁻¹ H diag(s)⁻¹ Vᵀ · n/tr, computed in float64 (V drawn first, then U) and
+    returned in ``dtype``: the quantizers take float32 (``quant.hessian.HELD_DTYPE``), so a rotated 70B down_proj
+    Hessian is held in 3.3 GB, and the only full float64 matrix made is the one H is rotated in."""
     m, n = W.shape
-    W64, H64 = W.to(HESSIAN_DTYPE), H.to(HESSIAN_DTYPE)
+    W64 = W.to(HESSIAN_DTYPE)
     V = make_transform(n, cfg, generator)
     U = make_transform(m, cfg, generator)
+    H64 = H.to(HESSIAN_DTYPE, copy=True)
     s = None
     if cfg.rescale:
         dH = torch.diagonal(H64).clamp_min(1e-8 * float(torch.diagonal(H64).mean()) + 1e-30)
@@ -385,14 +412,21 @@ def incoherence_preprocess(W: Tensor, H: Tensor, cfg: IncoherenceConfig, *, gene
         s = (dH / dW).pow(0.25).to(TRANSFORM_DTYPE)
         s64 = s.to(HESSIAN_DTYPE)
         W64 = W64 * s64[None, :]
-        H64 = H64 / s64[None, :] / s64[:, None]
-    W_t = U.apply(V.apply(W64).t()).t()  # U (W Vᵀ)
-    H_t = V.apply(V.apply(H64).t())  # V H Vᵀ (H symmetric)
-    H_t = (H_t + H_t.t()) / 2
-    h_scale = float(torch.diagonal(H_t).mean())
+        H64.div_(s64[None, :]).div_(s64[:, None])
+    W_t = U.apply(V.apply(W64).t()).t().to(dtype)  # U (W Vᵀ)
+    del W64
+    _rotate_hessian_(H64, V)  # V H Vᵀ (H symmetric), symmetrized
+    h_scale = float(torch.diagonal(H64).mean())
     if not h_scale > 0:
         raise ValueError("Hessian has zero trace; collect calibration data first")
-    return Preprocessed(W_t, H_t / h_scale, IncoherenceTransforms(U, V, s), h_scale)
+    if dtype == HESSIAN_DTYPE:
+        H_t = H64.div_(h_scale)
+    else:
+        H_t = torch.empty(n, n, dtype=dtype, device=H64.device)
+        for a in range(0, n, _PANEL):
+            H_t[a : a + _PANEL] = H64[a : a + _PANEL] / h_scale
+        del H64
+    return Preprocessed(W_t, H_t, IncoherenceTransforms(U, V, s), h_scale)
 
 
 def incoherence_postprocess(W_tilde: Tensor, transforms: IncoherenceTransforms) -> Tensor:
@@ -426,8 +460,8 @@ def quantize_incoherent(
     rescaled to the un-normalised H̃, proxy_loss_exact = tr((Ŵ − W) H (Ŵ − W)ᵀ) in the original basis, and
     proxy_loss_rotated_exact from the inner quantizer (normalised H̃, mean diag 1).
     """
-    pre = incoherence_preprocess(W, H, cfg, generator=generator)
-    q = quantizer(pre.W.to(torch.float32), pre.H)
+    pre = incoherence_preprocess(W, H, cfg, generator=generator, dtype=HELD_DTYPE)
+    q = quantizer(pre.W, pre.H)
     W_hat = incoherence_postprocess(q.dequantize(HESSIAN_DTYPE), pre.transforms)
     stats = dict(q.stats)
     if "proxy_loss" in stats:

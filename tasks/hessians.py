@@ -60,8 +60,8 @@ def load_tokens(ctx: StageContext, cal_ref: str) -> Any:
 
 
 def load_block_hessians(ctx: StageContext, block_ref: str, groups: list[str] | None = None) -> dict[str, Any]:
-    """{group: (H_sum fp64 [n, n], n tokens)} of one block artifact (verified read); compact (upper triangle,
-    BLOCK_VERSION 2) and full (version 1) layouts both read."""
+    """{group: (H_sum [n, n], n tokens)} of one block artifact (verified read); compact (upper triangle in float32,
+    BLOCK_VERSION 2: read back as float32, exactly) and full float64 (version 1) layouts both read."""
     from safetensors import safe_open
 
     from quant.hessian_store import unpack_upper
@@ -76,7 +76,8 @@ def load_block_hessians(ctx: StageContext, block_ref: str, groups: list[str] | N
             if f"{g}.H" in keys:
                 out[g] = (f.get_tensor(f"{g}.H"), n)
             else:
-                out[g] = (unpack_upper(f.get_tensor(f"{g}.H_upper"), int(f.get_tensor(f"{g}.dim").item())), n)
+                packed = f.get_tensor(f"{g}.H_upper")
+                out[g] = (unpack_upper(packed, int(f.get_tensor(f"{g}.dim").item()), dtype=packed.dtype), n)
     return out
 
 
@@ -126,7 +127,10 @@ def _forward_context(device_type: str, cfg: HessianConfig) -> Any:
 
 
 def _stats_tensors(stats: dict[str, Any], where: str, dtype: Any) -> dict[str, Any]:
-    """One block's statistics as safetensors entries: upper triangles in ``dtype``, Σx (float64) and n."""
+    """One block's statistics as safetensors entries: upper triangles in ``dtype``, Σx (float64) and n.
+
+    Consumes ``stats``: each group's float64 sum is dropped as soon as its triangle exists, so a block never holds
+    every group's sum and every triangle at once (a 70B block: 8.1 GB of sums, 6.6 GB of them the down_proj's)."""
     import torch
 
     from quant.hessian import check_finite
@@ -141,6 +145,7 @@ def _stats_tensors(stats: dict[str, Any], where: str, dtype: Any) -> dict[str, A
             raise QuantpipeError(str(exc)) from None
         tensors[f"{g}.H_upper"] = pack_upper(s.H, dtype)
         tensors[f"{g}.dim"] = torch.tensor(s.H.shape[0], dtype=torch.int64)
+        s.H = None
         tensors[f"{g}.x_sum"] = s.x_sum
         tensors[f"{g}.n"] = torch.tensor(s.n, dtype=torch.int64)
     return tensors

@@ -193,7 +193,8 @@ def expert_hessian(
     H_pool, n_pool = pooled
     fill = need - n
     record["pooled_tokens"] = float(fill)
-    return H_sum + H_pool.to(H_sum.dtype) * (fill / n_pool), need, record
+    f64 = torch.float64  # the top-up in float64 whatever the sums were read as (stored blocks are float32)
+    return H_sum.to(f64) + H_pool.to(f64) * (fill / n_pool), need, record
 
 
 def expert_report(layers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

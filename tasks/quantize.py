@@ -21,7 +21,7 @@ from torch import Tensor
 
 from infra.errors import ConfigError, QuantpipeError
 from quant.gptq import GPTQConfig, quantize_gptq
-from quant.hessian import check_finite, finalize
+from quant.hessian import HELD_DTYPE, check_finite, finalize
 from quant.incoherence import IncoherenceConfig, check_transform_size, quantize_incoherent
 from quant.ldlq import LDLQConfig, quantize_ldlq
 from quant.rtn import quantize_rtn
@@ -46,7 +46,9 @@ __all__ = [
 ]
 
 STAGE_VERSION = 1
-LAYER_VERSION = 1
+# 2: H held in float32 between finalize and the method (quant.hessian.HELD_DTYPE; factorizations stay float64):
+#    sequential sums are rounded as parallel mode's stored ones already were (ULP-level changes to codes)
+LAYER_VERSION = 2
 
 Method = Callable[[Tensor, Tensor | None, QuantizeConfig, str], LayerResult]
 METHODS: dict[str, Method] = {}
@@ -293,9 +295,10 @@ def _quantize_tensor(
 
 
 def _finalized(H_sum: Tensor, n: int, name: str) -> Tensor:
-    """finalize(H_sum, n) in place: the caller's sum is this layer's (or group's) alone from here."""
+    """finalize(H_sum, n) as the methods get it: float32 (``HELD_DTYPE``), in place when the sum already is (a
+    stored block's triangle), and the caller's sum is this layer's (or group's) alone from here."""
     try:
-        return finalize(H_sum, n, in_place=True)
+        return finalize(H_sum, n, in_place=True, dtype=HELD_DTYPE)
     except ValueError as exc:
         raise QuantpipeError(f"{name}: {exc}") from None
 
@@ -543,9 +546,9 @@ def _run_sequential(
     def quantize_jobs(i: int, block: Any, block_jobs: Sequence[LayerJob], stats_of: Callable[[LayerJob], Any]) -> None:
         """Quantize ``block_jobs`` (stored layers are reused) and write their fake-quantized weights into ``block``.
 
-        Each group's sum is finalized in place once, when its first linear needs it, and shared by the group's
-        linears (q/k/v, gate/up): the statistics are not read again, and a copy per linear would be one more n×n
-        float64 matrix at the widest input (6.6 GB at a 70B down_proj)."""
+        Each group's sum is finalized once, when its first linear needs it, into the float32 H its linears (q/k/v,
+        gate/up) share, and the float64 sum is dropped: at a 70B down_proj that is 3.3 GB held instead of the
+        sum plus one copy per linear (6.6 GB each)."""
         prefix = streamer.block_name(i) + "."
         hessians: dict[str, tuple[Tensor, dict[str, float]]] = {}
 
@@ -553,7 +556,9 @@ def _run_sequential(
             if job.group not in hessians:
                 pooled = (s.pooled.H, s.pooled.n) if s.pooled is not None else None
                 H_sum, n, record = expert_hessian(job.group, s.H, s.n, pooled)
+                s.H = None  # the float64 sum is freed once its float32 H exists (pooled sums are other objects)
                 hessians[job.group] = (_finalized(H_sum, n, job.name), record)
+                del H_sum
             return hessians[job.group]
 
         for job in block_jobs:

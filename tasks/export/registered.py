@@ -82,7 +82,8 @@ def export_build(
     return {"target": target, "format": fmt, "pack": ref, "location": str(location), "files": files}
 
 
-KQUANT_STAGE, KQUANT_VERSION = "gguf-kquant", 1
+# 2: Hessians held in float32 (quant.hessian.HELD_DTYPE): half the memory of the whole model's set, ULP-level changes
+KQUANT_STAGE, KQUANT_VERSION = "gguf-kquant", 2
 
 
 def export_kquant(target: str, ftype: str, out: Path | None, settings: Settings) -> dict[str, Any]:
@@ -127,15 +128,17 @@ def export_kquant(target: str, ftype: str, out: Path | None, settings: Settings)
 
     def produce(w: Any, _run: Any) -> None:
         from quant.arch import mapping_for
+        from quant.hessian import HELD_DTYPE, finalize
         from tasks.models import load_model
 
         mapping = mapping_for(config.get("architectures") or [])
         hessians: dict[str, torch.Tensor] = {}
         for i, block_ref in enumerate(store.get(str(hes_ref)).manifest.metadata["blocks"]):
             for group, (H_sum, n) in load_block_hessians(ctx, block_ref).items():
+                H = finalize(H_sum, max(n, 1), in_place=True, dtype=HELD_DTYPE)  # one tensor per group, shared
                 g = next(g for g in mapping.groups if g.name == group)
                 for linear in g.linears:
-                    hessians[f"{mapping.blocks}.{i}.{linear}"] = 2.0 / max(n, 1) * H_sum
+                    hessians[f"{mapping.blocks}.{i}.{linear}"] = H
         model = load_model(model_path)
         weights = {n: m.weight.data.float() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
         weights["model.embed_tokens"] = model.get_input_embeddings().weight.data.float()

@@ -327,3 +327,28 @@ def test_packed_layer_whose_seed_does_not_reproduce_names_the_layer() -> None:
     with pytest.raises(ValueError, match=r"^'proj': U transform \(size 54\) drawn from its stored seed .* re-pack"):
         replace_linears(model, {"proj": tensors})
     assert isinstance(model.proj, torch.nn.Linear)  # nothing replaced
+
+
+@pytest.mark.parametrize("cfg", [KRON, HAD, IncoherenceConfig(kind="kron", rescale=True)], ids=["kron", "had", "resc"])
+def test_held_float32_preprocess_is_the_float64_one_rounded(cfg: IncoherenceConfig) -> None:
+    """What the quantizers get (float32 W̃ and H̃) is the float64 preprocess rounded once, and the in-place
+    panelled rotation gives the out-of-place V H Vᵀ on a width spanning several panels."""
+    import quant.incoherence as inc
+
+    W, H = random_weight(24, 1280, 3).to(F64), random_spd(1280, 3)
+    ref = incoherence_preprocess(W, H, cfg, generator=torch.Generator().manual_seed(5))
+    held = incoherence_preprocess(W, H, cfg, generator=torch.Generator().manual_seed(5), dtype=torch.float32)
+    assert held.W.dtype == held.H.dtype == torch.float32 and held.h_scale == ref.h_scale
+    assert torch.equal(held.W, ref.W.to(torch.float32))
+    assert torch.equal(held.H, ref.H.to(torch.float32))
+    assert torch.equal(held.H, held.H.t())
+    V = ref.transforms.V
+    Hs = (
+        H
+        if ref.transforms.rescale is None
+        else H / ref.transforms.rescale.to(F64)[None, :] / ref.transforms.rescale.to(F64)[:, None]
+    )
+    want = V.apply(V.apply(Hs).t())
+    want = (want + want.t()) / 2
+    assert inc._PANEL < 1280
+    torch.testing.assert_close(ref.H * ref.h_scale, want, rtol=1e-12, atol=1e-12)
