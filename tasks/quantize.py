@@ -2,7 +2,9 @@
 
 ``parallel`` mode: layers are independent given the fp Hessians, so the flow fans them out through Prefect's
 task runner (``map_layers``). ``sequential`` mode (GPTQ-paper style): block inputs are propagated through the
-already-quantized blocks, so Hessians are collected inside this stage and its keys include the calibration.
+already-quantized blocks, so Hessians are collected inside this stage and its keys include the calibration;
+``hessians.shards`` > 1 splits that forward into calibration shards run as threads of this stage, which meet at a
+barrier before each linear group is quantized (:func:`_run_sequential`).
 Methods are looked up in :data:`METHODS` (``@register_method``), so new methods need no change to the flow.
 """
 
