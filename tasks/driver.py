@@ -360,6 +360,9 @@ def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, module.weight, getattr(module, "bias", None))
 
 
+KEEP_BYTES = 2 << 30  # quantize_block_by_group keeps the down_proj inputs of a block up to this size
+
+
 @torch.no_grad()
 def quantize_block_by_group(
     streamer: BlockStreamer,
@@ -368,7 +371,7 @@ def quantize_block_by_group(
     quantize_group: Callable[[str, GroupStats], None],
     *,
     micro_batch: int = 8,
-    keep_bytes: int = 2 << 30,
+    keep_bytes: int = KEEP_BYTES,
     first_token_weight: float = 1.0,
 ) -> torch.Tensor:
     """True-sequential quantization of one block in a single calibration forward; returns the block's outputs.

@@ -532,7 +532,7 @@ def _run_sequential(
     and a killed run resumes at the first block whose layers are not all stored, as with one shard."""
     import contextlib
 
-    from tasks.driver import BlockStreamer, for_each_block
+    from tasks.driver import KEEP_BYTES, BlockStreamer, for_each_block
     from tasks.hessians import load_tokens, shard_ranges
 
     fwd = forward or HessianConfig()
@@ -589,8 +589,9 @@ def _run_sequential(
             refs[job.name] = _layer_stage(ctx, cfg, job, inputs, compute, fkey)
         return weights_of(i, block_jobs)
 
-    def shard_visit(st: BlockStreamer, meet: _Meet) -> Callable[[int, Any, Tensor], Tensor]:
-        """One shard's block visit; ``meet(partial, step)`` returns ``step`` run once on every shard's partial."""
+    def shard_visit(st: BlockStreamer, meet: _Meet, keep_bytes: int) -> Callable[[int, Any, Tensor], Tensor]:
+        """One shard's block visit; ``meet(partial, step)`` returns ``step`` run once on every shard's partial.
+        ``keep_bytes``: this shard's share of the intermediates one process keeps (memory only, same results)."""
         from tasks.driver import collect_block_hessians, merge_group_stats, quantize_block_by_group
 
         def visit(i: int, block: Any, hidden: Tensor) -> Tensor:
@@ -618,6 +619,7 @@ def _run_sequential(
                     hidden,
                     quantize_group,
                     micro_batch=fwd.micro_batch,
+                    keep_bytes=keep_bytes,
                     first_token_weight=fwd.first_token_weight,
                 )
             else:  # llm-compressor's order: every group's Hessian from the block's fp weights, then re-forward
@@ -644,7 +646,7 @@ def _run_sequential(
     ranges = shard_ranges(int(ids.shape[0]), fwd.shards, fwd.micro_batch)
     if len(ranges) == 1:
         with autocast():
-            visit = shard_visit(streamer, lambda partial, step: step([partial]))
+            visit = shard_visit(streamer, lambda partial, step: step([partial]), KEEP_BYTES)
             for_each_block(streamer, ids, visit, progress=progress, micro_batch=fwd.micro_batch)
     else:
         streamers = [streamer] + [BlockStreamer(model_path, device=device) for _ in ranges[1:]]
@@ -655,7 +657,9 @@ def _run_sequential(
             a, b = ranges[s]
             try:
                 with autocast():
-                    visit = shard_visit(streamers[s], lambda partial, step: meeting.meet(s, partial, step))
+                    visit = shard_visit(
+                        streamers[s], lambda partial, step: meeting.meet(s, partial, step), KEEP_BYTES // len(ranges)
+                    )
                     for_each_block(
                         streamers[s],
                         ids[a:b],
@@ -669,7 +673,7 @@ def _run_sequential(
 
         torch.set_num_threads(meeting.forward_threads)
         try:
-            _run_threads(run_shard, len(ranges), "sequential-shard")
+            _run_threads(run_shard, len(ranges), "sequential-shard", on_error=meeting.abort)
         finally:
             torch.set_num_threads(threads)
     return jobs, [refs[j.name] for j in jobs]
@@ -713,14 +717,19 @@ class _ShardMeeting:
         self._barrier.abort()
 
 
-def _run_threads(fn: Callable[[int], None], n: int, name: str) -> None:
-    """``fn(0) … fn(n-1)`` in n threads; the first real failure is raised (not the broken barriers it caused)."""
+def _run_threads(fn: Callable[[int], None], n: int, name: str, *, on_error: Callable[[], None]) -> None:
+    """``fn(0) … fn(n-1)`` in n threads; the first real failure is raised (not the broken barriers it caused).
+    ``on_error``: what stops the threads at their next barrier when this thread is interrupted (Ctrl-C)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix=name) as pool:
         futures = [pool.submit(fn, s) for s in range(n)]
-        errors = [e for e in (f.exception() for f in futures) if e is not None]
+        try:
+            errors = [e for e in (f.exception() for f in futures) if e is not None]
+        except BaseException:
+            on_error()
+            raise
     real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
     if real or errors:
         raise (real or errors)[0]

@@ -146,3 +146,32 @@ def test_a_failing_shard_fails_the_stage_without_hanging(
     monkeypatch.setattr(driver.BlockStreamer, "run_block", flaky)
     with pytest.raises(RuntimeError, match="shard forward failed"):
         _quantize(tmp_path / "x", tiny_llama_dir, _sequential("block"), HessianConfig(micro_batch=2, shards=2))
+
+
+def test_merged_partials_equal_one_running_sum() -> None:
+    """Partials of whole micro-batches summed in shard order: Σ x xᵀ and n as one accumulator (bit for bit on
+    these activations), Σ x to rounding, and MoE pooled statistics merged once for all experts sharing them."""
+    import torch
+
+    from tasks.driver import GroupStats, merge_group_stats
+
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(2, 16, 24, generator=g) for _ in range(5)]
+    one = GroupStats()
+    for c in chunks:
+        one.add(c)
+    parts = []
+    for a, b in ((0, 1), (1, 3), (3, 5)):
+        p = GroupStats()
+        for c in chunks[a:b]:
+            p.add(c)
+        parts.append(p)
+    pools = [GroupStats(H=p.H, x_sum=p.x_sum, n=p.n) for p in parts]
+    for p, pool in zip(parts, pools, strict=True):
+        p.pooled = pool
+    memo: dict = {}
+    merged = merge_group_stats(parts, memo)
+    assert merged.n == one.n == 5 * 32 and torch.equal(merged.H, one.H)
+    torch.testing.assert_close(merged.x_sum, one.x_sum, rtol=1e-12, atol=1e-12)
+    assert merged.pooled is merge_group_stats(parts, memo).pooled and torch.equal(merged.pooled.H, one.H)
+    assert merge_group_stats(parts[:1]) is parts[0]
