@@ -602,13 +602,21 @@ def _run_sequential(
                 for name, w in weights.items():
                     block.get_submodule(name).weight.data.copy_(w)
 
+            def merged_stats(parts: list[Any]) -> Callable[[LayerJob], Any]:
+                """Each group's statistics, merged once (the shards' partials are a dict per shard in block scope)."""
+                cache: dict[str, Any] = {}
+
+                def of(job: LayerJob) -> Any:
+                    if job.group not in cache:
+                        shards = [p[job.group] if isinstance(p, dict) else p for p in parts]
+                        cache[job.group] = merge_group_stats(shards, merged)
+                    return cache[job.group]
+
+                return of
+
             def quantize_group(group: str, s: Any) -> None:
                 group_jobs = [j for j in block_jobs if j.group == group]
-                install(
-                    meet(
-                        s, lambda parts: quantize_jobs(i, block, group_jobs, lambda _: merge_group_stats(parts, merged))
-                    )
-                )
+                install(meet(s, lambda parts: quantize_jobs(i, block, group_jobs, merged_stats(parts))))
 
             if done[i]:
                 install(meet(None, lambda _parts: stored(i, block_jobs)))
@@ -627,12 +635,7 @@ def _run_sequential(
                     st, block, hidden, micro_batch=fwd.micro_batch, first_token_weight=fwd.first_token_weight
                 )
 
-                def step(parts: list[Any]) -> dict[str, Tensor]:
-                    return quantize_jobs(
-                        i, block, block_jobs, lambda j: merge_group_stats([p[j.group] for p in parts], merged)
-                    )
-
-                install(meet(stats, step))
+                install(meet(stats, lambda parts: quantize_jobs(i, block, block_jobs, merged_stats(parts))))
             return st.run_block(block, hidden, micro_batch=fwd.micro_batch)
 
         return visit
