@@ -347,6 +347,7 @@ def _quantize_stage(
     from tasks.quantize import LayerJob, run_quantize
 
     qcfg = recipe.quantize
+    # sequential mode with hessians.shards > 1 splits these threads between its shards itself (tasks.quantize)
     _configure_threads(ctx.settings, qcfg.workers if qcfg.mode == "parallel" else 1)
     progress = _progress(ctx)
 

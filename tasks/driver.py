@@ -24,7 +24,14 @@ from quant.arch import ROLES, ArchMapping, LinearGroup, mapping_for
 from quant.hessian import accumulate
 from tasks.weights import WeightIndex
 
-__all__ = ["BlockStreamer", "GroupStats", "collect_block_hessians", "peak_rss_mb", "quantize_block_by_group"]
+__all__ = [
+    "BlockStreamer",
+    "GroupStats",
+    "collect_block_hessians",
+    "merge_group_stats",
+    "peak_rss_mb",
+    "quantize_block_by_group",
+]
 
 
 def _release_freed_memory() -> None:
@@ -80,6 +87,37 @@ class GroupStats:
         self.H, self.n = accumulate(self.H, self.n, x2)
         s = x2.sum(0, dtype=torch.float64)
         self.x_sum = s if self.x_sum is None else self.x_sum + s
+
+
+def merge_group_stats(parts: list[GroupStats], pooled: dict[tuple[int, ...], GroupStats] | None = None) -> GroupStats:
+    """One linear input's statistics from the partials of calibration shards, summed in shard order (a single
+    partial is returned as it is). ``pooled`` memoizes the merge of MoE pooled statistics, which every expert of
+    a role shares (pass the same dict for one block).
+
+    Σ x xᵀ is the float64 sum of per-micro-batch float32 Gram products (``quant.hessian.accumulate``), and shards
+    hold whole micro-batches, so the merged sum has the very terms one running sum has, added in another
+    association: ((g1 + g2) + (g3 + g4)) instead of (((g1 + g2) + g3) + g4). Float64 addition of float32 values is
+    exact unless an entry's terms span more than ~2^25 in magnitude, so the sums are equal bit for bit but in such
+    rare entries, where they differ in the last float64 bit (the same holds for the hessians stage's reduce, whose
+    float32 storage also rounds that away). Σ x differs in its last bits more often; quantization does not read it.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    out = GroupStats(first_token_weight=parts[0].first_token_weight)
+    for p in parts:  # shard order
+        if p.H is not None:
+            out.H = p.H.clone() if out.H is None else out.H.add_(p.H)
+        if p.x_sum is not None:
+            out.x_sum = p.x_sum.clone() if out.x_sum is None else out.x_sum.add_(p.x_sum)
+        out.n += p.n
+    shared = [p.pooled for p in parts if p.pooled is not None]
+    if shared:
+        memo = {} if pooled is None else pooled
+        key = tuple(id(p) for p in shared)
+        if key not in memo:
+            memo[key] = merge_group_stats(shared)
+        out.pooled = memo[key]
+    return out
 
 
 class BlockStreamer:
@@ -322,6 +360,9 @@ def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, module.weight, getattr(module, "bias", None))
 
 
+KEEP_BYTES = 2 << 30  # quantize_block_by_group keeps the down_proj inputs of a block up to this size
+
+
 @torch.no_grad()
 def quantize_block_by_group(
     streamer: BlockStreamer,
@@ -330,7 +371,7 @@ def quantize_block_by_group(
     quantize_group: Callable[[str, GroupStats], None],
     *,
     micro_batch: int = 8,
-    keep_bytes: int = 2 << 30,
+    keep_bytes: int = KEEP_BYTES,
     first_token_weight: float = 1.0,
 ) -> torch.Tensor:
     """True-sequential quantization of one block in a single calibration forward; returns the block's outputs.

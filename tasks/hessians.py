@@ -11,6 +11,8 @@ process would, so every chunk's Gram product is the same computation), each shar
 (shard, block) — the unit of resume — and a reduce sums the partials in shard order into the usual block artifact.
 The shard count is an execution setting: block and stage keys are the same whatever it is, and the partials, which
 keep their float64 sums so the reduce loses nothing, are deleted once their block artifact is committed.
+Sequential quantize mode collects its Hessians inside the quantize stage and shards them there, as threads that
+meet at a barrier per linear group (``tasks.quantize._run_sequential``), with the same :func:`shard_ranges`.
 """
 
 from __future__ import annotations

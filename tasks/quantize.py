@@ -2,7 +2,9 @@
 
 ``parallel`` mode: layers are independent given the fp Hessians, so the flow fans them out through Prefect's
 task runner (``map_layers``). ``sequential`` mode (GPTQ-paper style): block inputs are propagated through the
-already-quantized blocks, so Hessians are collected inside this stage and its keys include the calibration.
+already-quantized blocks, so Hessians are collected inside this stage and its keys include the calibration;
+``hessians.shards`` > 1 splits that forward into calibration shards run as threads of this stage, which meet at a
+barrier before each linear group is quantized (:func:`_run_sequential`).
 Methods are looked up in :data:`METHODS` (``@register_method``), so new methods need no change to the flow.
 """
 
@@ -518,14 +520,27 @@ def _run_sequential(
     forward: HessianConfig | None = None,
 ) -> tuple[list[LayerJob], list[str]]:
     """Hessians from the activations of the already-quantized model: per linear group (``sequential_scope:
-    group``, one forward per block) or per block (``block``: collect, quantize, re-forward)."""
+    group``, one forward per block) or per block (``block``: collect, quantize, re-forward).
+
+    ``hessians.shards`` = k > 1 splits the calibration samples into k contiguous shards aligned to ``micro_batch``
+    (:func:`tasks.hessians.shard_ranges`), each with its own copy of the streamed block and its own slice of the
+    hidden states, run as k threads inside this stage (on whatever worker runs the stage: with ``--dask`` the
+    stage is one task, not one task per shard — the shards meet at a barrier several times per block, which a
+    task per shard could only do by round-tripping hidden states and intermediates through the store). At each
+    barrier (per group with scope ``group``, per block with ``block``; every group of a sparse MoE block) the
+    shards hand in partial statistics, the last one to arrive sums them in shard order and quantizes the group's
+    layers, and every shard writes the same quantized weights into its copy before it forwards on. Each shard
+    runs the very micro-batches one process would, so only the float64 association of the per-chunk Gram
+    products changes (see :func:`tasks.driver.merge_group_stats`); layer keys do not depend on the shard count,
+    and a killed run resumes at the first block whose layers are not all stored, as with one shard."""
     import contextlib
 
-    from tasks.driver import BlockStreamer, collect_block_hessians, for_each_block, quantize_block_by_group
-    from tasks.hessians import load_tokens
+    from tasks.driver import KEEP_BYTES, BlockStreamer, for_each_block
+    from tasks.hessians import load_tokens, shard_ranges
 
     fwd = forward or HessianConfig()
-    streamer = BlockStreamer(model_path, device=ctx.settings.resolved_device())
+    device = ctx.settings.resolved_device()
+    streamer = BlockStreamer(model_path, device=device)
     jobs = plan_layers(model_path, cfg, [None] * streamer.n_blocks)
     inputs = {"model": model_ref, "calibration": cal_ref}
     fkey = _sequential_forward_key(cfg, forward)
@@ -534,17 +549,23 @@ def _run_sequential(
     def layer_ref(job: LayerJob) -> str:
         return str(stage_key("qlayer", LAYER_VERSION, _layer_key_config(cfg, job, fkey), inputs))
 
-    def block_done(i: int) -> bool:
-        return all(ctx.store.exists(layer_ref(j)) for j in jobs if j.block == i)
+    # decided once, before any shard starts, so every shard takes the same path through every block
+    done = [all(ctx.store.exists(layer_ref(j)) for j in jobs if j.block == i) for i in range(streamer.n_blocks)]
 
-    def apply(block: Any, i: int, block_jobs: Sequence[LayerJob]) -> None:
+    def weights_of(i: int, block_jobs: Sequence[LayerJob]) -> dict[str, Tensor]:
+        """The stored layers' fake-quantized weights, by module name inside block ``i``."""
         prefix = streamer.block_name(i) + "."
-        for job in block_jobs:
-            q = load_qlayer(ctx, refs[job.name])
-            block.get_submodule(job.name[len(prefix) :]).weight.data.copy_(fake_weight(q))
+        return {job.name[len(prefix) :]: fake_weight(load_qlayer(ctx, refs[job.name])) for job in block_jobs}
 
-    def quantize_jobs(i: int, block: Any, block_jobs: Sequence[LayerJob], stats_of: Callable[[LayerJob], Any]) -> None:
-        """Quantize ``block_jobs`` (stored layers are reused) and write their fake-quantized weights into ``block``.
+    def stored(i: int, block_jobs: Sequence[LayerJob]) -> dict[str, Tensor]:
+        for job in block_jobs:
+            refs[job.name] = layer_ref(job)
+        return weights_of(i, block_jobs)
+
+    def quantize_jobs(
+        i: int, block: Any, block_jobs: Sequence[LayerJob], stats_of: Callable[[LayerJob], Any]
+    ) -> dict[str, Tensor]:
+        """Quantize ``block_jobs`` (stored layers are reused) from ``block``'s fp weights; their fake weights.
 
         Each group's sum is finalized once, when its first linear needs it, into the float32 H its linears (q/k/v,
         gate/up) share, and the float64 sum is dropped: at a 70B down_proj that is 3.3 GB held instead of the
@@ -562,7 +583,7 @@ def _run_sequential(
             return hessians[job.group]
 
         for job in block_jobs:
-            # the live weight, not a copy: the block is only overwritten (``apply``) after every job is quantized
+            # the live weight, not a copy: the block is only overwritten (``install``) after every job is quantized
             W = block.get_submodule(job.name[len(prefix) :]).weight.detach()
             s = stats_of(job)
 
@@ -571,36 +592,152 @@ def _run_sequential(
                 return _with_stats(_quantize_tensor(W, H, cfg, job.name, streamer.device.type), record)
 
             refs[job.name] = _layer_stage(ctx, cfg, job, inputs, compute, fkey)
-        apply(block, i, block_jobs)
+        return weights_of(i, block_jobs)
 
-    def visit(i: int, block: Any, hidden: Tensor) -> Tensor:
-        block_jobs = [j for j in jobs if j.block == i]
-        if block_done(i):
-            for job in block_jobs:
-                refs[job.name] = layer_ref(job)
-            apply(block, i, block_jobs)
-        elif cfg.sequential_scope == "group":  # one forward: each group quantized before the next one's input
-            return quantize_block_by_group(
-                streamer,
-                block,
-                hidden,
-                lambda group, s: quantize_jobs(i, block, [j for j in block_jobs if j.group == group], lambda _: s),
-                micro_batch=fwd.micro_batch,
-                first_token_weight=fwd.first_token_weight,
-            )
-        else:  # llm-compressor's order: every group's Hessian from the block's fp weights, then re-forward
-            stats, _ = collect_block_hessians(
-                streamer, block, hidden, micro_batch=fwd.micro_batch, first_token_weight=fwd.first_token_weight
-            )
-            quantize_jobs(i, block, block_jobs, lambda j: stats[j.group])
-        return streamer.run_block(block, hidden, micro_batch=fwd.micro_batch)
+    def shard_visit(st: BlockStreamer, meet: _Meet, keep_bytes: int) -> Callable[[int, Any, Tensor], Tensor]:
+        """One shard's block visit; ``meet(partial, step)`` returns ``step`` run once on every shard's partial.
+        ``keep_bytes``: this shard's share of the intermediates one process keeps (memory only, same results)."""
+        from tasks.driver import collect_block_hessians, merge_group_stats, quantize_block_by_group
+
+        def visit(i: int, block: Any, hidden: Tensor) -> Tensor:
+            block_jobs = [j for j in jobs if j.block == i]
+            merged: dict[tuple[int, ...], Any] = {}  # MoE: the pooled statistics every expert of a role shares
+
+            def install(weights: dict[str, Tensor]) -> None:
+                for name, w in weights.items():
+                    block.get_submodule(name).weight.data.copy_(w)
+
+            def merged_stats(parts: list[Any]) -> Callable[[LayerJob], Any]:
+                """Each group's statistics, merged once (the shards' partials are a dict per shard in block scope)."""
+                cache: dict[str, Any] = {}
+
+                def of(job: LayerJob) -> Any:
+                    if job.group not in cache:
+                        shards = [p[job.group] if isinstance(p, dict) else p for p in parts]
+                        cache[job.group] = merge_group_stats(shards, merged)
+                    return cache[job.group]
+
+                return of
+
+            def quantize_group(group: str, s: Any) -> None:
+                group_jobs = [j for j in block_jobs if j.group == group]
+                install(meet(s, lambda parts: quantize_jobs(i, block, group_jobs, merged_stats(parts))))
+
+            if done[i]:
+                install(meet(None, lambda _parts: stored(i, block_jobs)))
+            elif cfg.sequential_scope == "group":  # one forward: each group quantized before the next one's input
+                return quantize_block_by_group(
+                    st,
+                    block,
+                    hidden,
+                    quantize_group,
+                    micro_batch=fwd.micro_batch,
+                    keep_bytes=keep_bytes,
+                    first_token_weight=fwd.first_token_weight,
+                )
+            else:  # llm-compressor's order: every group's Hessian from the block's fp weights, then re-forward
+                stats, _ = collect_block_hessians(
+                    st, block, hidden, micro_batch=fwd.micro_batch, first_token_weight=fwd.first_token_weight
+                )
+
+                install(meet(stats, lambda parts: quantize_jobs(i, block, block_jobs, merged_stats(parts))))
+            return st.run_block(block, hidden, micro_batch=fwd.micro_batch)
+
+        return visit
+
+    def autocast() -> Any:  # thread-local: entered by every shard's thread
+        if fwd.compute_dtype == "bfloat16":
+            return torch.autocast(streamer.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     ids = load_tokens(ctx, cal_ref)
-    autocast = (
-        torch.autocast(streamer.device.type, dtype=torch.bfloat16)
-        if fwd.compute_dtype == "bfloat16"
-        else contextlib.nullcontext()
-    )
-    with autocast:
-        for_each_block(streamer, ids, visit, progress=progress, micro_batch=fwd.micro_batch)
+    ranges = shard_ranges(int(ids.shape[0]), fwd.shards, fwd.micro_batch)
+    if len(ranges) == 1:
+        with autocast():
+            visit = shard_visit(streamer, lambda partial, step: step([partial]), KEEP_BYTES)
+            for_each_block(streamer, ids, visit, progress=progress, micro_batch=fwd.micro_batch)
+    else:
+        streamers = [streamer] + [BlockStreamer(model_path, device=device) for _ in ranges[1:]]
+        threads = torch.get_num_threads()  # what the flow gave this stage (all the cores it may use)
+        meeting = _ShardMeeting(len(ranges), forward_threads=max(1, threads // len(ranges)), step_threads=threads)
+
+        def run_shard(s: int) -> None:
+            a, b = ranges[s]
+            try:
+                with autocast():
+                    visit = shard_visit(
+                        streamers[s], lambda partial, step: meeting.meet(s, partial, step), KEEP_BYTES // len(ranges)
+                    )
+                    for_each_block(
+                        streamers[s],
+                        ids[a:b],
+                        visit,
+                        progress=progress if s == 0 else None,
+                        micro_batch=fwd.micro_batch,
+                    )
+            except BaseException:
+                meeting.abort()  # the other shards would wait at the next barrier for ever
+                raise
+
+        torch.set_num_threads(meeting.forward_threads)
+        try:
+            _run_threads(run_shard, len(ranges), "sequential-shard", on_error=meeting.abort)
+        finally:
+            torch.set_num_threads(threads)
     return jobs, [refs[j.name] for j in jobs]
+
+
+_Meet = Callable[[Any, Callable[[list[Any]], Any]], Any]
+
+
+class _ShardMeeting:
+    """The barrier of sequential shards (threads): every shard hands in its partial; when the last one arrives,
+    shard 0's ``step`` runs once on all partials in shard order (in the arriving thread, while the others wait),
+    and every shard gets its result. torch's intra-op threads (one process-wide setting) are split between the
+    shards while they forward, and all given to the step, which runs alone."""
+
+    def __init__(self, parties: int, *, forward_threads: int, step_threads: int) -> None:
+        import threading
+
+        self.forward_threads, self.step_threads = forward_threads, step_threads
+        self._partials: list[Any] = [None] * parties
+        self._steps: list[Callable[[list[Any]], Any] | None] = [None] * parties
+        self._result: Any = None
+        self._barrier = threading.Barrier(parties, action=self._act)
+
+    def _act(self) -> None:
+        step = self._steps[0]
+        assert step is not None
+        parts, self._partials = self._partials, [None] * len(self._partials)
+        torch.set_num_threads(self.step_threads)
+        try:
+            self._result = step(parts)
+        finally:
+            torch.set_num_threads(self.forward_threads)
+
+    def meet(self, shard: int, partial: Any, step: Callable[[list[Any]], Any]) -> Any:
+        self._partials[shard] = partial
+        self._steps[shard] = step
+        self._barrier.wait()  # BrokenBarrierError when another shard failed or the step raised
+        return self._result  # read before this shard can reach the next barrier, so no later step overwrites it
+
+    def abort(self) -> None:
+        self._barrier.abort()
+
+
+def _run_threads(fn: Callable[[int], None], n: int, name: str, *, on_error: Callable[[], None]) -> None:
+    """``fn(0) … fn(n-1)`` in n threads; the first real failure is raised (not the broken barriers it caused).
+    ``on_error``: what stops the threads at their next barrier when this thread is interrupted (Ctrl-C)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix=name) as pool:
+        futures = [pool.submit(fn, s) for s in range(n)]
+        try:
+            errors = [e for e in (f.exception() for f in futures) if e is not None]
+        except BaseException:
+            on_error()
+            raise
+    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+    if real or errors:
+        raise (real or errors)[0]

@@ -99,7 +99,8 @@ class HessianConfig(BaseModel):
         ge=1,
         le=256,
         description="Calibration shards collected in parallel (threads, or Dask workers with --dask) and summed per "
-        "block; execution only: the artifacts' keys are the same whatever the count (not keyed).",
+        "block; in sequential quantize mode, threads of the quantize stage summed per linear group (or block). "
+        "Execution only: the artifacts' keys are the same whatever the count (not keyed).",
     )
     first_token_weight: float = Field(
         default=1.0,

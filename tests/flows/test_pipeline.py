@@ -154,8 +154,9 @@ def test_sequential_killed_mid_block_resumes_bit_identical(
     prefect_harness: None, home: Settings, tiny_llama_dir: Path
 ) -> None:
     """True-sequential mode killed after some groups of a block: the rerun reuses the stored layers (their
-    quantized weights feed the later groups) and recomputes the rest byte for byte."""
-    recipe = tiny_recipe(mode="sequential")
+    quantized weights feed the later groups) and recomputes the rest byte for byte, with one calibration shard or
+    two."""
+    recipe = tiny_recipe(mode="sequential").with_overrides(["hessians.micro_batch=4"])  # 8 samples: 2 micro-batches
     first = quantize_model(str(tiny_llama_dir), recipe)
     store = open_store(settings=home)
     quant = first["stages"]["quantize"]["key"]
@@ -170,6 +171,15 @@ def test_sequential_killed_mid_block_resumes_bit_identical(
     assert out["stages"]["quantize"]["key"] == quant and not out["stages"]["quantize"]["cache_hit"]
     assert {n: store.manifest(layers[n]["ref"]).files[0].sha256 for n in lost} == digests
     assert out["metrics"]["ppl"] == first["metrics"]["ppl"]
+    # the same resume with the calibration in 2 shards (threads meeting per group): the same layers, byte for byte
+    for n in lost:
+        store.delete(layers[n]["ref"])
+    for stage in ("quantize", "pack", "evaluate"):
+        store.delete(first["stages"][stage]["key"])
+    sharded = quantize_model(str(tiny_llama_dir), recipe.with_overrides(["hessians.shards=2"]))
+    assert sharded["stages"]["quantize"]["key"] == quant and not sharded["stages"]["quantize"]["cache_hit"]
+    assert {n: store.manifest(layers[n]["ref"]).files[0].sha256 for n in lost} == digests
+    assert sharded["metrics"]["ppl"] == first["metrics"]["ppl"]
 
 
 def test_corrupt_artifact_is_recomputed(first_run: dict, home: Settings, tiny_llama_dir: Path) -> None:
