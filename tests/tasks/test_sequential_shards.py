@@ -166,12 +166,15 @@ def test_merged_partials_equal_one_running_sum() -> None:
         for c in chunks[a:b]:
             p.add(c)
         parts.append(p)
-    pools = [GroupStats(H=p.H, x_sum=p.x_sum, n=p.n) for p in parts]
+    pools = [GroupStats(H=p.H.clone(), x_sum=p.x_sum.clone(), n=p.n) for p in parts]
     for p, pool in zip(parts, pools, strict=True):
         p.pooled = pool
     memo: dict = {}
     merged = merge_group_stats(parts, memo)
     assert merged.n == one.n == 5 * 32 and torch.equal(merged.H, one.H)
     torch.testing.assert_close(merged.x_sum, one.x_sum, rtol=1e-12, atol=1e-12)
-    assert merged.pooled is merge_group_stats(parts, memo).pooled and torch.equal(merged.pooled.H, one.H)
-    assert merge_group_stats(parts[:1]) is parts[0]
+    assert all(p.H is None and p.x_sum is None for p in parts)  # consumed: one sum held, not k + 1
+    other_expert = [GroupStats(n=0, pooled=pool) for pool in pools]  # another expert of the role, same pools
+    assert merge_group_stats(other_expert, memo).pooled is merged.pooled and torch.equal(merged.pooled.H, one.H)
+    single = GroupStats(n=1)
+    assert merge_group_stats([single]) is single
