@@ -33,7 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 JSONL = RESULTS / "real_models.jsonl"
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw"
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw"  # the worker's fallback; the parent passes its own
 
 
 def _overrides(windows: int, calib: int) -> list[str]:
@@ -88,7 +88,9 @@ def run_peer(model: str, peer_python: str, windows: int, calib: int, seq_len: in
     try:
         started = time.perf_counter()
         cmd = [peer_python, __file__, "--peer-worker", str(src), str(out_dir), "--calib", str(calib)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONPATH": ""})
+        wikitext = settings.wikitext_dir or WIKITEXT  # the same text our calibration stage reads
+        env = {**os.environ, "PYTHONPATH": "", "QUANTPIPE_WIKITEXT_DIR": str(wikitext)}
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
             raise RuntimeError(f"peer run failed (exit {done.returncode}): {tail}")
@@ -130,7 +132,7 @@ def peer_worker(src: str, out: str, calib: int, seq_len: int = 512) -> None:
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(src)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    ids = windows(tok, WIKITEXT / "wiki.valid.raw", calib, seq_len, 0)
+    ids = windows(tok, Path(os.environ.get("QUANTPIPE_WIKITEXT_DIR", WIKITEXT)) / "wiki.valid.raw", calib, seq_len, 0)
     ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(w) for w in ids]})
     weights = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 64}
     recipe = GPTQModifier(
