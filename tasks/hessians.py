@@ -37,6 +37,7 @@ __all__ = [
     "ReduceJob",
     "ShardJob",
     "load_block_hessians",
+    "forward_context",
     "load_tokens",
     "run_hessian_reduce",
     "run_hessian_shard",
@@ -120,11 +121,19 @@ def shard_ranges(rows: int, shards: int, micro_batch: int) -> list[tuple[int, in
     return list(itertools.pairwise(bounds))
 
 
-def _forward_context(device_type: str, cfg: HessianConfig) -> Any:
+def forward_context(device_type: str, cfg: HessianConfig) -> Any:
+    """The calibration forward's precision: a bf16 autocast without its weight-cast cache, or nothing.
+
+    autocast caches the bf16 cast of every parameter it sees until the outermost context exits, keyed by the
+    parameter. A calibration context spans every block, so the cache (1) kept a bf16 copy of each block's weights
+    after the block itself was freed — 2 bytes per parameter of the whole model, 140 GB at 70B — and (2) served
+    the stale cast of a weight that was since overwritten with its quantized values, so a true-sequential forward
+    after quantizing (block scope; every role of an MoE block) ran the fp weights. Recasting per call costs one
+    pass over the weight per micro-batch, against a matmul over thousands of tokens."""
     import torch
 
     if cfg.compute_dtype == "bfloat16":
-        return torch.autocast(device_type, dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 
@@ -187,7 +196,7 @@ def run_hessian_shard(ctx: StageContext, job: ShardJob) -> list[str]:
             ensure_artifact(ctx, "hessian-partial", PARTIAL_VERSION, {**config, "block": i}, inputs, produce_partial)
             return out
 
-        with _forward_context(streamer.device.type, job.cfg):
+        with forward_context(streamer.device.type, job.cfg):
             for_each_block(
                 streamer, ids, visit, skip=lambda i: i not in todo, micro_batch=job.cfg.micro_batch, until=max(todo)
             )
@@ -321,7 +330,7 @@ def run_hessians(
                 commit_block(i, _stats_tensors(stats, streamer.block_name(i), torch.float32), tokens)
                 return out
 
-            with _forward_context(streamer.device.type, cfg):
+            with forward_context(streamer.device.type, cfg):
                 for_each_block(
                     streamer,
                     ids,

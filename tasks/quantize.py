@@ -533,10 +533,9 @@ def _run_sequential(
     runs the very micro-batches one process would, so only the float64 association of the per-chunk Gram
     products changes (see :func:`tasks.driver.merge_group_stats`); layer keys do not depend on the shard count,
     and a killed run resumes at the first block whose layers are not all stored, as with one shard."""
-    import contextlib
 
     from tasks.driver import KEEP_BYTES, BlockStreamer, for_each_block
-    from tasks.hessians import load_tokens, shard_ranges
+    from tasks.hessians import forward_context, load_tokens, shard_ranges
 
     fwd = forward or HessianConfig()
     device = ctx.settings.resolved_device()
@@ -646,9 +645,7 @@ def _run_sequential(
         return visit
 
     def autocast() -> Any:  # thread-local: entered by every shard's thread
-        if fwd.compute_dtype == "bfloat16":
-            return torch.autocast(streamer.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return forward_context(streamer.device.type, fwd)
 
     ids = load_tokens(ctx, cal_ref)
     ranges = shard_ranges(int(ids.shape[0]), fwd.shards, fwd.micro_batch)

@@ -77,3 +77,24 @@ def test_each_group_sees_the_quantized_groups_before_it(streamer: BlockStreamer,
         torch.testing.assert_close(got_H[g.name], ref_H[g.name], rtol=1e-5, atol=1e-7)
     # the o_proj Hessian differs from the fp-weights one: q/k/v were quantized first
     assert not torch.allclose(ref_H["o_in"], finalize(fp_stats["o_in"].H, fp_stats["o_in"].n), rtol=1e-3)
+
+
+def test_bf16_calibration_forward_sees_weights_written_after_it(streamer: BlockStreamer) -> None:
+    """Under the calibration's bf16 autocast a forward after a weight was overwritten (a block-scope sequential
+    step: collect, quantize, re-forward) uses the new weight, and blocks freed inside the context leave no bf16
+    copies behind. With autocast's weight-cast cache on, the second forward reused the stale fp cast."""
+    from tasks.hessians import forward_context
+    from tasks.recipe import HessianConfig
+
+    hidden = _hidden(streamer)
+    with forward_context("cpu", HessianConfig(compute_dtype="bfloat16")):
+        with streamer.loaded(streamer.block_name(0)) as block:
+            _stats, before = collect_block_hessians(streamer, block, hidden, micro_batch=2)
+            for mod in block.modules():
+                if isinstance(mod, torch.nn.Linear):
+                    mod.weight.data.copy_(_rtn(mod.weight.data))
+            after = streamer.run_block(block, hidden, micro_batch=2)
+        with streamer.loaded(streamer.block_name(0)) as fp_block:  # fresh fp parameters
+            again = streamer.run_block(fp_block, hidden, micro_batch=2)
+    assert not torch.equal(before, after)  # the quantized weights were used
+    torch.testing.assert_close(again, before, rtol=0, atol=0)
