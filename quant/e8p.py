@@ -355,6 +355,8 @@ def quantize_e8p_ldlq(
             W1[:, j2:] -= E @ Ub[j:j2, j2 : i2 - i1]
             Err1[:, j:j2] = E
         W[:, i2:] -= Err1 @ Ub[:, i2 - i1 :]
+    lam = factor.lam
+    del factor, W  # the float64 factor and the swept copy are done before the exact proxy loss
     q_w = E8PWeight(
         torch.where(codes >= 1 << 15, codes - (1 << 16), codes).to(torch.int16).cpu(),  # uint16 bits as int16
         scales.cpu(),
@@ -362,8 +364,8 @@ def quantize_e8p_ldlq(
     )
     stats = {
         "proxy_loss": float(losses.to(HESSIAN_DTYPE).sum()),
-        "proxy_loss_exact": proxy_loss(W_in, q_w.dequantize(HESSIAN_DTYPE), H),
-        "damp": float(factor.lam),
+        "proxy_loss_exact": proxy_loss(W_in, q_w.dequantize(torch.float32), H),  # widened per panel
+        "damp": float(lam),
         "n_dead": float(dead.sum()),
     }
     return replace(q_w, stats=stats)

@@ -236,7 +236,7 @@ def with_sweep_stats(
     (tr((Ŵ − W) H (Ŵ − W)ᵀ) for the original W and undamped H), damp (λ used), n_dead."""
     stats = {
         "proxy_loss": float(losses.to(HESSIAN_DTYPE).sum()),
-        "proxy_loss_exact": proxy_loss(W, qw.dequantize(HESSIAN_DTYPE), H),
+        "proxy_loss_exact": proxy_loss(W, qw.dequantize(torch.float32), H),  # proxy_loss widens per panel
         "damp": float(lam),
         "n_dead": float(dead.sum()),
     }
@@ -315,10 +315,12 @@ def quantize_gptq(
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Ub[:, i2 - i1 :]
 
+    lam = factor.lam
+    del factor, W  # the float64 factor (6.6 GB at a 70B down_proj) and the swept copy are done before the stats
     inv = torch.argsort(perm)
     codes_u8 = codes[:, inv].to(torch.uint8)
     g_idx = None
     if cfg.act_order and not cfg.static_groups:
         g_idx = (inv // gs).to(torch.int32)  # original column j sits at sweep position inv[j]
     qw = QuantizedWeight(codes=codes_u8, scales=scales, zeros=zeros, bits=max(bits_of), group_size=gs, g_idx=g_idx)
-    return with_sweep_stats(qw, losses, W_in, H, factor.lam, dead)
+    return with_sweep_stats(qw, losses, W_in, H, lam, dead)

@@ -128,7 +128,7 @@ def fixed_diagonal(H: Tensor) -> Tensor:
     return d
 
 
-def fixed_hessian(H: Tensor, perm: Tensor | None = None, *, panel: int = 2048) -> Tensor:
+def fixed_hessian(H: Tensor, perm: Tensor | None = None, *, panel: int = 512) -> Tensor:
     """A private float64 copy of H with dead inputs fixed (H_ii = 1), rows and columns in ``perm`` order
     (``H[perm][:, perm]``), built in row panels so the result is the only full-size allocation: at a 70B
     down_proj's 28,672 inputs every n×n float64 matrix is 6.6 GB."""

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from quant.gptq import sweep_factor, validate_inputs
-from quant.hessian import HESSIAN_DTYPE, dead_inputs, fixed_diagonal, proxy_loss
+from quant.hessian import dead_inputs, fixed_diagonal, proxy_loss
 from quant.precision import exact
 
 __all__ = ["KSPECS", "KQuantWeight", "KSpec", "dequantize", "fit_blocks", "quantize_kquant", "quantize_rtn", "subgrid"]
@@ -440,8 +440,8 @@ def quantize_kquant(
             W1[:, i + 1 :] -= err[:, None] * U1[i, i + 1 :][None, :]
             Err1[:, i] = err
         Wc[:, i2:] -= Err1 @ Ub[:, i2 - i1 :]
+    lam = factor.lam
+    del factor, Wc  # the float64 factor and the swept copy are done before the exact proxy loss
     kw = KQuantWeight(qtype, codes, d, dmin, sc, m)
-    loss = proxy_loss(W, dequantize(kw).to(HESSIAN_DTYPE), H)
-    return KQuantWeight(
-        qtype, codes, d, dmin, sc, m, {"proxy_loss": loss, "damp": factor.lam, "n_dead": float(dead.sum())}
-    )
+    loss = proxy_loss(W, dequantize(kw), H)  # widened to float64 per panel
+    return KQuantWeight(qtype, codes, d, dmin, sc, m, {"proxy_loss": loss, "damp": lam, "n_dead": float(dead.sum())})
