@@ -38,7 +38,7 @@ SHAPES = {
 }
 
 CHILD = r"""
-import json, sys, time
+import json, resource, sys, time
 from pathlib import Path
 from infra.settings import get_settings
 from tasks.calibration import run_calibration, run_model
@@ -66,13 +66,17 @@ settings = get_settings(refresh=True)
 ctx = StageContext(settings=settings, store_url=settings.effective_store_url, progress=False)
 rows = []
 
+def cpu_s():
+    r = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+    return r.ru_utime + r.ru_stime
+
 def stage(name, fn):
     reset_peak()
     before = rss_gb("VmRSS")
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu_s()
     out = fn()
-    rows.append({"stage": name, "seconds": round(time.perf_counter() - t, 1), "rss_before_gb": round(before, 2),
-                 "peak_rss_gb": round(rss_gb("VmHWM"), 2)})
+    rows.append({"stage": name, "seconds": round(time.perf_counter() - t, 1), "cpu_s": round(cpu_s() - c, 1),
+                 "rss_before_gb": round(before, 2), "peak_rss_gb": round(rss_gb("VmHWM"), 2)})
     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return out
 
@@ -156,6 +160,8 @@ def main() -> None:
             "eval_seq_len": eval_len,
             "stages": result["stages"],
             "calibration_to_pack_s": round(sum(r["seconds"] for r in upstream), 1),
+            "calibration_to_pack_cpu_s": round(sum(r["cpu_s"] for r in upstream), 1),
+            "load_average_at_end": os.getloadavg(),
             "calibration_to_pack_peak_rss_gb": max(r["peak_rss_gb"] for r in upstream),
             "metrics": result["metrics"],
         }

@@ -141,10 +141,16 @@ def peer_worker(src: str, out: str, calib: int, seq_len: int = 512) -> None:
         config_groups={"group_0": {"targets": ["Linear"], "weights": {**weights, "actorder": "static"}}},
         dampening_frac=0.01,
     )
-    t0 = time.perf_counter()
+    import resource
+
+    def cpu_s() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+        return r.ru_utime + r.ru_stime
+
+    t0, c0 = time.perf_counter(), cpu_s()
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=seq_len, num_calibration_samples=len(ids))
     oneshot_s = time.perf_counter() - t0
-    import resource
+    oneshot_cpu_s = cpu_s() - c0
 
     peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: model load included
     state: dict[str, torch.Tensor] = {}
@@ -175,6 +181,8 @@ def peer_worker(src: str, out: str, calib: int, seq_len: int = 512) -> None:
         json.dumps(
             {
                 "oneshot_s": round(oneshot_s, 1),
+                "oneshot_cpu_s": round(oneshot_cpu_s, 1),
+                "load_average_at_end": os.getloadavg(),
                 "peak_rss_gb_through_oneshot": round(peak_rss_gb, 2),
                 "threads": torch.get_num_threads(),
                 "samples": len(ids),
