@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {
     "8b": {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "depth": 32},
@@ -114,6 +116,35 @@ def build(shape: str, blocks: int, root: Path) -> Path:
     return out
 
 
+def projection(args: argparse.Namespace, shape: dict, stages: list[dict], per_block: dict[str, float]) -> dict:
+    """Full-depth seconds on this CPU (measured per block × depth) and on an H100 (``block_cost``'s operation
+    counts ÷ its stated peaks × an assumed efficiency), with the count model checked against this CPU first."""
+    from block_cost import GPU_STEP_S, H100, H100_EFFICIENCY, block_ops, cpu_rates, seconds, sweep_steps
+
+    recipe_mse = args.recipe.startswith("gptq")  # the shipped gptq recipes clip by MSE; E8P has no grid search
+    dims = (shape["hidden"], shape["intermediate"], shape["heads"], shape["kv_heads"])
+    ops = block_ops(*dims, tokens=args.samples * 512, seq_len=512, mse_clip=recipe_mse)
+    rates = cpu_rates()
+    cpu_model = seconds(ops, rates)
+    gpu_model = seconds(ops, H100, H100_EFFICIENCY)
+    gpu_serial = sweep_steps(*dims) * GPU_STEP_S
+    measured = sum(per_block.get(k, 0.0) for k in ("hessians", "quantize"))
+    depth = shape["depth"]
+    return {
+        "ops_per_block": {k: f"{v:.3g}" for k, v in ops.items()},
+        "cpu_rates_measured": {k: f"{v:.3g}" for k, v in rates.items()},
+        "cpu_model_s_per_block": round(sum(cpu_model.values()), 1),
+        "cpu_measured_hessians_quantize_s_per_block": round(measured, 1),
+        "cpu_full_model_hours": round(sum(per_block.values()) * depth / 3600, 2),
+        "h100_model_s_per_block": round(sum(gpu_model.values()) + gpu_serial, 2),
+        "h100_full_model_hours_hessians_quantize": round((sum(gpu_model.values()) + gpu_serial) * depth / 3600, 3),
+        "h100_assumptions": f"H100 SXM5 dense peaks {H100} at {H100_EFFICIENCY:.0%} efficiency, "
+        f"{GPU_STEP_S * 1e6:.0f} µs per serial sweep column; a projection from operation counts, not a measurement",
+        "calibration_samples_for_full_protocol": 128,
+        "note": "seconds scale linearly with calibration tokens in the forward and Gram terms only",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
@@ -172,6 +203,7 @@ def main() -> None:
         return
     shape = SHAPES[args.shape]
     per_block = {r["stage"]: r["seconds"] / args.blocks for r in result["stages"]}
+    report_projection = projection(args, shape, result["stages"], per_block)
     report = {
         "shape": args.shape,
         **shape,
@@ -182,6 +214,7 @@ def main() -> None:
         "stages": result["stages"],
         "max_peak_rss_gb": max(r["peak_rss_gb"] for r in result["stages"]),
         "projected_full_model_hours_this_cpu": round(sum(per_block.values()) * shape["depth"] / 3600, 2),
+        "projection": report_projection,
         "metrics": result["metrics"],
     }
     RESULTS.mkdir(exist_ok=True)

@@ -25,7 +25,7 @@ Precision: H is kept in float64 for dead-input fixing, damping, Cholesky and inv
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -56,6 +56,7 @@ __all__ = [
     "GPTQConfig",
     "SweepStart",
     "inverse_cholesky",
+    "tril_inverse_",
     "quantize_gptq",
     "start_sweep",
     "SweepFactor",
@@ -105,78 +106,106 @@ class GPTQConfig(BaseModel):
         return self
 
 
-def inverse_cholesky(
-    H: Tensor, damp: float, damp_max: float, name: str, *, rebuild: Callable[[], Tensor] | None = None
-) -> tuple[Tensor, float]:
-    """U = chol(H_λ⁻¹) upper, with H_λ = H + λ·mean(diag H)·I; λ escalates on failure.
+def inverse_cholesky(H: Tensor, damp: float, damp_max: float, name: str) -> tuple[Tensor, float]:
+    """U = chol(H_λ⁻¹) upper, with H_λ = H + λ·mean(diag H)·I; λ escalates on failure. The reference chain.
 
-    The three-line trick: L = chol(H_λ); H_λ⁻¹ = cholesky_inverse(L); U = chol(H_λ⁻¹, upper). Returns
-    (U float64 [n, n], λ used).
-
-    With ``rebuild``, H is the caller's private float64 symmetric matrix and is consumed: the three steps run in
-    place on its column-major view (LAPACK's own layout, so torch copies nothing) and U comes back as a view of
-    H's memory. The working set is then H alone instead of four n×n float64 matrices. A failed attempt has
-    overwritten H, so ``rebuild()`` supplies it again for the next λ. The bits are the same either way.
+    The GPTQ paper's three lines: L = chol(H_λ); H_λ⁻¹ = cholesky_inverse(L); U = chol(H_λ⁻¹, upper). Returns
+    (U float64 [n, n], λ used). Sweeps use :func:`sweep_factor`, which gets the same U at half the cost.
     """
-    if rebuild is None:
-        for lam in damp_schedule(damp, damp_max):
-            L, info = torch.linalg.cholesky_ex(add_damping(H, lam))
-            if int(info) != 0:
-                continue
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0:
-                return U, lam
-        raise cholesky_failure(name, damp_max)
-    V = H.mT  # == H (symmetric), Fortran-contiguous
-    info = torch.zeros((), dtype=torch.int32, device=H.device)
-    for attempt, lam in enumerate(damp_schedule(damp, damp_max)):
-        if attempt:
-            H.copy_(rebuild())
-        diag = torch.diagonal(V)
-        diag.add_(lam * diag.mean())  # add_damping's arithmetic, in place
-        torch.linalg.cholesky_ex(V, out=(V, info))
+    for lam in damp_schedule(damp, damp_max):
+        L, info = torch.linalg.cholesky_ex(add_damping(H, lam))
         if int(info) != 0:
             continue
-        torch.cholesky_inverse(V, out=V)
-        torch.linalg.cholesky_ex(V, upper=True, out=(V, info))
+        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
         if int(info) == 0:
-            return V, lam
+            return U, lam
     raise cholesky_failure(name, damp_max)
+
+
+TRIL_INVERSE_BLOCK = 512
+
+
+def tril_inverse_(A: Tensor, *, lapack: bool | None = None) -> None:
+    """A ← A⁻¹ in place for a lower-triangular A (its strict upper triangle is ignored and zeroed).
+
+    On the CPU in float64 this is LAPACK's ``dtrtri`` on A's own memory (A must be column-major, as the
+    factor's buffer is); elsewhere, or with ``lapack=False``, a blocked inverse from the bottom right whose only
+    allocations are one column panel: with X₂₂ = A₂₂⁻¹ already in place, A₂₁ ← −X₂₂ A₂₁ A₁₁⁻¹.
+    """
+    A.tril_()
+    if lapack is None:
+        lapack = A.device.type == "cpu" and A.dtype == torch.float64 and A.mT.is_contiguous()
+    if lapack:
+        import numpy as np
+        from scipy.linalg import lapack as scipy_lapack
+
+        arr = A.numpy()
+        out, info = scipy_lapack.dtrtri(arr, lower=1, overwrite_c=1)
+        if int(info) != 0:
+            raise ValueError(f"triangular inverse failed: zero pivot {int(info)} (the Cholesky factor is singular)")
+        if not np.shares_memory(out, arr):
+            A.copy_(torch.from_numpy(out))
+        return
+    n = A.shape[0]
+    for j in reversed(range(0, n, TRIL_INVERSE_BLOCK)):
+        e = min(j + TRIL_INVERSE_BLOCK, n)
+        eye = torch.eye(e - j, dtype=A.dtype, device=A.device)
+        inv = torch.linalg.solve_triangular(A[j:e, j:e], eye, upper=False)
+        if e < n:
+            A[e:, j:e] = (A[e:, e:] @ A[e:, j:e]) @ inv.neg()
+        A[j:e, j:e] = inv
 
 
 class SweepFactor(NamedTuple):
     """U = chol(H_λ⁻¹) (upper, float64) for a column sweep, handed out one band of rows at a time.
 
-    A sweep only ever reads U[i1:i2, i1:] for its current block of columns, so the bands are converted to the sweep
-    dtype as they are needed instead of keeping a full sweep-dtype copy beside the float64 factor: at a 70B
-    down_proj (28,672 inputs) that copy is 3.3 GB. The conversion is elementwise, so the bits are the same.
+    U is held as R⁻¹ with R = chol(P H_λ P), P the order reversal: then H_λ⁻¹ = (P R⁻¹ P)ᵀ (P R⁻¹ P) and
+    P R⁻¹ P is upper triangular with a positive diagonal, so it *is* U (Uᵢⱼ = R⁻¹[n−1−i, n−1−j]). That costs one
+    Cholesky and one triangular inverse (≈ 2n³/3 flops) instead of the paper's Cholesky, ``cholesky_inverse``
+    and second Cholesky (≈ 4n³/3), and never forms H_λ⁻¹ explicitly. A sweep only ever reads U[i1:i2, i1:]
+    for its current block of columns, so the bands are flipped out of R⁻¹ and converted to the sweep dtype as
+    they are needed instead of keeping a full sweep-dtype copy beside the float64 factor: at a 70B down_proj
+    (28,672 inputs) that copy is 3.3 GB.
     """
 
-    U: Tensor  # float64 [n, n], upper triangular (a column-major view of the factored buffer)
+    Rinv: Tensor  # float64 [n, n], lower triangular (a column-major view of the factored buffer)
     dtype: torch.dtype
     lam: float
 
     def band(self, i1: int, i2: int) -> Tensor:
         """U[i1:i2, i1:] in the sweep dtype, row-major: columns 0:i2-i1 are the block's own U, the rest its
         lazy update to the columns after it."""
-        return torch.empty((i2 - i1, self.U.shape[1] - i1), dtype=self.dtype, device=self.U.device).copy_(
-            self.U[i1:i2, i1:]
-        )
+        n = self.Rinv.shape[0]
+        rows = self.Rinv[n - i2 : n - i1, : n - i1].flip((0, 1))
+        return torch.empty(rows.shape, dtype=self.dtype, device=self.Rinv.device).copy_(rows)
+
+    def upper(self) -> Tensor:
+        """The whole U, float64 (a new n×n matrix: for tests and small layers)."""
+        return self.Rinv.flip((0, 1))
 
 
 def sweep_factor(
     H: Tensor, perm: Tensor | None, damp: float, damp_max: float, name: str, dtype: torch.dtype
 ) -> SweepFactor:
-    """The factor of a column sweep in ``perm`` order: U = chol(H_λ⁻¹) of the dead-input-fixed, permuted H. One
-    float64 copy of H is built and factored in place, so a sweep holds the caller's H and that one matrix — not the
-    five n×n matrices of copy → fix → permute → damp → factor → invert → factor, nor a second copy of U in the
-    sweep dtype (:meth:`SweepFactor.band`)."""
-
-    def build() -> Tensor:
-        return fixed_hessian(H, perm)
-
-    U64, lam = inverse_cholesky(build(), damp, damp_max, name, rebuild=build)
-    return SweepFactor(U64, dtype, lam)
+    """The factor of a column sweep in ``perm`` order: U = chol(H_λ⁻¹) of the dead-input-fixed, permuted H
+    (:class:`SweepFactor` says how). One float64 copy of H is built in reversed sweep order and factored in
+    place on its column-major view (LAPACK's own layout, so nothing is copied), so a sweep holds the caller's H
+    and that one matrix. A failed Cholesky has overwritten the copy; it is rebuilt for the next λ."""
+    n = H.shape[0]
+    order = (perm if perm is not None else torch.arange(n, device=H.device)).flip(0)
+    F = fixed_hessian(H, order)
+    V = F.mT  # == F (symmetric), Fortran-contiguous
+    info = torch.zeros((), dtype=torch.int32, device=H.device)
+    for attempt, lam in enumerate(damp_schedule(damp, damp_max)):
+        if attempt:
+            F.copy_(fixed_hessian(H, order))
+        diag = torch.diagonal(V)
+        diag.add_(lam * diag.mean())  # add_damping's arithmetic, in place
+        torch.linalg.cholesky_ex(V, out=(V, info))
+        if int(info) == 0:
+            tril_inverse_(V)
+            return SweepFactor(V, dtype, lam)
+    raise cholesky_failure(name, damp_max)
 
 
 def validate_inputs(W: Tensor, H: Tensor, name: str) -> None:

@@ -50,7 +50,9 @@ __all__ = [
 STAGE_VERSION = 1
 # 2: H held in float32 between finalize and the method (quant.hessian.HELD_DTYPE; factorizations stay float64):
 #    sequential sums are rounded as parallel mode's stored ones already were (ULP-level changes to codes)
-LAYER_VERSION = 2
+# 3: sweeps factor U = chol(H⁻¹) by a reversed Cholesky and a triangular inverse (quant.gptq.sweep_factor):
+#    the same U to float64 rounding at half the flops (ULP-level changes to codes)
+LAYER_VERSION = 3
 
 Method = Callable[[Tensor, Tensor | None, QuantizeConfig, str], LayerResult]
 METHODS: dict[str, Method] = {}

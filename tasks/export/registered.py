@@ -83,7 +83,7 @@ def export_build(
 
 
 # 2: Hessians held in float32 (quant.hessian.HELD_DTYPE): half the memory of the whole model's set, ULP-level changes
-KQUANT_STAGE, KQUANT_VERSION = "gguf-kquant", 2
+KQUANT_STAGE, KQUANT_VERSION = "gguf-kquant", 3  # 3: quant.gptq.sweep_factor reversed Cholesky
 
 
 def export_kquant(target: str, ftype: str, out: Path | None, settings: Settings) -> dict[str, Any]:

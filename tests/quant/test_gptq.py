@@ -191,10 +191,10 @@ def _spd_with_dead(n: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_in_place_factor_is_bit_identical_to_the_copying_path(dtype: torch.dtype) -> None:
-    """sweep_factor (one float64 copy, factored in place on its column-major view) against the old chain
-    (copy → fix dead → permute → damp → chol → cholesky_inverse → chol), bit for bit; its bands in the sweep dtype
-    are the old full-size conversion's rows."""
+def test_reversed_factor_is_the_papers_chain(dtype: torch.dtype) -> None:
+    """sweep_factor (reversed Cholesky + triangular inverse, in place) against the GPTQ paper's chain
+    (fix dead → permute → damp → chol → cholesky_inverse → chol): the same U to float64 rounding, upper
+    triangular, and its bands are exactly the rows of that U in the sweep dtype, row-major."""
     from quant.gptq import inverse_cholesky, sweep_factor
     from quant.hessian import fix_dead_inputs
 
@@ -206,17 +206,39 @@ def test_in_place_factor_is_bit_identical_to_the_copying_path(dtype: torch.dtype
             H_fixed = H_fixed[p][:, p]
         ref, ref_lam = inverse_cholesky(H_fixed, 0.01, 1.0, "layer")
         factor = sweep_factor(H, p, 0.01, 1.0, "layer", dtype)
+        U = factor.upper()
         assert factor.lam == ref_lam
-        assert torch.equal(factor.U, ref)
-        for i1, i2 in ((0, 128), (128, 256), (256, 300)):  # the bands a sweep reads, in its dtype, row-major
+        assert torch.equal(U, torch.triu(U)) and bool((torch.diagonal(U) > 0).all())
+        torch.testing.assert_close(U, ref, rtol=1e-11, atol=1e-11 * float(ref.abs().max()))
+        damped = H_fixed.double() + ref_lam * torch.diagonal(H_fixed.double()).mean() * torch.eye(300, dtype=F64)
+        torch.testing.assert_close(U.T @ U @ damped, torch.eye(300, dtype=F64), rtol=0, atol=1e-9)
+        for i1, i2 in ((0, 128), (128, 256), (256, 300)):  # the bands a sweep reads
             band = factor.band(i1, i2)
             assert band.dtype == dtype and band.is_contiguous()
-            assert torch.equal(band, ref[i1:i2, i1:].to(dtype))
+            assert torch.equal(band, U[i1:i2, i1:].to(dtype))
+
+
+@pytest.mark.parametrize("n", [1, 7, 512, 513, 1100])
+def test_tril_inverse_in_place_both_paths(n: int) -> None:
+    """LAPACK's dtrtri on the buffer's own memory and the blocked fallback (GPUs) both invert a lower-triangular
+    matrix in place, ignoring whatever the strict upper triangle held."""
+    from quant.gptq import tril_inverse_
+
+    g = torch.Generator().manual_seed(n)
+    L = torch.tril(torch.randn(n, n, generator=g, dtype=F64)) * 0.1
+    L.diagonal().copy_(torch.rand(n, generator=g, dtype=F64) + 1.0)
+    ref = torch.linalg.solve_triangular(L, torch.eye(n, dtype=F64), upper=False)
+    for lapack in (True, False):
+        A = (L + torch.triu(torch.randn(n, n, generator=g, dtype=F64), 1)).mT.contiguous().mT  # column-major
+        ptr = A.data_ptr()
+        tril_inverse_(A, lapack=lapack)
+        assert A.data_ptr() == ptr
+        torch.testing.assert_close(A, ref, rtol=1e-12, atol=1e-12)
 
 
 def test_in_place_factor_retries_on_a_rebuilt_matrix() -> None:
     """An indefinite H fails at the first λ; the in-place path, whose failed attempt overwrote its copy,
-    rebuilds it and lands on the same λ and the same bits as the copying path."""
+    rebuilds it and lands on the same λ and the same U as the paper's chain."""
     from quant.gptq import inverse_cholesky, sweep_factor
 
     g = torch.Generator().manual_seed(3)
@@ -228,4 +250,4 @@ def test_in_place_factor_retries_on_a_rebuilt_matrix() -> None:
     ref, ref_lam = inverse_cholesky(H.clone(), 0.01, 1.0, "layer")
     factor = sweep_factor(H, None, 0.01, 1.0, "layer", torch.float64)
     assert ref_lam == factor.lam == pytest.approx(0.1)
-    assert torch.equal(factor.U, ref)
+    torch.testing.assert_close(factor.upper(), ref, rtol=1e-10, atol=1e-10)
