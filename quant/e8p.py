@@ -364,7 +364,7 @@ def quantize_e8p_ldlq(
     )
     stats = {
         "proxy_loss": float(losses.to(HESSIAN_DTYPE).sum()),
-        "proxy_loss_exact": proxy_loss(W_in, q_w.dequantize(torch.float32), H),  # widened per panel
+        "proxy_loss_exact": proxy_loss(W_in, q_w.dequantize(torch.float32), H),  # per panel
         "damp": float(lam),
         "n_dead": float(dead.sum()),
     }

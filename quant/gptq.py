@@ -33,7 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 from torch import Tensor
 
-from quant.grid import GRID_DTYPE, dequantize_codes, fit_grid, fit_group_grids, quantize_codes
+from quant.grid import GRID_DTYPE, fit_grid, fit_group_grids
 from quant.hessian import (
     HESSIAN_DTYPE,
     DampFraction,
@@ -265,7 +265,7 @@ def with_sweep_stats(
     (tr((Ŵ − W) H (Ŵ − W)ᵀ) for the original W and undamped H), damp (λ used), n_dead."""
     stats = {
         "proxy_loss": float(losses.to(HESSIAN_DTYPE).sum()),
-        "proxy_loss_exact": proxy_loss(W, qw.dequantize(torch.float32), H),  # proxy_loss widens per panel
+        "proxy_loss_exact": proxy_loss(W, qw.dequantize(torch.float32), H),  # per panel
         "damp": float(lam),
         "n_dead": float(dead.sum()),
     }
@@ -316,33 +316,36 @@ def quantize_gptq(
     codes = torch.zeros(m, n, dtype=torch.uint8, device=W.device)  # ≤ 8-bit codes: a quarter of a float32 matrix
     losses = torch.zeros(m, dtype=sweep_dtype, device=W.device)
 
+    # The block's columns are held transposed (W1t [block, m]): every per-column op then reads and writes one
+    # contiguous row, and the column step is a handful of in-place kernels (it runs n times, serially).
+    q = torch.empty(m, dtype=torch.promote_types(sweep_dtype, GRID_DTYPE), device=W.device)  # codes, as floats
+    q_hat = torch.empty(m, dtype=GRID_DTYPE, device=W.device)  # ŵ, in dequantize_codes' dtype
     for i1 in range(0, n, cfg.block_size):
         i2 = min(i1 + cfg.block_size, n)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        W1t = W[:, i1:i2].T.contiguous()
+        Err1t = torch.zeros_like(W1t)
         Ub = factor.band(i1, i2)  # U[i1:i2, i1:]
         U1 = Ub[:, : i2 - i1]
         for i in range(i2 - i1):
             col = i1 + i
             if not cfg.static_groups and col % gs == 0:
                 c2 = min(col + gs, n)
-                block = W1[:, i : min(c2, i2) - i1]
+                block = W1t[i : min(c2, i2) - i1].T
                 if c2 > i2:  # rest of the group lies beyond this block: apply the pending lazy update
-                    rest = W[:, i2:c2] - Err1[:, :i] @ Ub[:i, i2 - i1 : c2 - i1]  # U[i1:col, i2:c2]
+                    rest = W[:, i2:c2] - Err1t[:i].T @ Ub[:i, i2 - i1 : c2 - i1]  # U[i1:col, i2:c2]
                     block = torch.cat([block, rest], dim=1)
                 scales[:, col // gs], zeros[:, col // gs] = fit_grid(block, grid)
             g = group_of[col]
             s, z = scales[:, g], zeros[:, g]
-            w = W1[:, i]
-            d = U1[i, i]
-            c = quantize_codes(w, s, z, bits_of[g])
-            q = dequantize_codes(c, s, z).to(sweep_dtype)
-            codes[:, col] = c
-            losses += (w - q) ** 2 / d**2
-            err = (w - q) / d
-            W1[:, i + 1 :] -= err[:, None] * U1[i, i + 1 :][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Ub[:, i2 - i1 :]
+            w, err = W1t[i], Err1t[i]
+            # quantize_codes then dequantize_codes, op for op, into the two reused buffers
+            torch.div(w, s, out=q).round_().add_(z).clamp_(0, (1 << bits_of[g]) - 1)
+            codes[:, col] = q
+            q_hat.copy_(q).sub_(z).mul_(s)
+            torch.sub(w, q_hat, out=err).div_(U1[i, i])  # (w − ŵ) / U_ii
+            losses.addcmul_(err, err)  # (w − ŵ)² / U_ii²
+            W1t[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1)
+        W[:, i2:].addmm_(Err1t.T, Ub[:, i2 - i1 :], alpha=-1)
 
     lam = factor.lam
     del factor, W  # the float64 factor (6.6 GB at a 70B down_proj) and the swept copy are done before the stats

@@ -184,13 +184,19 @@ def cholesky_failure(name: str, lam: float) -> ValueError:
 
 
 def proxy_loss(W: Tensor, W_hat: Tensor, H: Tensor, *, panel: int = 2048) -> float:
-    """tr((Ŵ − W) H (Ŵ − W)ᵀ) = Σ_r Δ_r H Δ_rᵀ, in float64, over panels of rows and of H's columns so that no
-    [out, in] or [in, in] float64 temporary is made (a 70B down_proj's Δ alone would be 1.9 GB in float64)."""
+    """tr((Ŵ − W) H (Ŵ − W)ᵀ) = Σ_r Δ_r H Δ_rᵀ, over panels of rows and of H's columns so that no [out, in] or
+    [in, in] temporary is made (a 70B down_proj's Δ alone would be 1.9 GB in float64).
+
+    In float64 when any input is float64 (reference tests); otherwise the products are float32 GEMMs — the
+    inputs carry float32 precision anyway (H is held in float32) — summed in float64. At a 70B down_proj that is
+    the difference between ~1.4e13 float64 and float32 flops, minutes per block on a CPU."""
     m, n = W.shape
+    wide = HESSIAN_DTYPE in (W.dtype, W_hat.dtype, H.dtype)
+    dtype = HESSIAN_DTYPE if wide else torch.float32
     total = 0.0
     for r in range(0, m, panel):
-        D = W_hat[r : r + panel].to(HESSIAN_DTYPE) - W[r : r + panel].to(HESSIAN_DTYPE)
+        D = W_hat[r : r + panel].to(dtype) - W[r : r + panel].to(dtype)
         for a in range(0, n, panel):
             b = min(a + panel, n)
-            total += float(((D @ H[:, a:b].to(HESSIAN_DTYPE)) * D[:, a:b]).sum())
+            total += float(((D @ H[:, a:b].to(dtype)) * D[:, a:b]).sum(dtype=HESSIAN_DTYPE))
     return total

@@ -656,7 +656,7 @@ def quantize_icquant(
     )  # fmt: skip
     if H is not None:
         check_finite(H, name)
-        stats["proxy_loss_exact"] = proxy_loss(W, dequantize_codes(codes, S, Z), H)  # widened per panel
+        stats["proxy_loss_exact"] = proxy_loss(W, dequantize_codes(codes, S, Z), H)  # per panel
     bpw = qw.bits_per_weight()
     stats.update(n_outliers=float(O.sum()), index_bits=float(stream.index_bits), **bpw)
     stats["bpw_position_overhead"] = bpw["bpw_positions"] + bpw["bpw_offsets"]

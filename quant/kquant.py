@@ -443,5 +443,5 @@ def quantize_kquant(
     lam = factor.lam
     del factor, Wc  # the float64 factor and the swept copy are done before the exact proxy loss
     kw = KQuantWeight(qtype, codes, d, dmin, sc, m)
-    loss = proxy_loss(W, dequantize(kw), H)  # widened to float64 per panel
+    loss = proxy_loss(W, dequantize(kw), H)  # per panel
     return KQuantWeight(qtype, codes, d, dmin, sc, m, {"proxy_loss": loss, "damp": lam, "n_dead": float(dead.sum())})

@@ -51,7 +51,8 @@ STAGE_VERSION = 1
 # 2: H held in float32 between finalize and the method (quant.hessian.HELD_DTYPE; factorizations stay float64):
 #    sequential sums are rounded as parallel mode's stored ones already were (ULP-level changes to codes)
 # 3: sweeps factor U = chol(H⁻¹) by a reversed Cholesky and a triangular inverse (quant.gptq.sweep_factor):
-#    the same U to float64 rounding at half the flops (ULP-level changes to codes)
+#    the same U to float64 rounding at half the flops; the column step in place on transposed columns
+#    (ULP-level changes to codes); proxy_loss_exact from float32 products summed in float64
 LAYER_VERSION = 3
 
 Method = Callable[[Tensor, Tensor | None, QuantizeConfig, str], LayerResult]
