@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["canonical_safetensors", "canonicalise_file", "save_canonical"]
+__all__ = ["SHARD_BYTES", "ShardedWriter", "canonical_safetensors", "canonicalise_file", "save_canonical"]
 
 
 def canonical_safetensors(data: bytes) -> bytes:
@@ -53,3 +53,75 @@ def canonicalise_file(path: Path) -> None:
     if fixed != head + header:
         with path.open("r+b") as fh:
             fh.write(fixed)
+
+
+SHARD_BYTES = 512 << 20
+"""Tensor bytes per shard of a written checkpoint: a 70B pack never holds more than about this much (and
+safetensors' own serialisation copy of it) besides the one layer being packed."""
+
+
+class ShardedWriter:
+    """A checkpoint written as its tensors arrive, one shard at a time, so the writer holds at most one shard.
+
+    Tensors accumulate until ``max_shard_bytes``, then go to disk as a canonical safetensors file. ``close`` names
+    the result the way transformers, vLLM and llama.cpp's converters read it: a single ``model.safetensors`` when
+    everything fit in one shard (byte-identical to writing the whole dict at once), else
+    ``model-0000k-of-0000N.safetensors`` with ``model.safetensors.index.json`` mapping every tensor to its file.
+    State is real (the open shard), hence a class.
+    """
+
+    def __init__(
+        self, out: Path, *, metadata: Mapping[str, str] | None = None, max_shard_bytes: int | None = None
+    ) -> None:
+        self.out = Path(out)
+        self.metadata = dict(metadata) if metadata else None
+        self.max_shard_bytes = SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
+        self._pending: dict[str, Any] = {}
+        self._pending_bytes = 0
+        self._shards: list[Path] = []
+        self._where: dict[str, int] = {}
+        self._total = 0
+
+    def add(self, name: str, tensor: Any) -> None:
+        if name in self._where or name in self._pending:
+            raise ValueError(f"tensor {name!r} written twice")
+        t = tensor.contiguous()
+        self._pending[name] = t
+        self._pending_bytes += t.numel() * t.element_size()
+        if self._pending_bytes >= self.max_shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self._pending:
+            return
+        path = self.out / f".shard-{len(self._shards):05d}.safetensors"
+        save_file(self._pending, str(path), metadata=self.metadata)
+        canonicalise_file(path)
+        self._where.update(dict.fromkeys(self._pending, len(self._shards)))
+        self._shards.append(path)
+        self._total += self._pending_bytes
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Write what is pending and name the files; returns the file names written."""
+        self._flush()
+        if len(self._shards) <= 1:
+            final = self.out / "model.safetensors"
+            if self._shards:
+                self._shards[0].rename(final)
+            else:
+                save_canonical_file({}, final, self.metadata)
+            return [final.name]
+        n = len(self._shards)
+        names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for path, name in zip(self._shards, names, strict=True):
+            path.rename(self.out / name)
+        index = {"metadata": {"total_size": self._total}, "weight_map": {k: names[i] for k, i in self._where.items()}}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        return names
+
+
+def save_canonical_file(tensors: Mapping[str, Any], path: Path, metadata: Mapping[str, str] | None = None) -> None:
+    Path(path).write_bytes(save_canonical(tensors, metadata))

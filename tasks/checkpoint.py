@@ -1,7 +1,8 @@
 """The quantpipe-native packed checkpoint: write it from ``qlayer`` artifacts, load it into a HF model.
 
 Layout of ``native/``: the base model's ``config.json`` plus a ``quantization_config`` block
-(``quant_method: quantpipe``), tokenizer files, and ``model.safetensors`` holding every full-precision tensor
+(``quant_method: quantpipe``), tokenizer files, and ``model.safetensors`` (or, past 512 MB of tensors, the
+shards ``model-0000k-of-0000N.safetensors`` with ``model.safetensors.index.json``) holding every full-precision tensor
 (embeddings, norms, lm_head, …) and, per quantized linear ``<name>``, the packed tensors
 ``<name>.qweight/.scales/.zeros/.qmeta[/.g_idx]`` of :mod:`kernels.packing` — plus, for incoherence-processed
 schemes (quip, hadamard-gptq; ``quantization_config.transform``), the small transform tensors
@@ -73,7 +74,9 @@ def load_packed_model(
     from tasks.moe import unfuse_model  # MoE: experts stored (and quantized) as per-expert linears
 
     unfuse_model(model, mapping_for(config_dict.get("architectures") or []))
-    state = load_file(str(path / "model.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):  # model.safetensors, or the shards a large pack is written in
+        state.update(load_file(str(f)))
     packed: dict[str, dict[str, torch.Tensor]] = {m: {} for m in modules}
     plain: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():

@@ -11,12 +11,10 @@ format not written, ``<format>_skipped`` with the one-line reason.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from infra.safetensors_io import canonicalise_file
 from kernels.layouts import BPW_COUNTED, layout_of, stored_bits
 from tasks.checkpoint import QUANT_METHOD
 from tasks.export import ExportInputs, write_exports
@@ -26,7 +24,7 @@ from tasks.quantize import layer_seed
 from tasks.recipe import PackConfig, QuantizeConfig
 from tasks.stage import StageContext, StageResult, run_stage
 
-__all__ = ["STAGE_VERSION", "run_pack"]
+__all__ = ["STAGE_VERSION", "StoredLayers", "run_pack"]
 
 # 2: transform sign vectors bit-packed (1 bit per sign instead of fp32); 3: serving exports (compressed-tensors
 # asym too, gptq, gguf), each verified by an independent decoder
@@ -39,36 +37,44 @@ def _layers(ctx: StageContext, quant_ref: str) -> dict[str, str]:
 
 
 def _write_native(
-    out: Path, model_path: Path, cfg: QuantizeConfig, qweights: dict[str, LayerResult]
+    out: Path, model_path: Path, cfg: QuantizeConfig, qweights: Mapping[str, LayerResult]
 ) -> dict[str, dict[str, float]]:
-    """Write ``native/``; returns the measured bits per weight of every packed linear (``stored_bits``)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    """Write ``native/``; returns the measured bits per weight of every packed linear (``stored_bits``).
 
+    Streams: the base checkpoint's other tensors and then each layer, read from the store, packed and handed
+    to a :class:`ShardedWriter`, so a 70B pack holds one layer and one shard, not the model."""
+    from safetensors import safe_open
+
+    from infra.safetensors_io import ShardedWriter
     from tasks.moe import native_plain_tensors
 
+    out.mkdir(parents=True)
+    writer = ShardedWriter(out, metadata={"format": "pt", "quant_method": QUANT_METHOD})
     # MoE: the unfused model's names (per-expert linears, renamed routers), read through the checkpoint's layout
-    tensors: dict[str, torch.Tensor] = native_plain_tensors(model_path, set(qweights)) or {}
-    files = [] if tensors else sorted(model_path.glob("*.safetensors"))
+    plain = native_plain_tensors(model_path, set(qweights)) or {}
+    files = [] if plain else sorted(model_path.glob("*.safetensors"))
+    for name, t in plain.items():
+        writer.add(name, t)
+    del plain
     for f in files:
         with safe_open(str(f), framework="pt") as h:
             for name in h.keys():  # noqa: SIM118
                 if name.removesuffix(".weight") not in qweights:
-                    tensors[name] = h.get_tensor(name)
+                    writer.add(name, h.get_tensor(name))
     layer_bpw: dict[str, dict[str, float]] = {}
+    layer_bits: dict[str, Any] = {}
     kind = cfg.transform_kind()
     for name, q in qweights.items():
         seed = (layer_seed(cfg, name), kind) if kind is not None else None  # transforms stored as their seed
         layout = layout_of(q)  # kernels.layouts: affine (+ transforms), ICQuant, binary-coded, mixed, E8P
         packed = layout.pack(q, seed)
         for suffix, t in packed.items():
-            tensors[f"{name}.{suffix}"] = t.contiguous()
+            writer.add(f"{name}.{suffix}", t)
         out_f, in_f = layout.shape(q)
         n = out_f * in_f
-        layer_bpw[name] = {"bits": float(layout.bits(q)), "n_weights": float(n), **stored_bits(packed, n)}
-    out.mkdir(parents=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "quant_method": QUANT_METHOD})
-    canonicalise_file(out / "model.safetensors")  # safetensors writes metadata keys in random order
+        layer_bits[name] = layout.bits(q)
+        layer_bpw[name] = {"bits": float(layer_bits[name]), "n_weights": float(n), **stored_bits(packed, n)}
+    writer.close()
     config = json.loads((model_path / "config.json").read_text())
     config["quantization_config"] = {
         "quant_method": QUANT_METHOD,
@@ -87,11 +93,9 @@ def _write_native(
     if cfg.method == "hadamard-e8p":  # kernels.e8p_linear layout; group_size/sym do not apply
         config["quantization_config"]["e8p"] = cfg.e8p.model_dump(mode="json")
         config["quantization_config"]["group_size"] = None
-    if cfg.bitalloc is not None or len({q.bits for q in qweights.values()}) > 1:  # per-layer bits in the JSON
+    if cfg.bitalloc is not None or len(set(layer_bits.values())) > 1:  # per-layer bits in the JSON
         config["quantization_config"]["bits"] = None
-        config["quantization_config"]["layer_bits"] = {
-            name: layout_of(q).bits(q) for name, q in sorted(qweights.items())
-        }
+        config["quantization_config"]["layer_bits"] = dict(sorted(layer_bits.items()))
         if cfg.bitalloc is not None:
             config["quantization_config"]["bitalloc"] = cfg.bitalloc.model_dump(mode="json")
     if kind is not None:  # y = Uᵀ Ŵ̃ V diag(s)⁻¹ x, from each module's transform tensors
@@ -102,6 +106,28 @@ def _write_native(
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     copy_tokenizer(model_path, out)
     return layer_bpw
+
+
+class StoredLayers(Mapping[str, LayerResult]):
+    """A quantize artifact's layers, each read from the store (digest-checked) when asked for and not kept.
+
+    Packing and every export pass over the layers one at a time; holding them all was 1 byte per weight of codes
+    (1.5 GB at 1.5B, 70 GB at 70B) plus grids, the largest item of the pack stage's peak.
+    """
+
+    def __init__(self, ctx: StageContext, refs: Mapping[str, str]) -> None:
+        self._ctx, self._refs = ctx, dict(refs)
+
+    def __getitem__(self, name: str) -> LayerResult:
+        from tasks.quantize import load_qlayer
+
+        return load_qlayer(self._ctx, self._refs[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._refs)
+
+    def __len__(self) -> int:
+        return len(self._refs)
 
 
 def run_pack(
@@ -115,8 +141,6 @@ def run_pack(
     runtime: dict[str, Any] | None = None,
 ) -> StageResult:
     """``runtime``: A/KV fake quantization the packed model applies (``Recipe.runtime_config``); keyed when set."""
-    from tasks.quantize import load_qlayer
-
     config = {
         **cfg.model_dump(mode="json"),
         "bits": qcfg.bits,
@@ -131,7 +155,7 @@ def run_pack(
         config["transform_storage"] = "seed"
 
     def produce(w: Any, run: Any) -> None:
-        qweights = {name: load_qlayer(ctx, ref) for name, ref in _layers(ctx, quant_ref).items()}
+        qweights = StoredLayers(ctx, _layers(ctx, quant_ref))  # read one at a time, as each writer needs it
         layer_bpw = _write_native(w.dir / "native", model_path, qcfg, qweights)
         if runtime:  # read by load_packed_model → tasks.quarot_runtime.install_runtime
             native_config = json.loads((w.dir / "native" / "config.json").read_text())

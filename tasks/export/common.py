@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,25 +19,42 @@ __all__ = ["ExportInputs", "affine_reason", "decoder_linear_names", "source_tens
 
 @dataclass(frozen=True)
 class ExportInputs:
-    """One build as the exporters see it: the base model dir, the scheme, the quantized layers, the runtime."""
+    """One build as the exporters see it: the base model dir, the scheme, the quantized layers, the runtime.
+
+    ``qweights`` may read each layer from the store when it is asked for (``tasks.pack.StoredLayers``): writers
+    and checks take one layer at a time from it and keep none, so an export of a 70B build holds one layer."""
 
     model_path: Path
     cfg: QuantizeConfig
-    qweights: dict[str, LayerResult]
+    qweights: Mapping[str, LayerResult]
     runtime: dict[str, Any] | None = None
 
     @property
     def config(self) -> dict[str, Any]:
         return json.loads((self.model_path / "config.json").read_text())
 
-    def affine(self) -> dict[str, QuantizedWeight]:
-        """The layers as plain affine grids (call after ``affine_reason`` returned None)."""
-        out = {}
-        for name, q in self.qweights.items():
-            if not isinstance(q, QuantizedWeight):
-                raise TypeError(f"{name} is not a plain affine-grid layer")
-            out[name] = q
-        return out
+    def affine(self) -> Mapping[str, QuantizedWeight]:
+        """The layers as plain affine grids (call after ``affine_reason`` returned None), read as they are used."""
+        return AffineLayers(self.qweights)
+
+
+class AffineLayers(Mapping[str, QuantizedWeight]):
+    """A view of a build's layers that checks each is a plain affine grid when it is read (no copy kept)."""
+
+    def __init__(self, layers: Mapping[str, LayerResult]) -> None:
+        self._layers = layers
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        q = self._layers[name]
+        if not isinstance(q, QuantizedWeight):
+            raise TypeError(f"{name} is not a plain affine-grid layer")
+        return q
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
 
 
 def affine_reason(inputs: ExportInputs, fmt: str) -> str | None:

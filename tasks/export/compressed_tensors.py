@@ -84,9 +84,8 @@ def write_compressed_tensors(out: Path, inputs: ExportInputs) -> dict[str, Any]:
     """
     from compressed_tensors.compressors import BaseCompressor, ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
-    from safetensors.torch import save_file
 
-    from infra.safetensors_io import canonicalise_file
+    from infra.safetensors_io import ShardedWriter
     from tasks.export.common import source_tensors
 
     cfg, qweights = inputs.cfg, inputs.affine()
@@ -99,17 +98,18 @@ def write_compressed_tensors(out: Path, inputs: ExportInputs) -> dict[str, Any]:
         quantization_status="compressed",
     )
     compressor = BaseCompressor.get_value_from_registry(fmt)
-    tensors = dict(source_tensors(inputs.model_path, skip=set(qweights)))
+    out.mkdir(parents=True)
+    writer = ShardedWriter(out, metadata={"format": "pt"})  # one layer and one shard in memory at a time
+    for name, t in source_tensors(inputs.model_path, skip=set(qweights)):
+        writer.add(name, t)
     half = 1 << (cfg.bits - 1)
     for name, q in qweights.items():
         state = {"weight": q.dequantize(), "weight_scale": q.scales.clone()}
         if not cfg.sym:  # theirs = ours − 2^(b−1) (module docstring)
             state["weight_zero_point"] = (q.zeros - half).to(torch.int8)
         for suffix, t in compressor.compress(state, scheme).items():
-            tensors[f"{name}.{suffix}"] = t.contiguous()
-    out.mkdir(parents=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    canonicalise_file(out / "model.safetensors")
+            writer.add(f"{name}.{suffix}", t)
+    writer.close()
     (out / "config.json").write_text(json.dumps(inputs.config, indent=2, sort_keys=True))
     ModelCompressor(quantization_config=qcfg).update_config(str(out))
     if not cfg.sym:  # packed zero points: see the module docstring (upstream meta-device bug)

@@ -60,24 +60,21 @@ def gptq_quantization_config(inputs: ExportInputs) -> dict[str, Any]:
 
 def write_gptq(out: Path, inputs: ExportInputs) -> dict[str, Any]:
     """Write the checkpoint dir ``out``; returns what the pack manifest records about it."""
-    from safetensors.torch import save_file
-
-    from infra.safetensors_io import canonicalise_file
+    from infra.safetensors_io import ShardedWriter
 
     qweights = inputs.affine()
     qconfig = gptq_quantization_config(inputs)
-    tensors = dict(source_tensors(inputs.model_path, skip=set(qweights)))
+    out.mkdir(parents=True)
+    writer = ShardedWriter(out, metadata={"format": "pt"})  # one layer and one shard in memory at a time
+    for name, t in source_tensors(inputs.model_path, skip=set(qweights)):
+        writer.add(name, t)
     for name, q in qweights.items():
         packed = pack_gptq_linear(
             q.codes, q.scales, q.zeros, q.g_idx, q.bits, q.group_size, qconfig["checkpoint_format"]
         )
         for suffix, t in packed.items():
-            tensors[f"{name}.{suffix}"] = t
-    out.mkdir(parents=True)
-    save_file(
-        {k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"}
-    )
-    canonicalise_file(out / "model.safetensors")
+            writer.add(f"{name}.{suffix}", t)
+    writer.close()
     config = inputs.config
     config["quantization_config"] = qconfig
     config["dtype"] = config["torch_dtype"] = "float16"

@@ -67,6 +67,47 @@ def test_pack_writes_every_format_and_each_reproduces_the_native_weights(
     assert Path(info["location"]) == pack.root / "gptq" and "quantize_config.json" in info["files"]
 
 
+def test_a_pack_larger_than_a_shard_is_written_and_read_in_shards(
+    prefect_harness: None, home: Settings, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``SHARD_BYTES`` the native checkpoint and the exports are written as HF-style shards with an index
+    (so pack holds one shard, not the model); the native loader, transformers and the GPTQ reader read them back
+    to exactly the quantized weights."""
+    from transformers import AutoModelForCausalLM
+
+    import infra.safetensors_io as sio
+    from tasks.checkpoint import load_packed_model
+    from tasks.quantize import load_qlayer
+    from tasks.stage import StageContext
+    from tests.helpers.gptq_reader import read_gptq_checkpoint
+
+    monkeypatch.setattr(sio, "SHARD_BYTES", 16 << 10)
+    out = quantize_model(str(tiny_llama_dir), tiny_recipe(sym=False, fp16_min=True))
+    store = open_store(settings=home)
+    pack = store.get(out["stages"]["pack"]["key"])
+    assert store.verify(out["stages"]["pack"]["key"]).ok
+    for fmt in ("native", "compressed-tensors", "gptq"):
+        files = sorted(p.name for p in (pack.root / fmt).glob("*.safetensors"))
+        assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors", (fmt, files)
+        index = json.loads((pack.root / fmt / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"].values()) == set(files)
+        assert not (pack.root / fmt / "model.safetensors").exists()
+
+    ctx = StageContext(settings=home, store_url=home.effective_store_url)
+    layers = json.loads(store.read_bytes(out["stages"]["quantize"]["key"], "index.json"))["layers"]
+    weights = {name: load_qlayer(ctx, entry["ref"]).dequantize() for name, entry in layers.items()}
+    native = load_packed_model(pack.root / "native")
+    gptq_state = read_gptq_checkpoint(pack.root / "gptq")
+    ids = torch.randint(0, native.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = native(ids).logits
+        ct = AutoModelForCausalLM.from_pretrained(pack.root / "compressed-tensors")
+        assert torch.equal(ct(ids).logits, ref)
+    for name, w in weights.items():
+        assert torch.equal(native.get_submodule(name).dequantized_weight(), w), name
+        assert torch.equal(gptq_state[f"{name}.weight"], w), name
+
+
 def test_export_refuses_formats_a_build_has_not_got(
     prefect_harness: None, home: Settings, tiny_llama_dir: Path
 ) -> None:
