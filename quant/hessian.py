@@ -6,9 +6,12 @@ token counts); ``finalize`` normalises; quantizers dampen.  The proxy loss of Ŵ
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from typing import Annotated
+import threading
+from collections.abc import Iterator
+from typing import Annotated, Any, cast
 
 import torch
 from pydantic import AfterValidator
@@ -44,7 +47,13 @@ def accumulate(H: Tensor | None, n: int, x: Tensor) -> tuple[Tensor, int]:
     chunks. Autocast is switched off for it: under a bf16 autocast forward the product would otherwise round
     every partial sum to 8 mantissa bits. ``H`` is the accumulator: it is updated in place and returned (None
     starts a new one).
+
+    bfloat16 activations (the inputs a bf16 calibration forward hands a linear: attention output, the MLP's
+    down_proj input) take the bf16 × bf16 → float32 GEMM where the CPU has one (``_bf16_products``): a bf16
+    product is exact in float32 and the sums stay float32, so the result is the float32 GEMM's up to summation
+    order, at 2.1× its speed (measured here on a 4,096 × 8,960 chunk).
     """
+    exact_bf16 = x.dtype == torch.bfloat16
     X = x.reshape(-1, x.shape[-1]).to(torch.float32)
     if H is None:
         H = torch.zeros(X.shape[1], X.shape[1], dtype=HESSIAN_DTYPE, device=X.device)
@@ -52,9 +61,39 @@ def accumulate(H: Tensor | None, n: int, x: Tensor) -> tuple[Tensor, int]:
         raise ValueError(
             f"accumulator must be {HESSIAN_DTYPE} [{X.shape[1]}, {X.shape[1]}], got {H.dtype} {tuple(H.shape)}"
         )
-    with torch.autocast(X.device.type, enabled=False):  # a bf16 forward still gets float32 Gram products
+    with torch.autocast(X.device.type, enabled=False), _gram_precision(X.device.type, bf16_products=exact_bf16):
         _add_gram(H, X)
     return H, n + X.shape[0]
+
+
+_GRAM_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _gram_precision(device_type: str, *, bf16_products: bool) -> Iterator[None]:
+    """Every CPU Gram product runs under one lock; those of bf16-exact inputs with oneDNN's bf16 GEMM.
+
+    torch offers bf16 × bf16 → float32 matmul on CPU only as the process-wide switch
+    ``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``: oneDNN may then convert float32 operands to bf16
+    (AMX CPUs do; on this AVX512-BF16 machine it stayed float32-accurate, 4e-7 of √(HᵢᵢHⱼⱼ) at 2× the speed),
+    products and sums stay float32. It is exact here because the operands already are bf16 values. It is on
+    only for that GEMM and under the lock, so no Gram of float32 operands (which AMX would round) overlaps it.
+    What it could still touch is another thread's float32 matmul outside a Gram in that window; quantpipe runs
+    none beside a Gram (calibration forwards in threads are under bf16 autocast, whose matmuls are bf16 anyway,
+    and layer quantization never overlaps collection: the sharded-sequential barrier runs it alone).
+    """
+    if device_type != "cpu":
+        yield
+        return
+    with _GRAM_LOCK:
+        mm = cast(Any, torch.backends.mkldnn).matmul  # typed stubs lack the per-op precision properties
+        before = mm.fp32_precision
+        if bf16_products:
+            mm.fp32_precision = "bf16"
+        try:
+            yield
+        finally:
+            mm.fp32_precision = before
 
 
 _GRAM_PANELS = 4
@@ -68,8 +107,8 @@ def _add_gram(H: Tensor, X: Tensor) -> None:
     for a, b in itertools.pairwise(edges):
         if a == b:
             continue
-        panel = (X[:, a:b].T @ X[:, a:]).to(HESSIAN_DTYPE)  # rows a:b, columns a:
-        H[a:b, a:].add_(panel)
+        panel = X[:, a:b].T @ X[:, a:]  # rows a:b, columns a: (float32)
+        H[a:b, a:].add_(panel)  # float64 += float32, no float64 copy of the panel
         H[b:, a:b].add_(panel[:, b - a :].T)
 
 

@@ -45,12 +45,14 @@ __all__ = [
     "shard_ranges",
 ]
 
-# 2: Gram matrices from the upper block triangle (ULP-level changes); 3: blocks stored compact (BLOCK_VERSION 2)
-STAGE_VERSION = 3
+# 2: Gram matrices from the upper block triangle (ULP-level changes); 3: blocks stored compact (BLOCK_VERSION 2);
+# 4: bf16 activations' Gram products by oneDNN's bf16 GEMM (quant.hessian._gram_precision; summation order)
+STAGE_VERSION = 4
 # 2: each Σxxᵀ stored as its upper triangle in float32 (quant.hessian_store), ≈ 0.25x the bytes of full float64
-BLOCK_VERSION = 2
-# 1: one shard's float64 upper-triangle sums for one block (deleted after the reduce)
-PARTIAL_VERSION = 1
+# 3: bf16 activations' Gram products by oneDNN's bf16 GEMM (float32-accurate, another summation order)
+BLOCK_VERSION = 3
+# 1: one shard's float64 upper-triangle sums for one block (deleted after the reduce); 2: as BLOCK_VERSION 3
+PARTIAL_VERSION = 2
 
 ShardMap = Callable[[list["ShardJob"]], list[list[str]]]
 ReduceMap = Callable[[list["ReduceJob"]], Iterable[str]]

@@ -53,7 +53,8 @@ STAGE_VERSION = 1
 # 3: sweeps factor U = chol(H⁻¹) by a reversed Cholesky and a triangular inverse (quant.gptq.sweep_factor):
 #    the same U to float64 rounding at half the flops; the column step in place on transposed columns
 #    (ULP-level changes to codes); proxy_loss_exact from float32 products summed in float64
-LAYER_VERSION = 3
+# 4: sequential mode's Grams of bf16 activations by oneDNN's bf16 GEMM (hessians BLOCK_VERSION 3)
+LAYER_VERSION = 4
 
 Method = Callable[[Tensor, Tensor | None, QuantizeConfig, str], LayerResult]
 METHODS: dict[str, Method] = {}

@@ -101,6 +101,26 @@ def test_gram_is_float32_under_bf16_autocast() -> None:
     torch.testing.assert_close(H, X.T @ X, rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_and_float32_activations_both_get_a_float32_accurate_gram() -> None:
+    """bf16 inputs (large enough for oneDNN's GEMM) get float32-accurate products and the process-wide bf16 GEMM
+    switch is back to what it was afterwards; a float32 Gram next to it keeps float32 operands (bf16 ones would
+    be ~1e-4 relative here, ten times the tolerance)."""
+    mm = torch.backends.mkldnn.matmul
+    before = mm.fp32_precision
+    gen = torch.Generator().manual_seed(5)
+    xb = torch.randn(2, 512, 320, generator=gen).to(torch.bfloat16)
+    H, _ = accumulate(None, 0, xb)
+    X = xb.reshape(-1, 320).to(torch.float64)
+    ref = X.T @ X
+    assert (H - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert mm.fp32_precision == before
+    xf = torch.randn(1024, 320, generator=gen) * (1 + 1e-3 * torch.rand(1024, 320, generator=gen))
+    Hf, _ = accumulate(None, 0, xf)
+    Xf = xf.to(torch.float64)
+    reff = Xf.T @ Xf
+    assert (Hf - reff).abs().max() <= 1e-5 * reff.abs().max()
+
+
 def test_in_place_finalize_and_panelled_proxy_loss_match_the_plain_forms() -> None:
     """finalize(in_place=True) gives the same bits as the copying form; proxy_loss in panels equals the one-shot
     tr(Δ H Δᵀ) to float64 rounding (panels smaller than the matrix, so the loop really runs)."""
