@@ -24,7 +24,7 @@ from tasks.quantize import layer_seed
 from tasks.recipe import PackConfig, QuantizeConfig
 from tasks.stage import StageContext, StageResult, run_stage
 
-__all__ = ["STAGE_VERSION", "StoredLayers", "run_pack"]
+__all__ = ["STAGE_VERSION", "StoredLayers", "run_pack", "skeleton"]
 
 # 2: transform sign vectors bit-packed (1 bit per sign instead of fp32); 3: serving exports (compressed-tensors
 # asym too, gptq, gguf), each verified by an independent decoder
@@ -112,22 +112,62 @@ class StoredLayers(Mapping[str, LayerResult]):
     """A quantize artifact's layers, each read from the store (digest-checked) when asked for and not kept.
 
     Packing and every export pass over the layers one at a time; holding them all was 1 byte per weight of codes
-    (1.5 GB at 1.5B, 70 GB at 70B) plus grids, the largest item of the pack stage's peak.
+    (1.5 GB at 1.5B, 70 GB at 70B) plus grids, the largest item of the pack stage's peak. What is kept is each
+    layer's *skeleton* (``skeleton``): the same object with its tensors on the meta device, shapes and dtypes
+    only, so the exports' checks of layouts, bit-widths and group shapes do not read every layer again.
     """
 
     def __init__(self, ctx: StageContext, refs: Mapping[str, str]) -> None:
         self._ctx, self._refs = ctx, dict(refs)
+        self._skeletons: dict[str, LayerResult] = {}
 
     def __getitem__(self, name: str) -> LayerResult:
         from tasks.quantize import load_qlayer
 
-        return load_qlayer(self._ctx, self._refs[name])
+        q = load_qlayer(self._ctx, self._refs[name])
+        if name not in self._skeletons:
+            self._skeletons[name] = skeleton(q)
+        return q
+
+    def skeleton(self, name: str) -> LayerResult:
+        """The layer with meta-device tensors (read once, on first use of the layer)."""
+        if name not in self._skeletons:
+            self[name]
+        return self._skeletons[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._refs)
 
     def __len__(self) -> int:
         return len(self._refs)
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the layer
+        return name in self._refs
+
+
+def skeleton(obj: Any) -> Any:
+    """``obj`` with every tensor replaced by an empty meta-device tensor of its shape and dtype (dataclasses, lists,
+    tuples and dicts walked; fields set without re-running validation, which may read values)."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return torch.empty(obj.shape, dtype=obj.dtype, device="meta")
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        new = copy.copy(obj)
+        for f in dataclasses.fields(obj):
+            object.__setattr__(new, f.name, skeleton(getattr(obj, f.name)))
+        return new
+    if isinstance(obj, dict):
+        return {k: skeleton(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [skeleton(v) for v in obj]
+    if isinstance(obj, tuple):
+        items = [skeleton(v) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    return obj
 
 
 def run_pack(

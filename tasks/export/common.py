@@ -37,6 +37,34 @@ class ExportInputs:
         """The layers as plain affine grids (call after ``affine_reason`` returned None), read as they are used."""
         return AffineLayers(self.qweights)
 
+    def shapes(self) -> Mapping[str, LayerResult]:
+        """The layers for checks of type, bit-width and shapes only: their tensors may be on the meta device (no
+        values), so a 70B build's checks do not read every layer from the store once per check."""
+        return LayerSkeletons(self.qweights) if hasattr(self.qweights, "skeleton") else self.qweights
+
+    def affine_shapes(self) -> Mapping[str, QuantizedWeight]:
+        """``shapes`` as plain affine grids (call after ``affine_reason`` returned None)."""
+        return AffineLayers(self.shapes())
+
+
+class LayerSkeletons(Mapping[str, LayerResult]):
+    """The skeletons (meta-device tensors) of a store-backed layer mapping (``tasks.pack.StoredLayers``)."""
+
+    def __init__(self, layers: Any) -> None:
+        self._layers = layers
+
+    def __getitem__(self, name: str) -> LayerResult:
+        return self._layers.skeleton(name)  # type: ignore[no-any-return]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the layer
+        return name in self._layers
+
 
 class AffineLayers(Mapping[str, QuantizedWeight]):
     """A view of a build's layers that checks each is a plain affine grid when it is read (no copy kept)."""
@@ -56,6 +84,9 @@ class AffineLayers(Mapping[str, QuantizedWeight]):
     def __len__(self) -> int:
         return len(self._layers)
 
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the layer
+        return name in self._layers
+
 
 def affine_reason(inputs: ExportInputs, fmt: str) -> str | None:
     """None when the build is one plain affine scheme (codes + per-group scale/zero, no online transforms, one
@@ -63,7 +94,7 @@ def affine_reason(inputs: ExportInputs, fmt: str) -> str | None:
     from kernels.layouts import export_reason
     from tasks.quarot_runtime import runtime_export_reason
 
-    cfg, qweights = inputs.cfg, inputs.qweights
+    cfg, qweights = inputs.cfg, inputs.shapes()
     reason = export_reason(qweights.values(), fmt, cfg.method)  # each packed layout says what it cannot go into
     if reason is not None:
         return reason

@@ -47,7 +47,7 @@ def compressed_tensors_reason(inputs: ExportInputs) -> str | None:
     cfg = inputs.cfg
     if cfg.bits not in (4, 8):
         return f"compressed-tensors pack-quantized supports 4/8-bit integers, not {cfg.bits}-bit"
-    for name, q in inputs.affine().items():
+    for name, q in inputs.affine_shapes().items():
         if q.g_idx is not None:
             return f"{name} uses act-order without static groups (g_idx)"
         if q.in_features % q.group_size:

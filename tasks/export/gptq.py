@@ -28,11 +28,11 @@ def gptq_reason(inputs: ExportInputs) -> str | None:
     reason = affine_reason(inputs, "GPTQ")
     if reason is not None:
         return reason
-    qweights = inputs.affine()
+    fmt = checkpoint_format(inputs.cfg.sym)
+    qweights = inputs.affine() if fmt == "gptq" else inputs.affine_shapes()  # v1 checks zero-point values
     left = [n for n in decoder_linear_names(inputs.model_path) if n not in qweights]
     if left:
         return f"GPTQ loaders expect every linear of the decoder blocks quantized; {left[0]} is not"
-    fmt = checkpoint_format(inputs.cfg.sym)
     for name, q in qweights.items():
         reason = gptq_layer_reason(name, q.out_features, q.in_features, q.bits, q.group_size, q.zeros, fmt)
         if reason is not None:
@@ -41,7 +41,7 @@ def gptq_reason(inputs: ExportInputs) -> str | None:
 
 
 def gptq_quantization_config(inputs: ExportInputs) -> dict[str, Any]:
-    cfg, qweights = inputs.cfg, inputs.affine()
+    cfg, qweights = inputs.cfg, inputs.affine_shapes()
     return {
         "quant_method": "gptq",
         "checkpoint_format": checkpoint_format(cfg.sym),

@@ -294,3 +294,62 @@ def test_pack_time_verification_catches_a_changed_export(tmp_path: Path, tiny_ll
     file.write_bytes(bytes(data))
     reason = verify_gguf(file, inputs)
     assert reason is not None and "model.layers.0.self_attn.v_proj" in reason
+
+
+class _CountingLayers(dict):
+    """A store-like layer mapping: counts full reads and keeps skeletons, as ``tasks.pack.StoredLayers`` does."""
+
+    def __init__(self, layers: dict) -> None:
+        super().__init__(layers)
+        self.reads = 0
+        self._skeletons: dict = {}
+
+    def __getitem__(self, name: str):
+        from tasks.pack import skeleton
+
+        self.reads += 1
+        q = super().__getitem__(name)
+        self._skeletons.setdefault(name, skeleton(q))
+        return q
+
+    def items(self):  # every read through __getitem__, as a lazy Mapping
+        return [(k, self[k]) for k in self]
+
+    def values(self):
+        return [self[k] for k in self]
+
+    def skeleton(self, name: str):
+        if name not in self._skeletons:
+            self[name]
+        return self._skeletons[name]
+
+
+@pytest.mark.parametrize("sym", [False, True], ids=["asym-gptq_v2", "sym-gptq-v1"])
+def test_exports_check_layer_shapes_without_reading_layers_again(
+    tmp_path: Path, tiny_llama_dir: Path, sym: bool
+) -> None:
+    """After the native pack has read each layer once, the exports' representability checks use the kept
+    skeletons (meta tensors) and only writes, verifications and GPTQ v1's zero-point check read layers; the files
+    are the same as from a plain dict."""
+    from tasks.pack import _write_native, skeleton
+
+    plain = _inputs(tiny_llama_dir, sym=sym)
+    q = next(iter(plain.qweights.values()))
+    s = skeleton(q)
+    assert type(s) is type(q) and s.codes.is_meta and s.codes.shape == q.codes.shape and s.bits == q.bits
+    assert not q.codes.is_meta  # the layer itself untouched
+
+    counted = _CountingLayers(dict(plain.qweights))
+    lazy = ExportInputs(plain.model_path, plain.cfg, counted)
+    _write_native(tmp_path / "lazy" / "native", lazy.model_path, lazy.cfg, counted)
+    n = len(counted)
+    assert counted.reads == n
+    meta = _write(tmp_path / "lazy", lazy, "compressed_tensors", "gptq")
+    ref = _write(tmp_path / "plain", plain, "compressed_tensors", "gptq")
+    assert meta == ref
+    # compressed-tensors: write + verify; gptq: write (+ the v1 zero-point check)
+    expected = n * (1 + (2 if "compressed-tensors" in meta["formats"] else 0) + 1 + (1 if sym else 0))
+    assert counted.reads == expected, (counted.reads, n, meta)
+    for fmt in meta["formats"]:
+        for f in sorted((tmp_path / "plain" / fmt).iterdir()):
+            assert (tmp_path / "lazy" / fmt / f.name).read_bytes() == f.read_bytes(), (fmt, f.name)
