@@ -55,7 +55,15 @@ def ppl_before_after(recipes: list[str], overrides: list[str], out: Path) -> Non
         row: dict = {"recipe": recipe, "overrides": overrides}
         for stored in ("float32", "float64"):
             with tempfile.TemporaryDirectory() as home:
-                env = {**os.environ, "QUANTPIPE_HOME": home, "PYTHONPATH": str(here.parent)}
+                # A fresh store and tracking home per build, but the converted model is shared (not re-fetched).
+                env = {
+                    **os.environ,
+                    "QUANTPIPE_HOME": home,
+                    "QUANTPIPE_CACHE_DIR": os.environ.get(
+                        "QUANTPIPE_CACHE_DIR", str(Path.home() / ".quantpipe" / "cache")
+                    ),
+                    "PYTHONPATH": str(here.parent),
+                }
                 t = time.perf_counter()
                 child = subprocess.run(
                     [sys.executable, "-c", _BUILD, str(here), stored, recipe, json.dumps(overrides)],
