@@ -116,24 +116,26 @@ def build(shape: str, blocks: int, root: Path) -> Path:
     return out
 
 
-def projection(args: argparse.Namespace, shape: dict, stages: list[dict], per_block: dict[str, float]) -> dict:
+def projection(
+    args: argparse.Namespace, shape: dict, stages: list[dict], per_block: dict[str, float], *, rates: bool = True
+) -> dict:
     """Full-depth seconds on this CPU (measured per block × depth) and on an H100 (``block_cost``'s operation
-    counts ÷ its stated peaks × an assumed efficiency), with the count model checked against this CPU first."""
+    counts ÷ its stated peaks × an assumed efficiency), with the count model checked against this CPU first
+    (``rates=False`` skips that check: its bf16 GEMM timing alone took minutes beside another job)."""
     from block_cost import GPU_STEP_S, H100, H100_EFFICIENCY, block_ops, cpu_rates, seconds, sweep_steps
 
     recipe_mse = args.recipe.startswith("gptq")  # the shipped gptq recipes clip by MSE; E8P has no grid search
     dims = (shape["hidden"], shape["intermediate"], shape["heads"], shape["kv_heads"])
     ops = block_ops(*dims, tokens=args.samples * 512, seq_len=512, mse_clip=recipe_mse)
-    rates = cpu_rates()
-    cpu_model = seconds(ops, rates)
+    measured_rates = cpu_rates() if rates else None
     gpu_model = seconds(ops, H100, H100_EFFICIENCY)
     gpu_serial = sweep_steps(*dims) * GPU_STEP_S
     measured = sum(per_block.get(k, 0.0) for k in ("hessians", "quantize"))
     depth = shape["depth"]
     return {
         "ops_per_block": {k: f"{v:.3g}" for k, v in ops.items()},
-        "cpu_rates_measured": {k: f"{v:.3g}" for k, v in rates.items()},
-        "cpu_model_s_per_block": round(sum(cpu_model.values()), 1),
+        "cpu_rates_measured": {k: f"{v:.3g}" for k, v in measured_rates.items()} if measured_rates else None,
+        "cpu_model_s_per_block": round(sum(seconds(ops, measured_rates).values()), 1) if measured_rates else None,
         "cpu_measured_hessians_quantize_s_per_block": round(measured, 1),
         "cpu_full_model_hours": round(sum(per_block.values()) * depth / 3600, 2),
         "h100_model_s_per_block": round(sum(gpu_model.values()) + gpu_serial, 2),
@@ -154,8 +156,20 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32, help="calibration samples (the recipe's seq_len)")
     parser.add_argument("--windows", type=int, default=2, help="evaluation windows (the recipe's seq_len)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the model and store here (default: temp)")
+    parser.add_argument("--no-cpu-rates", action="store_true", help="project without timing this CPU's GEMM rates")
+    parser.add_argument(
+        "--from-log",
+        type=Path,
+        default=None,
+        help="write the report from the per-stage lines a run printed (its stderr) instead of running again",
+    )
     args = parser.parse_args()
     repo = Path(__file__).resolve().parents[1]
+    if args.from_log:
+        lines = args.from_log.read_text().splitlines()
+        rows = [json.loads(x) for x in lines if x.startswith('{"stage"')]
+        write_shape_report(args, {"stages": rows, "metrics": {}}, rates=not args.no_cpu_rates)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = args.workdir or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
@@ -201,9 +215,13 @@ def main() -> None:
         print(json.dumps(report, indent=1))
         print(f"wrote {out}")
         return
+    write_shape_report(args, result, rates=not args.no_cpu_rates)
+
+
+def write_shape_report(args: argparse.Namespace, result: dict, *, rates: bool) -> None:
     shape = SHAPES[args.shape]
     per_block = {r["stage"]: r["seconds"] / args.blocks for r in result["stages"]}
-    report_projection = projection(args, shape, result["stages"], per_block)
+    report_projection = projection(args, shape, result["stages"], per_block, rates=rates)
     report = {
         "shape": args.shape,
         **shape,
@@ -213,6 +231,7 @@ def main() -> None:
         "eval_windows": args.windows,
         "stages": result["stages"],
         "max_peak_rss_gb": max(r["peak_rss_gb"] for r in result["stages"]),
+        "rss_unit": "GiB (2^30 bytes): VmHWM kB / 2^20",
         "projected_full_model_hours_this_cpu": round(sum(per_block.values()) * shape["depth"] / 3600, 2),
         "projection": report_projection,
         "metrics": result["metrics"],
