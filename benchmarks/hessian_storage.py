@@ -14,8 +14,8 @@ fp32 upper triangle) and once with the triangle stored in float64 (what the load
 float64 sum, i.e. the pre-v2 Hessians), and appends both perplexities to
 ``benchmarks/results/hessian_storage_ppl.jsonl``. The quantize stage holds H in float32 either way (layer v2+), so
 this isolates what rounding the *stored sum* costs; with the protocol's 128 x 512 = 2^16 tokens the 2/n scaling is
-exact and both give the same bits (``tests/quant/test_hessian_store.py``). Only parallel-mode builds read stored Hessians (sequential ones
-collect their own), so use parallel recipes or ``--set quantize.mode=parallel``:
+exact and both give the same bits (``tests/quant/test_hessian_store.py``). Only parallel-mode builds read
+stored Hessians (sequential ones collect their own), so use parallel recipes or ``--set quantize.mode=parallel``:
 
     .venv/bin/python benchmarks/hessian_storage.py --ppl hadamard-e8p-w2 gptq-w4g64 --set quantize.mode=parallel
 """
