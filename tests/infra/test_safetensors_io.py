@@ -56,3 +56,31 @@ def test_a_name_written_twice_is_refused(tmp_path: Path) -> None:
     writer.add("a", torch.zeros(2))
     with pytest.raises(ValueError, match="'a' written twice"):
         writer.add("a", torch.ones(2))
+
+
+def test_streaming_write_reads_back_every_dtype_and_is_deterministic(tmp_path: Path) -> None:
+    import torch
+    from safetensors import safe_open
+
+    from infra.safetensors_io import write_streaming
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "b.H_upper": torch.randn(1000, generator=g),
+        "a.x_sum": torch.randn(7, dtype=torch.float64, generator=g),
+        "a.n": torch.tensor(12345, dtype=torch.int64),  # 0-d, as the Hessian blocks store counts
+        "c.half": torch.randn(3, 5, generator=g).to(torch.bfloat16),
+        "d.empty": torch.zeros(0, 4),
+        "e.mask": torch.tensor([True, False, True]),
+        "f.view": torch.randn(6, 4, generator=g).T,  # not contiguous
+    }
+    write_streaming(tensors, tmp_path / "a.safetensors")
+    write_streaming(dict(reversed(list(tensors.items()))), tmp_path / "b.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        assert sorted(f.keys()) == sorted(tensors)
+        for name, t in tensors.items():
+            back = f.get_tensor(name)
+            assert back.dtype == t.dtype and back.shape == t.shape and torch.equal(back, t), name
+    with pytest.raises(ValueError, match="complex64"):
+        write_streaming({"z": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "c.safetensors")
