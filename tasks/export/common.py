@@ -47,14 +47,15 @@ class ExportInputs:
         return AffineLayers(self.shapes())
 
 
-class LayerSkeletons(Mapping[str, LayerResult]):
-    """The skeletons (meta-device tensors) of a store-backed layer mapping (``tasks.pack.StoredLayers``)."""
+class _LayerView(Mapping[str, Any]):
+    """A read-through view of a (possibly store-backed) layer mapping: names, length and ``in`` never read a layer
+    (Mapping's default ``__contains__`` would, through ``__getitem__``)."""
 
     def __init__(self, layers: Any) -> None:
         self._layers = layers
 
-    def __getitem__(self, name: str) -> LayerResult:
-        return self._layers.skeleton(name)  # type: ignore[no-any-return]
+    def __getitem__(self, name: str) -> Any:
+        raise NotImplementedError
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._layers)
@@ -62,30 +63,25 @@ class LayerSkeletons(Mapping[str, LayerResult]):
     def __len__(self) -> int:
         return len(self._layers)
 
-    def __contains__(self, name: object) -> bool:  # Mapping's default would read the layer
+    def __contains__(self, name: object) -> bool:
         return name in self._layers
 
 
-class AffineLayers(Mapping[str, QuantizedWeight]):
-    """A view of a build's layers that checks each is a plain affine grid when it is read (no copy kept)."""
+class LayerSkeletons(_LayerView):
+    """The skeletons (meta-device tensors) of a store-backed layer mapping (``tasks.pack.StoredLayers``)."""
 
-    def __init__(self, layers: Mapping[str, LayerResult]) -> None:
-        self._layers = layers
+    def __getitem__(self, name: str) -> LayerResult:
+        return self._layers.skeleton(name)  # type: ignore[no-any-return]
+
+
+class AffineLayers(_LayerView):
+    """A view of a build's layers that checks each is a plain affine grid when it is read (no copy kept)."""
 
     def __getitem__(self, name: str) -> QuantizedWeight:
         q = self._layers[name]
         if not isinstance(q, QuantizedWeight):
             raise TypeError(f"{name} is not a plain affine-grid layer")
         return q
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._layers)
-
-    def __len__(self) -> int:
-        return len(self._layers)
-
-    def __contains__(self, name: object) -> bool:  # Mapping's default would read the layer
-        return name in self._layers
 
 
 def affine_reason(inputs: ExportInputs, fmt: str) -> str | None:
