@@ -16,14 +16,23 @@ from tests.flows.conftest import tiny_recipe
 pytestmark = pytest.mark.slow
 
 
+def _dequantized_layers(home: Settings, out: dict) -> dict[str, torch.Tensor]:
+    """Every quantized layer of a run, dequantized from the store (what each export must reproduce)."""
+    from tasks.quantize import load_qlayer
+    from tasks.stage import StageContext
+
+    store = open_store(settings=home)
+    ctx = StageContext(settings=home, store_url=home.effective_store_url)
+    layers = json.loads(store.read_bytes(out["stages"]["quantize"]["key"], "index.json"))["layers"]
+    return {name: load_qlayer(ctx, entry["ref"]).dequantize() for name, entry in layers.items()}
+
+
 def test_pack_writes_every_format_and_each_reproduces_the_native_weights(
     prefect_harness: None, home: Settings, tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
     from transformers import AutoModelForCausalLM
 
     from tasks.checkpoint import load_packed_model
-    from tasks.quantize import load_qlayer
-    from tasks.stage import StageContext
     from tests.helpers.gptq_reader import read_gptq_checkpoint
 
     out = quantize_model(str(tiny_llama_dir), tiny_recipe(sym=False, fp16_min=True))
@@ -35,9 +44,7 @@ def test_pack_writes_every_format_and_each_reproduces_the_native_weights(
     assert not any(k.endswith("_skipped") for k in meta)
     assert store.verify(out["stages"]["pack"]["key"]).ok  # every export file is in the manifest, hashed
 
-    ctx = StageContext(settings=home, store_url=home.effective_store_url)
-    index = json.loads(store.read_bytes(out["stages"]["quantize"]["key"], "index.json"))["layers"]
-    weights = {name: load_qlayer(ctx, entry["ref"]).dequantize() for name, entry in index.items()}
+    weights = _dequantized_layers(home, out)
     native = load_packed_model(pack.root / "native")
     ids = torch.randint(0, native.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -77,8 +84,6 @@ def test_a_pack_larger_than_a_shard_is_written_and_read_in_shards(
 
     import infra.safetensors_io as sio
     from tasks.checkpoint import load_packed_model
-    from tasks.quantize import load_qlayer
-    from tasks.stage import StageContext
     from tests.helpers.gptq_reader import read_gptq_checkpoint
 
     monkeypatch.setattr(sio, "SHARD_BYTES", 16 << 10)
@@ -93,9 +98,7 @@ def test_a_pack_larger_than_a_shard_is_written_and_read_in_shards(
         assert set(index["weight_map"].values()) == set(files)
         assert not (pack.root / fmt / "model.safetensors").exists()
 
-    ctx = StageContext(settings=home, store_url=home.effective_store_url)
-    layers = json.loads(store.read_bytes(out["stages"]["quantize"]["key"], "index.json"))["layers"]
-    weights = {name: load_qlayer(ctx, entry["ref"]).dequantize() for name, entry in layers.items()}
+    weights = _dequantized_layers(home, out)
     native = load_packed_model(pack.root / "native")
     gptq_state = read_gptq_checkpoint(pack.root / "gptq")
     ids = torch.randint(0, native.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
