@@ -146,25 +146,31 @@ _DTYPES = {
     "uint8": "U8",
     "bool": "BOOL",
 }
+# safetensors' own layout: data sorted by dtype (this rank, its Rust enum's order, highest first), then by name,
+# so a file written here is byte for byte the one ``safetensors.torch.save`` writes (tested against it)
+_DTYPE_RANK = {d: r for r, d in enumerate(("BOOL", "U8", "I8", "I16", "F16", "BF16", "I32", "F32", "F64", "I64"))}
 
 
 def write_streaming(tensors: Mapping[str, Any], path: Path) -> None:
     """A safetensors file written tensor by tensor from the tensors' own memory.
 
     ``safetensors.torch.save`` / ``save_file`` first turn every tensor into a ``bytes`` copy, so writing a 70B
-    block's Hessians (4.1 GB of fp32 triangles) needed 4.1 GB more; this writes the same kind of file (names
-    sorted, no metadata, header padded to 8 bytes) with no copy beyond one tensor's contiguous view. Deterministic:
-    the same tensors give the same bytes."""
+    block's Hessians (4.1 GB of fp32 triangles) needed 4.1 GB more; this writes the very bytes ``save`` would (same
+    order, no metadata, header padded to 8 bytes) with no copy beyond one tensor's contiguous view, so a stage
+    that switches to it keeps its artifacts' content digests."""
     import torch
 
-    names = sorted(tensors)
-    header: dict[str, Any] = {}
-    offset = 0
-    for name in names:
-        t = tensors[name]
+    dtypes = {}
+    for name, t in tensors.items():
         dtype = _DTYPES.get(str(t.dtype).removeprefix("torch."))
         if dtype is None:
             raise ValueError(f"cannot write tensor {name!r} of dtype {t.dtype} to safetensors")
+        dtypes[name] = dtype
+    names = sorted(tensors, key=lambda n: (-_DTYPE_RANK[dtypes[n]], n))
+    header: dict[str, Any] = {}
+    offset = 0
+    for name in names:
+        t, dtype = tensors[name], dtypes[name]
         size = t.numel() * t.element_size()
         header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
         offset += size

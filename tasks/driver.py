@@ -306,20 +306,20 @@ def for_each_block(
 ) -> None:
     """Stream the calibration activations through every block.
 
-    ``visit(i, block, hidden)`` returns the block's outputs (it may edit the block first); when ``skip(i)`` is
-    true the block is only forwarded (resume replay); blocks after ``until`` are not run at all. Buffers
+    ``visit(i, block, hidden)`` returns the block's outputs (it may edit the block first) or ``None``, and then
+    the block is forwarded here, unless it is the last one run (its outputs would feed nothing); when ``skip(i)``
+    is true the block is only forwarded (resume replay); blocks after ``until`` are not run at all. Buffers
     ping-pong: one block's input and output at a time.
     """
-    hidden = streamer.embed(input_ids)
+    hidden: torch.Tensor | None = streamer.embed(input_ids)
     last = streamer.n_blocks - 1 if until is None else until
     for i in range(last + 1):
+        assert hidden is not None  # only the last block may leave no outputs
         name = streamer.block_name(i)
         with streamer.loaded(name) as block:
-            if skip(i):
+            out = None if skip(i) else visit(i, block, hidden)
+            if out is None and i < last:
                 out = streamer.run_block(block, hidden, micro_batch=micro_batch)
-            else:
-                result = visit(i, block, hidden)
-                out = result if result is not None else streamer.run_block(block, hidden, micro_batch=micro_batch)
         hidden = out
         if progress is not None:
             progress(i)
@@ -376,8 +376,11 @@ def quantize_block_by_group(
     micro_batch: int = 8,
     keep_bytes: int = KEEP_BYTES,
     first_token_weight: float = 1.0,
-) -> torch.Tensor:
-    """True-sequential quantization of one block in a single calibration forward; returns the block's outputs.
+    outputs: bool = True,
+) -> torch.Tensor | None:
+    """True-sequential quantization of one block in a single calibration forward; returns the block's outputs
+    (``None`` with ``outputs=False``: the last block's outputs feed nothing, and at a 70B block computing them is
+    a quarter of the block's forward time).
 
     Each linear group's Hessian is collected from the outputs of the groups before it *after* they were quantized
     (``quantize_group(name, stats)`` must write the group's quantized weights into ``block``): q/k/v from the
@@ -398,6 +401,7 @@ def quantize_block_by_group(
             quantize_group,
             micro_batch=micro_batch,
             first_token_weight=first_token_weight,
+            outputs=outputs,
         )
     first = {name: block.get_submodule(g.linears[0]) for name, g in by_name.items()}
     attn, mlp = block.get_submodule(m.attention), block.get_submodule(m.mlp)
@@ -435,8 +439,12 @@ def quantize_block_by_group(
     mlp_in = run_group("mlp_in", mlp_input, keep=True)
     d_bytes = sum(x[..., :1].numel() for x in mlp_in) * first["down_in"].in_features * hidden.element_size()
     down_in = run_group(
-        "down_in", lambda i: _capture_input(first["down_in"], lambda: mlp(mlp_in[i])), keep=d_bytes <= keep_bytes
+        "down_in",
+        lambda i: _capture_input(first["down_in"], lambda: mlp(mlp_in[i])),
+        keep=outputs and d_bytes <= keep_bytes,
     )
+    if not outputs:
+        return None
 
     mlp_forward = mlp.forward  # the real MLP, for a down_proj input too large to keep
 
@@ -464,7 +472,8 @@ def _quantize_block_by_role(
     *,
     micro_batch: int = 8,
     first_token_weight: float = 1.0,
-) -> torch.Tensor:
+    outputs: bool = True,
+) -> torch.Tensor | None:
     """True-sequential quantization of a block whose groups are not one per role (a sparse MoE block: every
     expert and the shared expert have an ``mlp_in`` and a ``down_in`` group). One calibration forward per role in
     block order, each after the roles before it were quantized, so every expert's Hessian comes from the tokens
@@ -494,4 +503,4 @@ def _quantize_block_by_role(
         pool_expert_stats(stats, block, stage)
         for g in stage:
             quantize_group(g.name, stats[g.name])
-    return streamer.run_block(block, hidden, micro_batch=micro_batch)
+    return streamer.run_block(block, hidden, micro_batch=micro_batch) if outputs else None

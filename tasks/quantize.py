@@ -554,6 +554,8 @@ def _run_sequential(
 
     # decided once, before any shard starts, so every shard takes the same path through every block
     done = [all(ctx.store.exists(layer_ref(j)) for j in jobs if j.block == i) for i in range(streamer.n_blocks)]
+    # the forward stops at the last block still to quantize, whose outputs are not computed (they feed nothing)
+    last = max((i for i, d in enumerate(done) if not d), default=-1)
 
     def weights_of(i: int, block_jobs: Sequence[LayerJob]) -> dict[str, Tensor]:
         """The stored layers' fake-quantized weights, by module name inside block ``i``."""
@@ -597,12 +599,12 @@ def _run_sequential(
             refs[job.name] = _layer_stage(ctx, cfg, job, inputs, compute, fkey)
         return weights_of(i, block_jobs)
 
-    def shard_visit(st: BlockStreamer, meet: _Meet, keep_bytes: int) -> Callable[[int, Any, Tensor], Tensor]:
+    def shard_visit(st: BlockStreamer, meet: _Meet, keep_bytes: int) -> Callable[[int, Any, Tensor], Tensor | None]:
         """One shard's block visit; ``meet(partial, step)`` returns ``step`` run once on every shard's partial.
         ``keep_bytes``: this shard's share of the intermediates one process keeps (memory only, same results)."""
         from tasks.driver import collect_block_hessians, merge_group_stats, quantize_block_by_group
 
-        def visit(i: int, block: Any, hidden: Tensor) -> Tensor:
+        def visit(i: int, block: Any, hidden: Tensor) -> Tensor | None:
             block_jobs = [j for j in jobs if j.block == i]
             merged: dict[tuple[int, ...], Any] = {}  # MoE: the pooled statistics every expert of a role shares
 
@@ -637,6 +639,7 @@ def _run_sequential(
                     micro_batch=fwd.micro_batch,
                     keep_bytes=keep_bytes,
                     first_token_weight=fwd.first_token_weight,
+                    outputs=i < last,
                 )
             else:  # llm-compressor's order: every group's Hessian from the block's fp weights, then re-forward
                 stats, _ = collect_block_hessians(
@@ -644,7 +647,7 @@ def _run_sequential(
                 )
 
                 install(meet(stats, lambda parts: quantize_jobs(i, block, block_jobs, merged_stats(parts))))
-            return st.run_block(block, hidden, micro_batch=fwd.micro_batch)
+            return st.run_block(block, hidden, micro_batch=fwd.micro_batch) if i < last else None
 
         return visit
 
@@ -656,7 +659,7 @@ def _run_sequential(
     if len(ranges) == 1:
         with autocast():
             visit = shard_visit(streamer, lambda partial, step: step([partial]), KEEP_BYTES)
-            for_each_block(streamer, ids, visit, progress=progress, micro_batch=fwd.micro_batch)
+            for_each_block(streamer, ids, visit, progress=progress, micro_batch=fwd.micro_batch, until=last)
     else:
         streamers = [streamer] + [BlockStreamer(model_path, device=device) for _ in ranges[1:]]
         threads = torch.get_num_threads()  # what the flow gave this stage (all the cores it may use)
@@ -675,6 +678,7 @@ def _run_sequential(
                         visit,
                         progress=progress if s == 0 else None,
                         micro_batch=fwd.micro_batch,
+                        until=last,
                     )
             except BaseException:
                 meeting.abort()  # the other shards would wait at the next barrier for ever
@@ -685,6 +689,8 @@ def _run_sequential(
             _run_threads(run_shard, len(ranges), "sequential-shard", on_error=meeting.abort)
         finally:
             torch.set_num_threads(threads)
+    for job in jobs:  # the stored blocks after ``last`` were not visited
+        refs.setdefault(job.name, layer_ref(job))
     return jobs, [refs[j.name] for j in jobs]
 
 

@@ -61,6 +61,7 @@ def test_a_name_written_twice_is_refused(tmp_path: Path) -> None:
 def test_streaming_write_reads_back_every_dtype_and_is_deterministic(tmp_path: Path) -> None:
     import torch
     from safetensors import safe_open
+    from safetensors.torch import save
 
     from infra.safetensors_io import write_streaming
 
@@ -77,6 +78,8 @@ def test_streaming_write_reads_back_every_dtype_and_is_deterministic(tmp_path: P
     write_streaming(tensors, tmp_path / "a.safetensors")
     write_streaming(dict(reversed(list(tensors.items()))), tmp_path / "b.safetensors")
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    # the bytes safetensors itself writes, so switching a stage to the streaming writer keeps its digests
+    assert (tmp_path / "a.safetensors").read_bytes() == save({k: v.contiguous() for k, v in tensors.items()})
     with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
         assert sorted(f.keys()) == sorted(tensors)
         for name, t in tensors.items():

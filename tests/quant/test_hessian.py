@@ -71,6 +71,11 @@ def test_check_finite_names_layer() -> None:
     msg = "Hessian for 'model.layers.3.mlp.down_proj' has NaN/Inf entries; recollect Hessians"
     with pytest.raises(ValueError, match=msg):
         check_finite(H, "model.layers.3.mlp.down_proj")
+    wide = torch.zeros(2500, 4, dtype=torch.float64)  # rows are checked in bands: one past the first two
+    check_finite(wide, "ok")
+    wide[2499, 3] = float("-inf")
+    with pytest.raises(ValueError, match="'wide' has NaN/Inf"):
+        check_finite(wide, "wide")
 
 
 def test_damping_helpers() -> None:

@@ -98,3 +98,49 @@ def test_bf16_calibration_forward_sees_weights_written_after_it(streamer: BlockS
             again = streamer.run_block(fp_block, hidden, micro_batch=2)
     assert not torch.equal(before, after)  # the quantized weights were used
     torch.testing.assert_close(again, before, rtol=0, atol=0)
+
+
+def test_the_last_block_quantizes_without_computing_outputs(streamer: BlockStreamer) -> None:
+    """``outputs=False`` (the last block: its outputs feed nothing) sees the same statistics and returns None."""
+    hidden = _hidden(streamer)
+    runs: list[dict[str, GroupStats]] = [{}, {}]
+    for run, outputs in zip(runs, (True, False), strict=True):
+        with streamer.loaded(streamer.block_name(0)) as block:
+
+            def quantize_group(name: str, s: GroupStats, block: torch.nn.Module = block, run: dict = run) -> None:
+                run[name] = s
+                for lin in next(g for g in streamer.mapping.groups if g.name == name).linears:
+                    w = block.get_submodule(lin).weight
+                    w.data.copy_(_rtn(w.data))
+
+            out = quantize_block_by_group(streamer, block, hidden, quantize_group, micro_batch=2, outputs=outputs)
+        assert (out is None) == (not outputs)
+    assert list(runs[0]) == list(runs[1])
+    for g in runs[0]:
+        torch.testing.assert_close(runs[1][g].H, runs[0][g].H, rtol=0, atol=0)
+
+
+def test_for_each_block_does_not_forward_past_what_is_needed(
+    streamer: BlockStreamer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks after ``until`` are not loaded, and the last block run is not forwarded when its visit leaves no
+    outputs; every earlier block is (its outputs are the next one's inputs)."""
+    from tasks.driver import for_each_block
+
+    forwarded: list[int] = []
+    visited: list[int] = []
+    run_block = streamer.run_block
+
+    def counting(block: torch.nn.Module, hidden: torch.Tensor, **kw: object) -> torch.Tensor:
+        forwarded.append(visited[-1])
+        return run_block(block, hidden, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(streamer, "run_block", counting)
+    ids = torch.randint(0, streamer.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert streamer.n_blocks == 2
+    for_each_block(streamer, ids, lambda i, _b, _h: visited.append(i), micro_batch=2)
+    assert (visited, forwarded) == ([0, 1], [0])
+    visited.clear()
+    forwarded.clear()
+    for_each_block(streamer, ids, lambda i, _b, _h: visited.append(i), micro_batch=2, until=0)
+    assert (visited, forwarded) == ([0], [])
