@@ -74,6 +74,7 @@ def main() -> None:
         kv_heads=max(2, args.hidden // 256),
         seed=0,
     )
+    from flows.prefect_backend import with_prefect_backend
     from flows.quantize import quantize_model
     from flows.runners import task_runner_for
 
@@ -81,7 +82,7 @@ def main() -> None:
     runs = {}
     per_layer: list[float] = []
     for n in args.workers:
-        flow = quantize_model.with_options(task_runner=task_runner_for(n, str(n)))
+        flow = with_prefect_backend(quantize_model.with_options(task_runner=task_runner_for(n, str(n))))
         t = time.perf_counter()
         out = flow(model=str(model_dir), recipe=recipe, store_url=(tmp / f"store-{n}").as_uri())
         total = time.perf_counter() - t

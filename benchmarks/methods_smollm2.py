@@ -149,17 +149,21 @@ def _alloc_label(bitalloc: Any) -> str:
 
 
 def run_recipe(model: str, name: str, overrides: list[str], machine: dict[str, Any]) -> dict[str, Any]:
-    from prefect.task_runners import ThreadPoolTaskRunner
-
+    from flows.prefect_backend import with_prefect_backend
     from flows.quantize import quantize_model
+    from flows.runners import task_runner_for
     from tasks.recipe import load_recipe
 
     recipe = load_recipe(name)
     if overrides:
         recipe = recipe.with_overrides(overrides)
     started = time.perf_counter()
-    runner = ThreadPoolTaskRunner(max_workers=recipe.quantize.workers)
-    out = quantize_model.with_options(task_runner=runner)(model=model, recipe=recipe)
+    # as `quantpipe quantize` runs it: this process's own Prefect server, which exits with it even when the
+    # process is killed (Prefect's raw ephemeral server outlived a SIGTERM'd benchmark child)
+    runner = with_prefect_backend(
+        quantize_model.with_options(task_runner=task_runner_for(recipe.quantize.workers, None))
+    )
+    out = runner(model=model, recipe=recipe)
     return {**result_row(recipe, out, machine, time.perf_counter() - started), "overrides": overrides}
 
 

@@ -26,18 +26,18 @@ UPSTREAM = ("model", "calibration", "hessians", "quantize", "pack")
 
 
 def run(recipe_name: str, overrides: list[str]) -> dict:
-    from prefect.task_runners import ThreadPoolTaskRunner
-
+    from flows.prefect_backend import with_prefect_backend
     from flows.quantize import quantize_model
+    from flows.runners import task_runner_for
     from tasks.recipe import load_recipe
 
     recipe = load_recipe(recipe_name)
     if overrides:
         recipe = recipe.with_overrides(overrides)
     started = time.perf_counter()
-    out = quantize_model.with_options(task_runner=ThreadPoolTaskRunner(max_workers=recipe.quantize.workers))(
-        model="smollm2-135m", recipe=recipe
-    )
+    # as `quantpipe quantize` runs it: this process's own Prefect server (exits with it)
+    flow = with_prefect_backend(quantize_model.with_options(task_runner=task_runner_for(recipe.quantize.workers, None)))
+    out = flow(model="smollm2-135m", recipe=recipe)
     wall = time.perf_counter() - started
     stages = out["stages"]
     return {
