@@ -49,6 +49,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4096, help="inputs (the Hessian's width)")
     parser.add_argument("--m", type=int, default=256, help="outputs (rows of W)")
     parser.add_argument("--project-n", type=int, default=28672, help="width to project GiB at (70B down_proj)")
+    parser.add_argument(
+        "--shared-h", action="store_true", help="H shared with other linears (sequential q/k/v): not overwritten"
+    )
     args = parser.parse_args()
 
     import importlib
@@ -106,7 +109,7 @@ def main() -> None:
     stack[:] = ["finalize"]
     H = _finalized(H, 4 * n, "layer")
     stack[:] = ["quantize"]
-    _quantize_tensor(W, H, cfg, "layer")
+    _quantize_tensor(W, H, cfg, "layer", owned_h=not args.shared_h)
     stack[:] = ["after"]
     time.sleep(0.05)
     done.set()
@@ -119,6 +122,7 @@ def main() -> None:
         "recipe": args.recipe,
         "n": n,
         "m": m,
+        "h": "shared (kept)" if args.shared_h else "the layer's own (overwritten by the rotated H)",
         "unit_bytes": unit,
         "base_rss_gib": round(base / 2**30, 3),
         "phases_units": {p: round(u, 2) for p, u in rows},
@@ -134,7 +138,7 @@ def main() -> None:
     for p, u in rows:
         print(f"{u:7.2f}  {p}")
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"layer_memory-{args.recipe}-n{n}.json"
+    path = RESULTS / f"layer_memory-{args.recipe}-n{n}{'-shared' if args.shared_h else ''}.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {path}")
 

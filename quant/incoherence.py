@@ -394,11 +394,20 @@ def _rotate_hessian_(H: Tensor, V: OrthogonalTransform) -> None:
 
 
 def incoherence_preprocess(
-    W: Tensor, H: Tensor, cfg: IncoherenceConfig, *, generator: torch.Generator, dtype: torch.dtype = HESSIAN_DTYPE
+    W: Tensor,
+    H: Tensor,
+    cfg: IncoherenceConfig,
+    *,
+    generator: torch.Generator,
+    dtype: torch.dtype = HESSIAN_DTYPE,
+    out: Tensor | None = None,
 ) -> Preprocessed:
     """W̃ = U W diag(s) Vᵀ, H̃ = V diag(s)⁻¹ H diag(s)⁻¹ Vᵀ · n/tr, computed in float64 (V drawn first, then U) and
     returned in ``dtype``: the quantizers take float32 (``quant.hessian.HELD_DTYPE``), so a rotated 70B down_proj
-    Hessian is held in 3.3 GB, and the only full float64 matrix made is the one H is rotated in."""
+    Hessian is held in 3.3 GB, and the only full float64 matrix made is the one H is rotated in.
+
+    ``out`` (an [n, n] ``dtype`` matrix, which may be H itself: H is only read before H̃ is written) receives H̃
+    instead of a new matrix, so a caller done with H holds one n×n matrix through the sweep instead of two."""
     m, n = W.shape
     W64 = W.to(HESSIAN_DTYPE)
     V = make_transform(n, cfg, generator)
@@ -419,7 +428,14 @@ def incoherence_preprocess(
     h_scale = float(torch.diagonal(H64).mean())
     if not h_scale > 0:
         raise ValueError("Hessian has zero trace; collect calibration data first")
-    if dtype == HESSIAN_DTYPE:
+    if out is not None:
+        if tuple(out.shape) != (n, n) or out.dtype != dtype or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {dtype} [{n}, {n}] matrix, got {out.dtype} {tuple(out.shape)}")
+        H_t = out
+        for a in range(0, n, _PANEL):
+            H_t[a : a + _PANEL] = H64[a : a + _PANEL] / h_scale
+        del H64
+    elif dtype == HESSIAN_DTYPE:
         H_t = H64.div_(h_scale)
     else:
         H_t = torch.empty(n, n, dtype=dtype, device=H64.device)
@@ -453,20 +469,34 @@ def quantize_incoherent(
     quantizer: Callable[[Tensor, Tensor], _Q],
     *,
     generator: torch.Generator,
+    consume_h: bool = False,
 ) -> _Q:
     """Quantize W [out, in] as ``quantizer(W̃, H̃)`` (e.g. LDLQ, GPTQ or E8P block LDLQ) in the incoherent basis.
 
     Returns the inner codes/grids (of Ŵ̃) with ``transforms`` set. stats: the inner ones, with proxy_loss
-    rescaled to the un-normalised H̃, proxy_loss_exact = tr((Ŵ − W) H (Ŵ − W)ᵀ) in the original basis, and
-    proxy_loss_rotated_exact from the inner quantizer (normalised H̃, mean diag 1).
+    rescaled to the un-normalised H̃, proxy_loss_exact = tr((Ŵ − W) H (Ŵ − W)ᵀ), and proxy_loss_rotated_exact
+    from the inner quantizer (normalised H̃, mean diag 1).
+
+    ``consume_h``: the caller is done with H (a float32 matrix of its own), so H̃ is written into H's memory
+    (``incoherence_preprocess(out=H)``) and H is not read afterwards. Through the sweep this holds H̃, not H and H̃:
+    one n×n float32 matrix less, 3.3 GB at a 70B down_proj. proxy_loss_exact is then h_scale · tr(ΔW̃ H̃ ΔW̃ᵀ),
+    equal to the original basis's trace because U and V are orthogonal and diag(s) cancels between W̃ and H̃ (the
+    same codes either way; the loss agrees to float32 rounding, tested).
     """
-    pre = incoherence_preprocess(W, H, cfg, generator=generator, dtype=HELD_DTYPE)
+    consume = consume_h and H.dtype == HELD_DTYPE and H.is_contiguous()
+    pre = incoherence_preprocess(W, H, cfg, generator=generator, dtype=HELD_DTYPE, out=H if consume else None)
     q = quantizer(pre.W, pre.H)
-    W_hat = incoherence_postprocess(q.dequantize(HESSIAN_DTYPE), pre.transforms)
     stats = dict(q.stats)
     if "proxy_loss" in stats:
         stats["proxy_loss"] = stats["proxy_loss"] * pre.h_scale
     if "proxy_loss_exact" in stats:
         stats["proxy_loss_rotated_exact"] = stats["proxy_loss_exact"]
-    stats["proxy_loss_exact"] = proxy_loss(W, W_hat, H)
+    if consume:  # H now holds H̃: the trace in the rotated basis
+        rotated = stats.get("proxy_loss_rotated_exact")
+        if rotated is None:
+            rotated = proxy_loss(pre.W, q.dequantize(torch.float32), pre.H)
+        stats["proxy_loss_exact"] = rotated * pre.h_scale
+    else:
+        W_hat = incoherence_postprocess(q.dequantize(HESSIAN_DTYPE), pre.transforms)
+        stats["proxy_loss_exact"] = proxy_loss(W, W_hat, H)
     return replace(q, stats=stats, transforms={k: v.cpu() for k, v in pre.transforms.to_dict().items()})

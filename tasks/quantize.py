@@ -10,6 +10,7 @@ Methods are looked up in :data:`METHODS` (``@register_method``), so new methods 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -58,11 +59,22 @@ LAYER_VERSION = 4
 
 Method = Callable[[Tensor, Tensor | None, QuantizeConfig, str], LayerResult]
 METHODS: dict[str, Method] = {}
+# methods that can overwrite a Hessian their caller is done with (``_quantize_tensor(owned_h=True)``) instead of
+# holding a rotated copy beside it: name -> the method called so
+CONSUMING: dict[str, Method] = {}
 
 
 def register_method(name: str) -> Callable[[Method], Method]:
     def deco(fn: Method) -> Method:
         METHODS[name] = fn
+        return fn
+
+    return deco
+
+
+def register_consuming(name: str) -> Callable[[Method], Method]:
+    def deco(fn: Method) -> Method:
+        CONSUMING[name] = fn
         return fn
 
     return deco
@@ -120,49 +132,39 @@ def _layer_generator(cfg: QuantizeConfig, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(layer_seed(cfg, name))
 
 
-@register_method("hadamard-gptq")
-def _hadamard_gptq(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str) -> QuantizedWeight:
+def _incoherent(
+    method: str, W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str, quantizer: Any, consume: bool
+) -> Any:
     if H is None:
-        raise ConfigError(f"hadamard-gptq needs a Hessian for {name}")
-    gcfg = _gptq_config(cfg)
+        raise ConfigError(f"{method} needs a Hessian for {name}")
     return quantize_incoherent(
-        W,
-        H,
-        incoherence_config(cfg),
-        lambda Wt, Ht: quantize_gptq(Wt, Ht, gcfg, name=name),
-        generator=_layer_generator(cfg, name),
+        W, H, incoherence_config(cfg), quantizer, generator=_layer_generator(cfg, name), consume_h=consume
     )
 
 
-@register_method("hadamard-e8p")
-def _hadamard_e8p(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str) -> LayerResult:
+def _hadamard_gptq_(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str, consume: bool) -> QuantizedWeight:
+    gcfg = _gptq_config(cfg)
+    return _incoherent("hadamard-gptq", W, H, cfg, name, lambda Wt, Ht: quantize_gptq(Wt, Ht, gcfg, name=name), consume)
+
+
+def _hadamard_e8p_(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str, consume: bool) -> LayerResult:
     from quant.e8p import E8PConfig, quantize_e8p_ldlq
 
-    if H is None:
-        raise ConfigError(f"hadamard-e8p needs a Hessian for {name}")
     # widths not divisible by 8 are refused by the flow's preflight (tasks.method_checks) and by the quantizer
     ecfg = E8PConfig(bits=cfg.bits, scale=cfg.e8p.scale, damp=cfg.damp, block_size=max(8, cfg.block_size // 8 * 8))
-    return quantize_incoherent(
-        W,
-        H,
-        incoherence_config(cfg),
-        lambda Wt, Ht: quantize_e8p_ldlq(Wt, Ht, ecfg, name=name),
-        generator=_layer_generator(cfg, name),
+    return _incoherent(
+        "hadamard-e8p", W, H, cfg, name, lambda Wt, Ht: quantize_e8p_ldlq(Wt, Ht, ecfg, name=name), consume
     )
 
 
-@register_method("quip")
-def _quip(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str) -> QuantizedWeight:
-    if H is None:
-        raise ConfigError(f"quip needs a Hessian for {name}")
+def _quip_(W: Tensor, H: Tensor | None, cfg: QuantizeConfig, name: str, consume: bool) -> QuantizedWeight:
     lcfg = LDLQConfig(grid=grid_config(cfg), damp=cfg.damp, static_groups=cfg.static_groups)
-    return quantize_incoherent(
-        W,
-        H,
-        incoherence_config(cfg),
-        lambda Wt, Ht: quantize_ldlq(Wt, Ht, lcfg, name=name),
-        generator=_layer_generator(cfg, name),
-    )
+    return _incoherent("quip", W, H, cfg, name, lambda Wt, Ht: quantize_ldlq(Wt, Ht, lcfg, name=name), consume)
+
+
+for _name, _fn in (("hadamard-gptq", _hadamard_gptq_), ("hadamard-e8p", _hadamard_e8p_), ("quip", _quip_)):
+    register_method(_name)(functools.partial(_fn, consume=False))
+    register_consuming(_name)(functools.partial(_fn, consume=True))
 
 
 @register_method("icquant-rtn")
@@ -278,11 +280,14 @@ def _quantize_tensor(
     name: str,
     device: str = "cpu",
     group_bits: Sequence[int] | None = None,
+    *,
+    owned_h: bool = False,
 ) -> LayerResult:
     """Run the recipe's method on ``device`` (GPTQ on a GPU is what real users run); results come back on CPU.
     ``H``: the finalized proxy Hessian (:func:`quant.hessian.finalize`; the callers finalize their sums in place,
     once per group: at a 70B down_proj a copy is 6.6 GB). ``group_bits``: group-wise mixed precision (rtn/gptq),
-    split into one part per width."""
+    split into one part per width. ``owned_h``: the caller does not read H afterwards (one layer's own Hessian,
+    not a group's shared one), so a rotating method may overwrite it (:data:`CONSUMING`)."""
     W = W.to(device)
     if H is not None:
         H = H.to(device)
@@ -295,7 +300,9 @@ def _quantize_tensor(
     try:
         if group_bits is not None:
             return _mixed(W.float(), H, cfg, name, group_bits)
-        return METHODS[cfg.effective_method()](W.float(), H, cfg, name)
+        method = cfg.effective_method()
+        run = CONSUMING[method] if owned_h and method in CONSUMING and H is not None else METHODS[method]
+        return run(W.float(), H, cfg, name)
     except ValueError as exc:  # quant/ raises one-line ValueErrors (Cholesky failure, shapes)
         raise QuantpipeError(str(exc)) from None
 
@@ -408,7 +415,9 @@ def quantize_layer(ctx: StageContext, model_path: Path, model_ref: str, job: Lay
         device = ctx.settings.resolved_device()
         del stats  # H_sum is this layer's alone from here: finalized in place
         H = _finalized(H_sum, n, job.name)
-        return _with_stats(_quantize_tensor(W, H, job.config(cfg), job.name, device, job.group_bits), record)
+        # H is this layer's alone (loaded for it): a rotating method writes its rotated H into H's memory
+        q = _quantize_tensor(W, H, job.config(cfg), job.name, device, job.group_bits, owned_h=True)
+        return _with_stats(q, record)
 
     return _layer_stage(ctx, cfg, job, {"model": model_ref, "hessians": job.hessian_ref}, compute)
 

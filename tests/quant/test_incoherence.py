@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -352,3 +354,37 @@ def test_held_float32_preprocess_is_the_float64_one_rounded(cfg: IncoherenceConf
     want = (want + want.t()) / 2
     assert inc._PANEL < 1280
     torch.testing.assert_close(ref.H * ref.h_scale, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cfg", [KRON, HAD, IncoherenceConfig(kind="kron", rescale=True)], ids=["kron", "had", "resc"])
+def test_consuming_h_writes_the_rotated_h_into_it_and_changes_no_code(cfg: IncoherenceConfig) -> None:
+    """``consume_h``: H̃ lands in H's own memory (no second n×n matrix), the codes are the very ones of the
+    non-consuming path, and proxy_loss_exact (now h_scale · the rotated-basis trace) is the original basis's to
+    float32 rounding."""
+    W = random_weight(24, 1280, 4)
+    H = random_spd(1280, 4).to(torch.float32)
+    gcfg = LDLQConfig(grid=GridConfig(bits=3, group_size=64))
+
+    def run(h: torch.Tensor, consume: bool) -> Any:
+        return quantize_incoherent(
+            W,
+            h,
+            cfg,
+            lambda Wt, Ht: quantize_ldlq(Wt, Ht, gcfg),
+            generator=torch.Generator().manual_seed(9),
+            consume_h=consume,
+        )
+
+    kept = H.clone()
+    ref = run(kept, consume=False)
+    assert torch.equal(kept, H)  # not consuming: H untouched
+    owned = H.clone()
+    ptr = owned.data_ptr()
+    got = run(owned, consume=True)
+    assert owned.data_ptr() == ptr and not torch.equal(owned, H)  # H's memory now holds H̃
+    pre = incoherence_preprocess(W, H, cfg, generator=torch.Generator().manual_seed(9), dtype=torch.float32)
+    assert torch.equal(owned, pre.H)
+    assert torch.equal(got.codes, ref.codes) and torch.equal(got.scales, ref.scales)
+    assert got.stats["proxy_loss_exact"] == pytest.approx(ref.stats["proxy_loss_exact"], rel=1e-5)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        incoherence_preprocess(W, H, cfg, generator=torch.Generator(), dtype=torch.float32, out=H.t()[:, :10])
