@@ -63,12 +63,13 @@ def load_packed_model(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from kernels.layouts import is_packed_key, replace_linears
+    from tasks.models import model_construction
 
     config_dict = json.loads((path / "config.json").read_text())
     modules = packed_modules(config_dict)
     qconfig = config_dict.pop("quantization_config")
     config = AutoConfig.for_model(**config_dict)
-    with torch.device("meta"):
+    with model_construction(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     from quant.arch import mapping_for
     from tasks.moe import unfuse_model  # MoE: experts stored (and quantized) as per-expert linears

@@ -129,12 +129,14 @@ class BlockStreamer:
     def __init__(self, path: Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from tasks.models import model_construction
+
         self.path = Path(path)
         self.device = torch.device(device)
         self.dtype = dtype
         self.config = AutoConfig.from_pretrained(self.path, trust_remote_code=False)
         self.mapping: ArchMapping = mapping_for(self.config.architectures or [])
-        with torch.device("meta"):
+        with model_construction(), torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
         self.model.eval()
         from tasks.moe import unfuse_model  # fused experts → per-expert linears (each gets its own Hessian)

@@ -18,7 +18,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from quant.arch import mapping_for, supported_architectures
 from tasks.model_fetch import CHUNKED_MODELS, fetch_chunked_gguf
 
 __all__ = [
+    "model_construction",
     "NAME_FILE",
     "canonical_name",
     "CHUNKED_MODELS",
@@ -214,6 +218,19 @@ def _read_json(f: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{f} is not valid JSON (expected an object)")
     return data
+
+
+# transformers builds models under process-wide switches (weight initialisation turned off, parameters created on
+# the meta device while a checkpoint loads), not thread-local ones: two threads building at once (two flows of one
+# process, e.g. a Prefect worker's threads) left one model's parameters on meta ("Cannot copy out of meta tensor").
+_BUILD_LOCK = threading.RLock()
+
+
+@contextmanager
+def model_construction() -> Iterator[None]:
+    """Hold while a transformers model is built (``from_pretrained`` / ``from_config``): one build at a time."""
+    with _BUILD_LOCK:
+        yield
 
 
 _TOKENIZER_MAIN = ("tokenizer.json", "tokenizer.model")
@@ -626,7 +643,8 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with model_construction():
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     out_w = loaded.get_output_embeddings().weight
     in_w = loaded.get_input_embeddings().weight
     tied = out_w.data_ptr() == in_w.data_ptr()
@@ -635,7 +653,7 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
         config_dict.pop(stale, None)
     config_dict["tie_word_embeddings"] = tied
     config = AutoConfig.for_model(**config_dict)
-    with torch.device("meta"):
+    with model_construction(), torch.device("meta"):
         clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = loaded.state_dict()
     if tied:
@@ -668,7 +686,8 @@ def load_model(path: Path, *, dtype: Any = None, device: str = "cpu") -> Any:
     from transformers import AutoModelForCausalLM
 
     validate_checkpoint_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=False
-    )
+    with model_construction():
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=False
+        )
     return model.to(device).eval()

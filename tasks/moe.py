@@ -257,12 +257,14 @@ def native_plain_tensors(model_path: Path, quantized: set[str]) -> dict[str, tor
     None for a dense family, whose checkpoint names are already the model's."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from tasks.models import model_construction
+
     config = AutoConfig.from_pretrained(model_path)
     mapping = mapping_for(config.architectures or [])
     if mapping.moe is None:
         return None
     weights = WeightIndex(Path(model_path))
-    with torch.device("meta"):
+    with model_construction(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     unfuse_model(model, mapping)
     out = {}

@@ -69,7 +69,9 @@ def _linear_names(model_path: Path) -> list[str]:
     """Every ``nn.Linear`` of the architecture (a meta-device skeleton: no weights read or allocated)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    with torch.device("meta"):
+    from tasks.models import model_construction
+
+    with model_construction(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
@@ -128,10 +130,13 @@ def decompressed_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from tasks.models import model_construction
+
     config = json.loads((path / "config.json").read_text())
     qcfg = QuantizationConfig.model_validate(config["quantization_config"])
     hf_config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    with model_construction():
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
     apply_quantization_config(model, qcfg)
     compressor = ModelCompressor(quantization_config=qcfg)
     compressor.compress_model(model)
