@@ -143,8 +143,9 @@ _FINITE_BAND = 1024
 def check_finite(H: Tensor, name: str) -> None:
     """Raise a one-line ValueError naming the layer if H has NaN/Inf entries.
 
-    Checked in bands of rows: ``isfinite`` of the whole matrix is an n² bool temporary (0.8 GB at a 70B
-    down_proj's 28,672 inputs), allocated while the block's every statistic is held."""
+    Checked in bands of rows: ``isfinite(H).all()`` on the whole matrix allocated temporaries of about 1.8× H
+    (measured on a float64 4,096² matrix; a 70B down_proj's sum is 6.6 GB), while the block's every statistic is
+    held (benchmarks/RESULTS.md, "70B-class blocks")."""
     if not all(bool(torch.isfinite(H[a : a + _FINITE_BAND]).all()) for a in range(0, H.shape[0], _FINITE_BAND)):
         raise ValueError(
             f"Hessian for {name!r} has NaN/Inf entries; recollect Hessians "
